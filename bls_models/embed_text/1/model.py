@@ -1,0 +1,55 @@
+"""embed_text: texts in, embeddings out. Tokenizes with the embed engine's conventions, then calls `embed`."""
+import numpy as np
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.text import EmbedTokenizer
+
+C = contracts.EMBED_TEXT
+ENGINE_BATCH = contracts.EMBED.max_batch_size
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        encoded = []  # (request index, ids, mask, lengths)
+        for i, request in enumerate(requests):
+            try:
+                texts = ta.input_strings(pb, request, C, "text")
+                kinds = ta.input_strings(pb, request, C, "input_type", ["document"])
+                tasks = ta.input_strings(pb, request, C, "task", [None])
+                if len(set(kinds)) != 1 or len(set(tasks)) != 1:
+                    raise ta.InvalidInput("embed_text: input_type and task must be the same for every row "
+                                          "of one request")
+                ids, mask, lengths = self.tokenizer.encode(texts, kinds[0], tasks[0])
+                encoded.append((i, ids, mask, lengths))
+            except Exception as e:  # noqa: BLE001
+                responses[i] = ta.error_response(pb, e)
+        if not encoded:
+            return responses
+        length = max(ids.shape[1] for _, ids, _, _ in encoded)
+        side = self.tokenizer.spec.padding_side
+        ids = np.concatenate([ta.pad_to(x, length, side) for _, x, _, _ in encoded]).astype(np.int32)
+        mask = np.concatenate([ta.pad_to(m, length, side) for _, _, m, _ in encoded]).astype(np.int32)
+        try:
+            chunks = [ta.bls_infer(pb, "embed", {"input_ids": ids[s:s + ENGINE_BATCH],
+                                                 "attention_mask": mask[s:s + ENGINE_BATCH]},
+                                   ["embedding"])["embedding"]
+                      for s in range(0, len(ids), ENGINE_BATCH)]
+            embeddings = np.concatenate(chunks)
+        except Exception as e:  # noqa: BLE001 - the engine failed the whole batch
+            for i, *_ in encoded:
+                responses[i] = ta.error_response(pb, e)
+            return responses
+        start = 0
+        for i, x, _, lengths in encoded:
+            rows = embeddings[start:start + len(x)]
+            start += len(x)
+            outputs = {"embedding": rows, "num_tokens": np.asarray(lengths, dtype=np.int32).reshape(-1, 1)}
+            responses[i] = pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, outputs))
+        return responses

@@ -1,0 +1,17 @@
+"""Reference embed engine: the Qwen3-Embedding TensorRT plan's contract, run by PyTorch on CPU."""
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.engines.embedding import EmbeddingEngine
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        ta.set_threads(params)
+        self.engine = EmbeddingEngine(ta.resolve_engine_dir(params["engine_dir"]))
+
+    def execute(self, requests):
+        return ta.execute_token_batch(pb, requests, contracts.EMBED, self.engine,
+                                      self.engine.spec.padding_side, "embedding")

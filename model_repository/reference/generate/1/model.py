@@ -1,0 +1,66 @@
+"""Reference generate engine: TensorRT-LLM's tensorrt_llm tensor contract over the CPU in-flight batcher.
+
+Decoupled like the real engine: execute() validates and enqueues each request, then returns at once; the
+batcher's thread sends the responses (one per step when streaming, one at the end otherwise).
+"""
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.engine_spec import EngineSpec
+from ragstack.generation import GenerationRequest, InflightBatchingEngine
+from ragstack.trtllm_io import generate_outputs, parse_generate_inputs
+
+FINAL = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+C = contracts.GENERATE
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        ta.set_threads(params)
+        engine_dir = ta.resolve_engine_dir(params["engine_dir"])
+        spec = EngineSpec.read(engine_dir)
+        self.engine = InflightBatchingEngine(engine_dir, max_batch_size=spec.max_batch_size or C.max_batch_size)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
+                req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
+                self.engine.submit(req, on_update=_Responder(sender, req), is_cancelled=request.is_cancelled)
+            except Exception as e:  # noqa: BLE001 - bad input ends this request only
+                sender.send(ta.error_response(pb, e), flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()
+
+
+class _Responder:
+    """Called by the batcher's thread with each step's tokens; turns them into TRT-LLM shaped responses."""
+
+    def __init__(self, sender, req):
+        self.sender = sender
+        self.req = req
+
+    def __call__(self, new_tokens, done, result):
+        if done and result is not None and result.finish_reason == "error":
+            self.sender.send(ta.error_response(pb, RuntimeError(getattr(result, "error", "generation failed"))),
+                             flags=FINAL)
+            return
+        if self.req.streaming:
+            tokens = new_tokens
+        elif done:
+            tokens = result.output_ids
+        else:
+            return
+        perf = None
+        if done and result is not None and self.req.return_perf_metrics:
+            perf = {name: getattr(result, name) for name in contracts.PERF_METRIC_OUTPUTS}
+        n_in = result.num_input_tokens if result is not None else len(self.req.input_ids)
+        n_out = result.num_output_tokens if result is not None else 0
+        outputs = generate_outputs(tokens, num_input_tokens=n_in, num_output_tokens=n_out, perf=perf)
+        response = pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, outputs))
+        self.sender.send(response, flags=FINAL if done else 0)

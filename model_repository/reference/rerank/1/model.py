@@ -1,0 +1,17 @@
+"""Reference rerank engine: the Qwen3-Reranker TensorRT plan's contract (yes/no score), on CPU."""
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.engines.reranking import RerankEngine
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        ta.set_threads(params)
+        self.engine = RerankEngine(ta.resolve_engine_dir(params["engine_dir"]))
+
+    def execute(self, requests):
+        return ta.execute_token_batch(pb, requests, contracts.RERANK, self.engine,
+                                      self.engine.spec.padding_side, "score")

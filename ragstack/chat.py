@@ -1,0 +1,75 @@
+"""Prompt building and detokenization for the generate engine (runs inside the BLS models, no torch)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ragstack.engine_spec import EngineSpec
+from ragstack.errors import InvalidInput
+
+
+class GeneratorTokenizer:
+    """The generator's tokenizer and chat template, with the engine's end/pad ids and length limits."""
+
+    def __init__(self, engine_dir: Path, tokenizer_dir: Optional[Path] = None):
+        from transformers import AutoTokenizer
+
+        self.spec = EngineSpec.read(engine_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or engine_dir))
+        self.end_id = self.spec.end_id
+        self.pad_id = self.spec.pad_id if self.spec.pad_id is not None else self.spec.end_id
+
+    def prompt_ids(self, prompt: str, system: Optional[str] = None, raw: bool = False) -> list:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput("prompt is empty")
+        if raw:
+            text = prompt
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                       [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def check_budget(self, n_prompt: int, max_tokens: int) -> None:
+        limit_in = self.spec.max_input_len or self.spec.max_seq_len
+        if n_prompt > limit_in:
+            raise InvalidInput(f"prompt is {n_prompt} tokens; the generate engine accepts at most {limit_in}")
+        if max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
+        if n_prompt + max_tokens > self.spec.max_seq_len:
+            raise InvalidInput(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the engine's "
+                               f"max_seq_len {self.spec.max_seq_len}")
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def detokenizer(self) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self.decode)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas whose concatenation equals decoding all ids at once.
+
+    A token can end in the middle of a UTF-8 character (byte-level BPE); such a tail decodes to U+FFFD and is
+    held back until the next token completes it.
+    """
+
+    def __init__(self, decode):
+        self._decode = decode
+        self.ids: list = []
+        self._emitted = ""
+
+    def push(self, new_ids) -> str:
+        self.ids.extend(int(i) for i in new_ids)
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self._emitted):] if text.startswith(self._emitted) else text
+        self._emitted = text
+        return delta
+
+    def flush(self) -> str:
+        text = self._decode(self.ids)
+        delta = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return delta

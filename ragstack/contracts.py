@@ -1,0 +1,206 @@
+"""The tensor contracts: the one source of truth for every model's inputs and outputs.
+
+Every ``config.pbtxt`` in ``model_repository/`` and ``bls_models/`` is generated from these definitions by
+``tools/gen_model_configs.py`` (and a test regenerates them and fails on any drift); the Triton adapters read and
+write tensors through them, so a name or dtype can only ever be spelt here.
+
+The engine contracts are those of the production engines:
+* ``embed`` / ``rerank``: the TensorRT plans exported by ``engine_builds/`` (pooling, Matryoshka truncation and
+  normalisation, or the yes/no score, inside the graph; token ids in, final values out).
+* ``generate``: TensorRT-LLM's ``tensorrt_llm`` model as shipped in the pinned NGC container
+  (``TRTLLM_CONTAINER``), restricted to the tensors this stack uses or the reference engine implements. A BLS
+  caller cannot tell the reference ``generate`` from the real one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+# The NGC container the production profile pins: Triton 25.10 with TensorRT-LLM 1.0.0, the first line whose
+# tensorrt_llm model has per-request guided decoding (backend >= 0.19) and names the seed input `seed`.
+TRTLLM_CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
+TRTLLM_VERSION = "1.0.0"
+
+NP_DTYPES = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_FP32": np.float32,
+    "TYPE_STRING": np.object_,
+}
+# tritonclient's names for the same types
+CLIENT_DTYPES = {"TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
+                 "TYPE_UINT64": "UINT64", "TYPE_FP32": "FP32", "TYPE_STRING": "BYTES"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str                        # Triton config name, e.g. TYPE_INT32
+    dims: tuple                       # without the batch dimension when the model batches
+    optional: bool = False
+    reshape: Optional[tuple] = None   # e.g. () to drop a [1] dim inside the model, as TRT-LLM does
+    ragged: bool = False              # allow_ragged_batch
+    doc: str = ""
+
+    @property
+    def np_dtype(self):
+        return NP_DTYPES[self.dtype]
+
+    @property
+    def client_dtype(self) -> str:
+        return CLIENT_DTYPES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    name: str
+    inputs: tuple
+    outputs: tuple
+    max_batch_size: int = 0
+    decoupled: bool = False
+    doc: str = ""
+
+    def input(self, name: str) -> Tensor:
+        return _find(self.inputs, name, self.name, "input")
+
+    def output(self, name: str) -> Tensor:
+        return _find(self.outputs, name, self.name, "output")
+
+
+def _find(tensors, name, model, what) -> Tensor:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise KeyError(f"{model} has no {what} named {name!r}")
+
+
+def scalar(name, dtype, optional=True, doc="") -> Tensor:
+    """A per-request scalar the way TensorRT-LLM declares it: dims [1], reshaped to [] inside the model."""
+    return Tensor(name, dtype, (1,), optional=optional, reshape=(), doc=doc)
+
+
+# ---------------------------------------------------------------------------------------------- engines
+EMBED = Contract(
+    name="embed", max_batch_size=32,
+    doc="Embedding engine (Qwen3-Embedding in production): token ids in, final embeddings out.",
+    inputs=(
+        Tensor("input_ids", "TYPE_INT32", (-1,), doc="token ids, padded per engine.json padding_side"),
+        Tensor("attention_mask", "TYPE_INT32", (-1,), doc="1 for real tokens, 0 for padding"),
+    ),
+    outputs=(Tensor("embedding", "TYPE_FP32", (-1,), doc="pooled, Matryoshka-truncated, L2-normalised"),),
+)
+
+RERANK = Contract(
+    name="rerank", max_batch_size=16,
+    doc="Reranker engine (Qwen3-Reranker in production): one formatted (query, document) prompt per row.",
+    inputs=(
+        Tensor("input_ids", "TYPE_INT32", (-1,)),
+        Tensor("attention_mask", "TYPE_INT32", (-1,)),
+    ),
+    outputs=(Tensor("score", "TYPE_FP32", (1,), doc="relevance in [0, 1]: sigmoid(logit_yes - logit_no)"),),
+)
+
+GENERATE = Contract(
+    name="generate", max_batch_size=8, decoupled=True,
+    doc=f"TensorRT-LLM tensorrt_llm model contract (TensorRT-LLM {TRTLLM_VERSION}, {TRTLLM_CONTAINER}).",
+    inputs=(
+        Tensor("input_ids", "TYPE_INT32", (-1,), optional=True, ragged=True),
+        scalar("input_lengths", "TYPE_INT32", optional=False),
+        scalar("request_output_len", "TYPE_INT32", optional=False),
+        scalar("end_id", "TYPE_INT32"),
+        scalar("pad_id", "TYPE_INT32"),
+        Tensor("stop_words_list", "TYPE_INT32", (2, -1), optional=True, ragged=True),
+        Tensor("bad_words_list", "TYPE_INT32", (2, -1), optional=True, ragged=True),
+        scalar("beam_width", "TYPE_INT32"),
+        scalar("temperature", "TYPE_FP32"),
+        scalar("runtime_top_k", "TYPE_INT32"),
+        scalar("runtime_top_p", "TYPE_FP32"),
+        scalar("seed", "TYPE_UINT64"),
+        scalar("return_log_probs", "TYPE_BOOL"),
+        scalar("return_perf_metrics", "TYPE_BOOL"),
+        scalar("return_num_input_tokens", "TYPE_BOOL"),
+        scalar("return_num_output_tokens", "TYPE_BOOL"),
+        scalar("exclude_input_in_output", "TYPE_BOOL"),
+        scalar("streaming", "TYPE_BOOL"),
+        Tensor("guided_decoding_guide_type", "TYPE_STRING", (1,), optional=True, ragged=True),
+        Tensor("guided_decoding_guide", "TYPE_STRING", (1,), optional=True, ragged=True),
+    ),
+    outputs=(
+        Tensor("output_ids", "TYPE_INT32", (-1, -1), doc="[beam, tokens]"),
+        Tensor("sequence_length", "TYPE_INT32", (-1,), doc="[beam]"),
+        Tensor("cum_log_probs", "TYPE_FP32", (-1,)),
+        Tensor("output_log_probs", "TYPE_FP32", (-1, -1)),
+        Tensor("batch_index", "TYPE_INT32", (1,)),
+        Tensor("sequence_index", "TYPE_INT32", (1,)),
+        Tensor("kv_cache_alloc_new_blocks", "TYPE_INT32", (1,)),
+        Tensor("kv_cache_reused_blocks", "TYPE_INT32", (1,)),
+        Tensor("kv_cache_alloc_total_blocks", "TYPE_INT32", (1,)),
+        Tensor("arrival_time_ns", "TYPE_INT64", (1,)),
+        Tensor("first_scheduled_time_ns", "TYPE_INT64", (1,)),
+        Tensor("first_token_time_ns", "TYPE_INT64", (1,)),
+        Tensor("last_token_time_ns", "TYPE_INT64", (1,)),
+        Tensor("num_input_tokens", "TYPE_INT32", (1,)),
+        Tensor("num_output_tokens", "TYPE_INT32", (1,)),
+    ),
+)
+PERF_METRIC_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
+                       "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+
+# ------------------------------------------------------------------------------- BLS (text-level) models
+EMBED_TEXT = Contract(
+    name="embed_text", max_batch_size=64,
+    doc="Tokenizes texts (Qwen3-Embedding conventions) and calls the embed engine.",
+    inputs=(
+        Tensor("text", "TYPE_STRING", (1,)),
+        Tensor("input_type", "TYPE_STRING", (1,), optional=True, doc="'query' or 'document' (default)"),
+        Tensor("task", "TYPE_STRING", (1,), optional=True, doc="instruction for queries"),
+    ),
+    outputs=(
+        Tensor("embedding", "TYPE_FP32", (-1,)),
+        Tensor("num_tokens", "TYPE_INT32", (1,)),
+    ),
+)
+
+RERANK_TEXT = Contract(
+    name="rerank_text", max_batch_size=0,
+    doc="Scores documents against a query: formats the reranker prompt, tokenizes, calls the rerank engine.",
+    inputs=(
+        Tensor("query", "TYPE_STRING", (1,)),
+        Tensor("documents", "TYPE_STRING", (-1,)),
+        Tensor("task", "TYPE_STRING", (1,), optional=True),
+    ),
+    outputs=(Tensor("scores", "TYPE_FP32", (-1,)),),
+)
+
+GENERATE_TEXT = Contract(
+    name="generate_text", max_batch_size=0, decoupled=True,
+    doc="Text in, text out over the generate engine: chat template, tokenization, guided decoding, streaming.",
+    inputs=(
+        Tensor("prompt", "TYPE_STRING", (1,)),
+        Tensor("system", "TYPE_STRING", (1,), optional=True),
+        Tensor("max_tokens", "TYPE_INT32", (1,), optional=True),
+        Tensor("temperature", "TYPE_FP32", (1,), optional=True),
+        Tensor("top_p", "TYPE_FP32", (1,), optional=True),
+        Tensor("top_k", "TYPE_INT32", (1,), optional=True),
+        Tensor("seed", "TYPE_UINT64", (1,), optional=True),
+        Tensor("guide_type", "TYPE_STRING", (1,), optional=True, doc="json | json_schema | regex | ebnf_grammar"),
+        Tensor("guide", "TYPE_STRING", (1,), optional=True),
+        Tensor("stream", "TYPE_BOOL", (1,), optional=True),
+        Tensor("raw_prompt", "TYPE_BOOL", (1,), optional=True, doc="true: no chat template"),
+    ),
+    outputs=(
+        Tensor("text", "TYPE_STRING", (1,)),
+        Tensor("finish_reason", "TYPE_STRING", (1,), doc="stop | length | cancelled"),
+        Tensor("num_input_tokens", "TYPE_INT32", (1,)),
+        Tensor("num_output_tokens", "TYPE_INT32", (1,)),
+    ),
+)
+
+ENGINES = {c.name: c for c in (EMBED, RERANK, GENERATE)}
+BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT)}
+ALL = {**ENGINES, **BLS_MODELS}

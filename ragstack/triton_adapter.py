@@ -1,0 +1,221 @@
+"""The one place that turns Triton Python-backend objects into plain values and back.
+
+Every ``model.py`` is a thin adapter over the core; the conversions they share live here. ``pb`` is the
+``triton_python_backend_utils`` module, passed in so this file imports nothing from Triton (the unit tests pass
+a fake).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ragstack.contracts import Contract
+from ragstack.errors import InvalidInput
+
+log = logging.getLogger("ragstack")
+
+# Where relative engine_dir parameters point: the engines' folder (the reference profile's model set).
+ENGINE_PATH_ENV = "ENGINE_PATH"
+TOKENIZER_DIR_ENV = "TOKENIZER_DIR"
+
+
+def model_parameters(args: dict) -> dict:
+    """The ``parameters`` of the model config as {key: string}."""
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def resolve_engine_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute():
+        base = os.environ.get(ENGINE_PATH_ENV)
+        if not base:
+            raise RuntimeError(f"engine_dir {value!r} is relative and {ENGINE_PATH_ENV} is not set "
+                               "(start the server with tools/serve_triton.sh)")
+        path = Path(base) / path
+    if not path.is_dir():
+        raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
+    return path
+
+
+def set_threads(params: dict) -> None:
+    n = params.get("num_threads")
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def input_array(pb, request, contract: Contract, name: str, default=None) -> Optional[np.ndarray]:
+    """The named input as a numpy array, or ``default`` when an optional input is absent."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if not contract.input(name).optional:
+            raise InvalidInput(f"{contract.name}: required input '{name}' is missing")
+        return default
+    return tensor.as_numpy()
+
+
+def _decode(value, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"input '{name}' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return str(value)
+
+
+def input_strings(pb, request, contract: Contract, name: str, default=None) -> Optional[list]:
+    """A BYTES input as a flat list of str (UTF-8 checked)."""
+    arr = input_array(pb, request, contract, name)
+    if arr is None:
+        return default
+    return [_decode(v, name) for v in arr.reshape(-1)]
+
+
+def input_string(pb, request, contract: Contract, name: str, default=None) -> Optional[str]:
+    values = input_strings(pb, request, contract, name)
+    if values is None:
+        return default
+    if len(values) != 1:
+        raise InvalidInput(f"input '{name}' must hold exactly one string, got {len(values)}")
+    return values[0]
+
+
+def input_scalar(pb, request, contract: Contract, name: str, default=None):
+    arr = input_array(pb, request, contract, name)
+    if arr is None:
+        return default
+    if arr.size != 1:
+        raise InvalidInput(f"input '{name}' must hold exactly one value, got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0].item()
+
+
+def output_tensors(pb, contract: Contract, values: dict) -> list:
+    """pb.Tensor objects for the given {name: value}, cast to the contract's dtype."""
+    tensors = []
+    for name, value in values.items():
+        spec = contract.output(name)
+        arr = np.asarray(value, dtype=spec.np_dtype) if spec.dtype != "TYPE_STRING" else \
+            np.asarray([v.encode("utf-8") if isinstance(v, str) else v for v in np.asarray(value).reshape(-1)],
+                       dtype=np.object_).reshape(np.asarray(value).shape)
+        tensors.append(pb.Tensor(name, arr))
+    return tensors
+
+
+def error_response(pb, exc: BaseException):
+    """INVALID_ARG for bad input with its message; INTERNAL with a short message (no traceback) otherwise."""
+    if isinstance(exc, InvalidInput):
+        return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+    log.exception("internal error")
+    return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(exc).__name__}: {exc}",
+                                                     pb.TritonError.INTERNAL))
+
+
+def raise_for_error(response) -> None:
+    """Turn a BLS child's error response into an exception that keeps INVALID_ARG as InvalidInput."""
+    if not response.has_error():
+        return
+    err = response.error()
+    msg = err.message()
+    code = err.code() if hasattr(err, "code") else None
+    if code is not None and code == getattr(type(err), "INVALID_ARG", object()):
+        raise InvalidInput(msg)
+    raise RuntimeError(msg)
+
+
+def pad_to(arr: np.ndarray, length: int, side: str) -> np.ndarray:
+    """Pad [b, l] int32 rows with zeros to ``length`` on ``side`` (masked positions: the value is never read)."""
+    extra = length - arr.shape[1]
+    if extra <= 0:
+        return arr
+    pad = ((0, 0), (extra, 0)) if side == "left" else ((0, 0), (0, extra))
+    return np.pad(arr, pad)
+
+
+def execute_token_batch(pb, requests, contract: Contract, engine, padding_side: str, output_name: str) -> list:
+    """Run a token-id engine (embed, rerank) once over all the requests the dynamic batcher gave us.
+
+    Triton hands the Python backend a list of requests (each [b_i, L_i]); they are padded to one length on
+    the engine's padding side and run as a single forward pass, then split back. A request whose tensors are
+    malformed gets its own INVALID_ARG; the others still run.
+    """
+    responses = [None] * len(requests)
+    batch = []
+    for i, request in enumerate(requests):
+        try:
+            ids = input_array(pb, request, contract, "input_ids")
+            mask = input_array(pb, request, contract, "attention_mask")
+            if ids.shape != mask.shape:
+                raise InvalidInput(f"{contract.name}: input_ids {list(ids.shape)} and attention_mask "
+                                   f"{list(mask.shape)} must have the same shape")
+            batch.append((i, ids, mask))
+        except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
+            responses[i] = error_response(pb, e)
+    if batch:
+        length = max(ids.shape[1] for _, ids, _ in batch)
+        ids = np.concatenate([pad_to(x, length, padding_side) for _, x, _ in batch])
+        mask = np.concatenate([pad_to(m, length, padding_side) for _, _, m in batch])
+        try:
+            values = engine(ids, mask)
+        except Exception as e:  # noqa: BLE001
+            if len(batch) == 1:
+                responses[batch[0][0]] = error_response(pb, e)
+                return responses
+            # Find out which request is bad rather than failing all of them.
+            for i, x, m in batch:
+                try:
+                    responses[i] = _ok(pb, contract, output_name, engine(x, m))
+                except Exception as e1:  # noqa: BLE001
+                    responses[i] = error_response(pb, e1)
+            return responses
+        start = 0
+        for i, x, _ in batch:
+            rows = values[start:start + x.shape[0]]
+            start += x.shape[0]
+            responses[i] = _ok(pb, contract, output_name, rows)
+    return responses
+
+
+def _ok(pb, contract: Contract, output_name: str, rows):
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim == 1:
+        rows = rows.reshape(-1, 1)
+    return pb.InferenceResponse(output_tensors=output_tensors(pb, contract, {output_name: rows}))
+
+
+def _bls_request(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None):
+    kwargs = {}
+    if parameters:
+        kwargs["parameters"] = parameters
+    return pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
+                               requested_output_names=list(outputs), **kwargs)
+
+
+def _response_arrays(pb, response, outputs) -> dict:
+    raise_for_error(response)
+    out = {}
+    for name in outputs:
+        t = pb.get_output_tensor_by_name(response, name)
+        if t is not None:
+            out[name] = t.as_numpy()
+    return out
+
+
+def bls_infer(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None) -> dict:
+    """One blocking BLS call: {input name: array} in, {output name: array} out; child errors re-raised."""
+    response = _bls_request(pb, model, inputs, outputs, parameters).exec()
+    return _response_arrays(pb, response, outputs)
+
+
+def bls_stream(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None):
+    """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs."""
+    for response in _bls_request(pb, model, inputs, outputs, parameters).exec(decoupled=True):
+        arrays = _response_arrays(pb, response, outputs)
+        if arrays:
+            yield arrays

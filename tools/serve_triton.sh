@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Start Triton Inference Server for this stack (foreground; extra arguments go to tritonserver).
+#
+# Environment overrides (defaults in brackets):
+#   PROFILE              reference | trtllm                                   [reference]
+#   MODEL_REPO           the engines' model repository                        [model_repository/$PROFILE]
+#   BLS_REPO             the BLS models (shared by both profiles)             [bls_models]
+#   ENGINE_PATH          engines folder (reference: a model set built by tools/build_models.py;
+#                        trtllm: the TensorRT-LLM engine directory)           [build/models/demo]
+#   TOKENIZER_DIR        generator tokenizer folder for the BLS models        [the generate engine's own]
+#   TOKENIZER_INFO       xgrammar tokenizer info JSON (trtllm profile)        [unset]
+#   TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT                 [8000 / 8001 / 8002]
+#   LOAD_MODELS          space-separated models to load at start, or '*'      [*]
+#   TRITON_BIN           tritonserver binary  [.triton/bin/tritonserver, else /opt/tritonserver/bin/tritonserver]
+#   TRITON_IMAGE         run inside this container image with docker instead of a local binary
+#                        (e.g. nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3)
+#   TRITON_LOG_VERBOSE   tritonserver --log-verbose level                     [0]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROFILE="${PROFILE:-reference}"
+MODEL_REPO="${MODEL_REPO:-$ROOT/model_repository/$PROFILE}"
+BLS_REPO="${BLS_REPO:-$ROOT/bls_models}"
+ENGINE_PATH="${ENGINE_PATH:-$ROOT/build/models/demo}"
+HTTP_PORT="${TRITON_HTTP_PORT:-8000}"
+GRPC_PORT="${TRITON_GRPC_PORT:-8001}"
+METRICS_PORT="${TRITON_METRICS_PORT:-8002}"
+LOAD_MODELS="${LOAD_MODELS:-*}"
+abs() { (cd "$(dirname "$1")" && printf '%s/%s\n' "$(pwd)" "$(basename "$1")"); }
+
+for d in "$MODEL_REPO" "$BLS_REPO"; do
+  [ -d "$d" ] || { echo "serve_triton: model repository $d does not exist" >&2; exit 2; }
+done
+if [ "$PROFILE" = reference ] && [ ! -f "$ENGINE_PATH/generate/engine.json" ]; then
+  echo "serve_triton: no model set at ENGINE_PATH=$ENGINE_PATH (run tools/build_models.py demo|tiny)" >&2
+  exit 2
+fi
+export ENGINE_PATH="$(abs "$ENGINE_PATH")"
+[ -n "${TOKENIZER_DIR:-}" ] && export TOKENIZER_DIR="$(abs "$TOKENIZER_DIR")"
+[ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
+
+args=(
+  --model-control-mode=explicit
+  --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"
+  --allow-metrics=true --allow-gpu-metrics=false
+  --http-header-forward-pattern='x-.*' --grpc-header-forward-pattern='x-.*'
+  --exit-timeout-secs=10
+  --log-verbose="${TRITON_LOG_VERBOSE:-0}"
+)
+for m in $LOAD_MODELS; do args+=("--load-model=$m"); done
+
+if [ -n "${TRITON_IMAGE:-}" ]; then
+  # Container deployment: the repositories and engines are mounted at fixed paths inside.
+  exec docker run --rm --gpus all --shm-size=2g \
+    -p "$HTTP_PORT:$HTTP_PORT" -p "$GRPC_PORT:$GRPC_PORT" -p "$METRICS_PORT:$METRICS_PORT" \
+    -v "$(abs "$MODEL_REPO"):/models/engines:ro" -v "$(abs "$BLS_REPO"):/models/bls:ro" \
+    -v "$ENGINE_PATH:/workspace/engines:ro" \
+    ${TOKENIZER_DIR:+-v "$TOKENIZER_DIR:/workspace/tokenizer:ro" -e TOKENIZER_DIR=/workspace/tokenizer} \
+    ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer_info.json:ro" -e TOKENIZER_INFO=/workspace/tokenizer_info.json} \
+    -e ENGINE_PATH=/workspace/engines \
+    "$TRITON_IMAGE" tritonserver --model-repository=/models/bls --model-repository=/models/engines "${args[@]}" "$@"
+fi
+
+if [ -z "${TRITON_BIN:-}" ]; then
+  if [ -x "$ROOT/.triton/bin/tritonserver" ]; then TRITON_BIN="$ROOT/.triton/bin/tritonserver"
+  elif [ -x /opt/tritonserver/bin/tritonserver ]; then TRITON_BIN=/opt/tritonserver/bin/tritonserver
+  else echo "serve_triton: no tritonserver found (run tools/setup.sh)" >&2; exit 2
+  fi
+fi
+TRITON_HOME="$(dirname "$(dirname "$TRITON_BIN")")"
+if [ -d "$TRITON_HOME/lib" ]; then export LD_LIBRARY_PATH="$TRITON_HOME/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+# The Python stub embeds Debian's libpython in isolated mode: it finds the project's venv through PATH.
+if [ -x "$ROOT/.venv/bin/python" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "$TRITON_BIN" --model-repository="$(abs "$BLS_REPO")" --model-repository="$(abs "$MODEL_REPO")" \
+  --backend-directory="$TRITON_HOME/backends" --cache-directory="$TRITON_HOME/caches" "${args[@]}" "$@"
