@@ -46,7 +46,8 @@ args=(
   --exit-timeout-secs=10
   --log-verbose="${TRITON_LOG_VERBOSE:-0}"
 )
-for m in $LOAD_MODELS; do args+=("--load-model=$m"); done
+read -r -a load_list <<<"$LOAD_MODELS"   # no globbing: "*" is Triton's "all models"
+for m in "${load_list[@]}"; do args+=("--load-model=$m"); done
 
 if [ -n "${TRITON_IMAGE:-}" ]; then
   # Container deployment: the repositories and engines are mounted at fixed paths inside.

@@ -9,11 +9,12 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from ragstack.engines import EmbeddingEngine, RerankEngine
 from ragstack.errors import InvalidInput
-from ragstack.text import QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX, EmbedTokenizer, RerankTokenizer, pad_batch
+from ragstack.text import EmbedTokenizer, RerankTokenizer, pad_batch
+from tests.reference import (TASK, qwen3_embedding_ids, qwen3_rerank_ids, reference_embedding,
+                             reference_yes_no)
 
 MODELS = Path(__file__).resolve().parents[2] / "build" / "models"
 TINY, DEMO = MODELS / "tiny", MODELS / "demo"
-TASK = "Given a web search query, retrieve relevant passages that answer the query"
 TEXTS = ["yes", "the index retrieves the passage and the engine embeds a vector",
          "a batch of token ids streams through the cache; " * 12,          # ~200 tokens
          "Triton answers with citations and metrics. " * 80]               # past max_length: truncated
@@ -48,19 +49,6 @@ def repad(input_ids, attention_mask, side):
     """The same rows, padded on ``side`` instead."""
     rows = [row[mask == 1].tolist() for row, mask in zip(input_ids, attention_mask)]
     return pad_batch(rows, pad_id=0, side=side, max_length=input_ids.shape[1])
-
-
-@torch.inference_mode()
-def reference_embedding(model, ids, pooling, dim):
-    """One text, no batch, no padding: the model's last hidden states, pooled, truncated, normalised."""
-    hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-    vector = (hidden[-1] if pooling == "last_token" else hidden.mean(dim=0))[:dim]
-    return (vector / vector.norm()).numpy()
-
-
-def qwen3_embedding_ids(tokenizer, text, max_length):
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_length - 1] + [eos]
 
 
 @pytest.mark.parametrize("input_type", ["query", "document"])
@@ -98,13 +86,6 @@ def test_mean_pooling_matches_reference(embed_tok, side):
         assert np.abs(vector - reference_embedding(engine.model, ids, "mean", engine.spec.dim)).max() < TOL
 
 
-@torch.inference_mode()
-def reference_yes_no(model, tokenizer, ids):
-    logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
-    return torch.sigmoid(logits[yes] - logits[no]).item()
-
-
 def test_rerank_matches_unbatched_reference(rerank_engine, rerank_tok):
     tok, max_length = rerank_tok.tokenizer, rerank_engine.spec.max_length
     query = "what does the server return?"
@@ -113,11 +94,8 @@ def test_rerank_matches_unbatched_reference(rerank_engine, rerank_tok):
     assert got.dtype == np.float32 and got.shape == (len(TEXTS),)
     assert input_ids.shape[1] == max_length                             # TEXTS[-1] is cut to fit
     model = AutoModelForCausalLM.from_pretrained(TINY / "rerank", dtype=torch.float32).eval()
-    prefix, suffix = (tok(part, add_special_tokens=False)["input_ids"]
-                      for part in (QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX))
     for doc, score in zip(TEXTS, got):
-        body = tok(f"<Instruct>: {TASK}\n<Query>: {query}\n<Document>: {doc}", add_special_tokens=False)
-        ids = prefix + body["input_ids"][:max_length - len(prefix) - len(suffix)] + suffix
+        ids = qwen3_rerank_ids(tok, query, doc, max_length)
         assert abs(score - reference_yes_no(model, tok, ids)) < TOL
     right = rerank_engine(*repad(input_ids, attention_mask, "right"))
     assert np.abs(got - right).max() < TOL
