@@ -1,0 +1,138 @@
+"""Guided decoding with xgrammar, under the guide types TensorRT-LLM's ``guided_decoding_guide_type`` accepts.
+
+A guide is compiled once per (type, guide) into an xgrammar ``CompiledGrammar`` (kept in a bounded LRU, since
+clients tend to resend the same schema), then every request gets its own :class:`GuideState`: a
+``GrammarMatcher`` plus a one-row token bitmask that the engine applies to that request's logits row.
+
+All failures are reported as :class:`~ragstack.errors.InvalidInput` with a message naming the problem, because
+they come from client input; xgrammar signals them as ``RuntimeError`` with a C++ source location prefix that
+means nothing to a client and is stripped.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import xgrammar
+
+from ragstack.errors import InvalidInput
+
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+
+# "[04:55:47] /project/cpp/regex_converter.cc:83: " in front of every xgrammar error message.
+_XGRAMMAR_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
+
+
+def _xgrammar_message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _XGRAMMAR_LOCATION.sub("", text)
+
+
+class GuideCompiler:
+    """Compiles guides for one tokenizer and one logits width, with a bounded LRU of compiled grammars.
+
+    ``vocab_size`` must be the width of the model's logits (it can exceed the tokenizer's length when the
+    embedding matrix is padded): the bitmask has to cover every logit or padded ids could be sampled.
+    Thread-safe: requests are validated on the caller's threads while the engine thread runs matchers.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = 64):
+        self.vocab_size = int(vocab_size)
+        self._tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+        # xgrammar's own cache is unbounded by entry count; ours is bounded and keyed by the raw guide text.
+        self._compiler = xgrammar.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
+        self._cache: OrderedDict[tuple[str, Optional[str]], xgrammar.CompiledGrammar] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def compile(self, guide_type: Optional[str], guide: Optional[str]) -> xgrammar.CompiledGrammar:
+        """The compiled grammar for a guide; raises InvalidInput when the guide is unusable."""
+        if guide_type not in GUIDE_TYPES:
+            raise InvalidInput(f"unknown guided decoding guide type {guide_type!r}; valid types: "
+                               f"{', '.join(GUIDE_TYPES)}")
+        if guide_type == "json":
+            guide = None  # any JSON: the builtin grammar, whatever text came with it
+        elif guide is None or (isinstance(guide, str) and not guide.strip()):
+            raise InvalidInput(f"guide type {guide_type!r} needs a guide, but none was given")
+        elif not isinstance(guide, str):
+            raise InvalidInput(f"the guide must be a string, got {type(guide).__name__}")
+        key = (guide_type, guide)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        compiled = self._compile_uncached(guide_type, guide)
+        with self._lock:
+            self._cache[key] = compiled
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile_uncached(self, guide_type: str, guide: Optional[str]) -> xgrammar.CompiledGrammar:
+        if guide_type == "json_schema":
+            try:
+                json.loads(guide)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidInput(f"json_schema guide is not valid JSON: {exc}") from None
+        try:
+            if guide_type == "json":
+                return self._compiler.compile_builtin_json_grammar()
+            if guide_type == "json_schema":
+                # Compact output, as TensorRT-LLM compiles it: no free whitespace for the model to loop in.
+                return self._compiler.compile_json_schema(guide, any_whitespace=False)
+            if guide_type == "regex":
+                return self._compiler.compile_regex(guide)
+            return self._compiler.compile_grammar(guide)
+        except Exception as exc:  # xgrammar raises RuntimeError, but any failure here is the guide's fault
+            what = {"json_schema": "json_schema guide rejected", "regex": "invalid regex guide",
+                    "ebnf_grammar": "invalid ebnf_grammar guide"}.get(guide_type, "guide rejected")
+            raise InvalidInput(f"{what}: {_xgrammar_message(exc)}") from None
+
+    def new_state(self, compiled: xgrammar.CompiledGrammar, stop_token_ids: Sequence[int]) -> "GuideState":
+        return GuideState(compiled, self.vocab_size, stop_token_ids)
+
+
+class GuideState:
+    """One request's position in its grammar, and the mask of tokens allowed next.
+
+    ``stop_token_ids`` (the request's end id) are the tokens the grammar allows once it is complete; when the
+    grammar allows nothing else, :attr:`must_stop` says so, which lets the engine finish the request without
+    spending a forward pass on a token whose value is already known.
+    """
+
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int]):
+        self._vocab_size = vocab_size
+        # No stop ids given: the matcher falls back to the tokenizer's own end tokens.
+        self._matcher = xgrammar.GrammarMatcher(compiled, override_stop_tokens=sorted(set(stop_token_ids)) or None)
+        self._stop_token_ids = frozenset(self._matcher.stop_token_ids)
+        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self.must_stop = False
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")[: self._vocab_size]
+        allowed = np.flatnonzero(bits)
+        self.must_stop = len(allowed) <= len(self._stop_token_ids) and set(allowed.tolist()) <= self._stop_token_ids
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of disallowed tokens to -inf, in place (``logits_row``: shape [1, vocab])."""
+        xgrammar.apply_token_bitmask_inplace(logits_row, self._bitmask, vocab_size=self._vocab_size)
+
+    def accept(self, token_id: int) -> None:
+        """Advance past ``token_id``; the mask was applied before sampling, so a refusal is an engine bug."""
+        if not self._matcher.accept_token(int(token_id)):
+            raise RuntimeError(f"grammar matcher refused token {token_id} that its own mask allowed")
+        if not self._matcher.is_terminated():
+            self._refresh()
+
+    @property
+    def terminated(self) -> bool:
+        """True once the matcher accepted a stop token."""
+        return self._matcher.is_terminated()

@@ -1,0 +1,71 @@
+"""Per-request token sampling with TensorRT-LLM's parameter conventions.
+
+Each request in a batch has its own settings and its own ``torch.Generator``, so a row is sampled on its own:
+what else is in the batch never changes the random stream a seeded request draws from.
+
+Conventions (as in TensorRT-LLM): ``temperature == 0`` is greedy (exact argmax, no randomness), ``top_k == 0``
+and ``top_p == 1`` (or ``0``) switch those filters off.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from ragstack.errors import InvalidInput
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling_params(temperature: float, top_k: int, top_p: float, seed: Optional[int]) -> None:
+    """Raise InvalidInput for values no sampler can honour."""
+    # numbers.* rather than int/float: values often arrive as numpy scalars from Triton tensors.
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise InvalidInput(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_integer(top_k) or top_k < 0:
+        raise InvalidInput(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not _is_real(top_p) or not math.isfinite(top_p) or not 0 <= top_p <= 1:
+        raise InvalidInput(f"top_p must be in (0, 1] (1 or 0 = off), got {top_p!r}")
+    if seed is not None and (not _is_integer(seed) or not 0 <= seed < 2 ** 64):
+        raise InvalidInput(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A private random stream: seeded for reproducibility, or freshly random (a default Generator would hand
+    every unseeded request the same fixed seed)."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        seed = int(seed)
+        # manual_seed takes a signed 64-bit value; fold the unsigned range TensorRT-LLM accepts onto it.
+        generator.manual_seed(seed - 2 ** 64 if seed >= 2 ** 63 else seed)
+    return generator
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator) -> int:
+    """Pick the next token from one row of logits (shape [vocab]; already masked by any grammar)."""
+    if temperature == 0 or top_k == 1:
+        return int(torch.argmax(logits))
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.numel():
+        kth_best = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(0, order, mass_before >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
