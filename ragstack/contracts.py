@@ -201,6 +201,64 @@ GENERATE_TEXT = Contract(
     ),
 )
 
+# ------------------------------------------------------------------------------------------- RAG models
+VECTOR_INDEX = Contract(
+    name="vector_index", max_batch_size=0,
+    doc="The one process that owns the vector store: op = search | upsert | delete | stats.",
+    inputs=(
+        Tensor("op", "TYPE_STRING", (1,)),
+        Tensor("collection", "TYPE_STRING", (1,), optional=True),
+        Tensor("query_vector", "TYPE_FP32", (-1,), optional=True),
+        Tensor("top_k", "TYPE_INT32", (1,), optional=True),
+        Tensor("vectors", "TYPE_FP32", (-1, -1), optional=True),
+        Tensor("payload", "TYPE_STRING", (1,), optional=True, doc="JSON: doc_id, chunks, metadata, hash"),
+    ),
+    outputs=(Tensor("result", "TYPE_STRING", (1,), doc="JSON"),),
+)
+
+INGEST = Contract(
+    name="ingest", max_batch_size=0,
+    doc="Chunks documents token-aware, embeds the chunks through `embed`, upserts them into a collection.",
+    inputs=(
+        Tensor("doc_ids", "TYPE_STRING", (-1,)),
+        Tensor("texts", "TYPE_STRING", (-1,), optional=True, doc="required for upsert"),
+        Tensor("metadata", "TYPE_STRING", (-1,), optional=True, doc="a JSON object per document"),
+        Tensor("collection", "TYPE_STRING", (1,), optional=True),
+        Tensor("op", "TYPE_STRING", (1,), optional=True, doc="upsert (default) | delete"),
+        Tensor("chunk_tokens", "TYPE_INT32", (1,), optional=True),
+        Tensor("overlap_tokens", "TYPE_INT32", (1,), optional=True),
+    ),
+    outputs=(Tensor("report", "TYPE_STRING", (1,), doc="JSON: per document, chunks and status"),),
+)
+
+_RAG_INPUTS = (
+    Tensor("query", "TYPE_STRING", (1,)),
+    Tensor("task", "TYPE_STRING", (1,), optional=True, doc="answer | generate_json | rank_candidates | judge"),
+    Tensor("schema", "TYPE_STRING", (1,), optional=True, doc="a JSON Schema for the answer"),
+    Tensor("documents", "TYPE_STRING", (-1,), optional=True, doc="caller documents: bypass the index"),
+    Tensor("top_k", "TYPE_INT32", (1,), optional=True),
+    Tensor("top_n", "TYPE_INT32", (1,), optional=True),
+    Tensor("max_tokens", "TYPE_INT32", (1,), optional=True),
+    Tensor("collection", "TYPE_STRING", (1,), optional=True),
+)
+_RAG_OUTPUTS = (
+    Tensor("answer", "TYPE_STRING", (1,), doc="JSON valid under the task's schema"),
+    Tensor("contexts", "TYPE_STRING", (1,), doc="JSON list: id, doc_id, text, score, rerank_score"),
+    Tensor("usage", "TYPE_STRING", (1,), doc="JSON: tokens in/out, per-stage timings, schema id"),
+)
+RAG_ORCHESTRATOR = Contract(
+    name="rag_orchestrator", max_batch_size=8, inputs=_RAG_INPUTS, outputs=_RAG_OUTPUTS,
+    doc="The BLS orchestrator: embed → search → rerank → guided generate; requests of a batch run concurrently.")
+RAG = Contract(name="rag", max_batch_size=8, inputs=_RAG_INPUTS, outputs=_RAG_OUTPUTS,
+               doc="The public endpoint (ensemble over rag_orchestrator): HTTP, gRPC and /generate.")
+# Triton 2.51 serves a decoupled model only over gRPC streams and /generate_stream (HTTP /infer and gRPC
+# ModelInfer refuse it, /generate wants exactly one response), so token streaming has its own twin.
+RAG_STREAM_ORCHESTRATOR = dataclasses.replace(RAG_ORCHESTRATOR, name="rag_stream_orchestrator", decoupled=True)
+RAG_STREAM = dataclasses.replace(RAG, name="rag_stream", decoupled=True,
+                                 doc="Streaming twin of rag: answer text deltas, then the final outputs.")
+
 ENGINES = {c.name: c for c in (EMBED, RERANK, GENERATE)}
-BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT)}
-ALL = {**ENGINES, **BLS_MODELS}
+BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT, VECTOR_INDEX, INGEST,
+                                  RAG_ORCHESTRATOR, RAG_STREAM_ORCHESTRATOR)}
+ENSEMBLES = {c.name: (c, orch) for c, orch in ((RAG, RAG_ORCHESTRATOR), (RAG_STREAM, RAG_STREAM_ORCHESTRATOR))}
+ALL = {**ENGINES, **BLS_MODELS, **{name: c for name, (c, _) in ENSEMBLES.items()}}

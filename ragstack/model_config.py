@@ -31,6 +31,7 @@ class Deployment:
     kind: str = "KIND_CPU"
     batching: Optional[Batching] = None
     parameters: tuple = ()          # ((key, value), ...)
+    ensemble_step: Optional[str] = None   # platform "ensemble": the one model it runs, tensors mapped by name
 
 
 # Batching presets of spec 002: embed [4,8,16] with 2-5 ms, rerank [2,4,8] with ~5 ms.
@@ -47,11 +48,22 @@ REFERENCE = (
                parameters=(("engine_dir", "generate"), ("num_threads", "2"))),
 )
 
+_ORCHESTRATOR_PARAMS = (("embed_dir", "embed"), ("rerank_dir", "rerank"), ("generate_dir", "generate"))
+
 BLS = (
     Deployment(C.EMBED_TEXT, batching=Batching((), 2000), instances=2,
                parameters=(("engine_dir", "embed"),)),
     Deployment(C.RERANK_TEXT, instances=2, parameters=(("engine_dir", "rerank"),)),
     Deployment(C.GENERATE_TEXT, parameters=(("engine_dir", "generate"),)),
+    # One process owns the store: every read and write goes through it, so they never disagree.
+    Deployment(C.VECTOR_INDEX, parameters=(("index_dir", "index"),)),
+    Deployment(C.INGEST, parameters=(("engine_dir", "embed"),)),
+    # Requests of a batch run on threads inside execute(); two instances keep one slow batch from
+    # holding the next (the engines are shared: their own batchers merge the concurrent calls).
+    Deployment(C.RAG_ORCHESTRATOR, batching=Batching((), 2000), instances=2, parameters=_ORCHESTRATOR_PARAMS),
+    Deployment(C.RAG_STREAM_ORCHESTRATOR, batching=Batching((), 1000), parameters=_ORCHESTRATOR_PARAMS),
+    Deployment(C.RAG, ensemble_step=C.RAG_ORCHESTRATOR.name),
+    Deployment(C.RAG_STREAM, ensemble_step=C.RAG_STREAM_ORCHESTRATOR.name),
 )
 
 PROFILES = {"reference": REFERENCE}
@@ -62,7 +74,16 @@ def to_proto(dep: Deployment):
 
     c = dep.contract
     cfg = mc.ModelConfig(name=c.name, max_batch_size=c.max_batch_size)
-    if dep.platform:
+    if dep.ensemble_step:
+        cfg.platform = "ensemble"
+        step = cfg.ensemble_scheduling.step.add()
+        step.model_name = dep.ensemble_step
+        step.model_version = -1
+        for t in c.inputs:
+            step.input_map[t.name] = t.name
+        for t in c.outputs:
+            step.output_map[t.name] = t.name
+    elif dep.platform:
         cfg.platform = dep.platform
     else:
         cfg.backend = dep.backend
@@ -77,16 +98,17 @@ def to_proto(dep: Deployment):
             if tensors is c.inputs:
                 m.optional = t.optional
                 m.allow_ragged_batch = t.ragged
-    if c.decoupled:
+    if c.decoupled and not dep.ensemble_step:    # an ensemble inherits it from its step
         cfg.model_transaction_policy.decoupled = True
     if dep.batching is not None:
         if c.max_batch_size == 0:
             raise ValueError(f"{c.name}: dynamic batching needs max_batch_size > 0")
         cfg.dynamic_batching.preferred_batch_size.extend(dep.batching.preferred)
         cfg.dynamic_batching.max_queue_delay_microseconds = dep.batching.delay_us
-    group = cfg.instance_group.add()
-    group.count = dep.instances
-    group.kind = mc.ModelInstanceGroup.Kind.Value(dep.kind)
+    if not dep.ensemble_step:
+        group = cfg.instance_group.add()
+        group.count = dep.instances
+        group.kind = mc.ModelInstanceGroup.Kind.Value(dep.kind)
     for key, value in dep.parameters:
         cfg.parameters[key].string_value = value
     return cfg

@@ -22,6 +22,8 @@ log = logging.getLogger("ragstack")
 # Where relative engine_dir parameters point: the engines' folder (the reference profile's model set).
 ENGINE_PATH_ENV = "ENGINE_PATH"
 TOKENIZER_DIR_ENV = "TOKENIZER_DIR"
+# Where relative data folders (the vector index) live.
+DATA_PATH_ENV = "RAG_DATA_PATH"
 
 
 def model_parameters(args: dict) -> dict:
@@ -40,6 +42,19 @@ def resolve_engine_dir(value: str) -> Path:
         path = Path(base) / path
     if not path.is_dir():
         raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
+    return path
+
+
+def resolve_data_dir(value: str) -> Path:
+    """A data folder (created if missing): absolute, or relative to $RAG_DATA_PATH."""
+    path = Path(value)
+    if not path.is_absolute():
+        base = os.environ.get(DATA_PATH_ENV)
+        if not base:
+            raise RuntimeError(f"data folder {value!r} is relative and {DATA_PATH_ENV} is not set "
+                               "(start the server with tools/serve_triton.sh)")
+        path = Path(base) / path
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

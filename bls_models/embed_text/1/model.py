@@ -2,12 +2,11 @@
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
+from ragstack import bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.text import EmbedTokenizer
 
 C = contracts.EMBED_TEXT
-ENGINE_BATCH = contracts.EMBED.max_batch_size
 
 
 class TritonPythonModel:
@@ -37,11 +36,7 @@ class TritonPythonModel:
         ids = np.concatenate([ta.pad_to(x, length, side) for _, x, _, _ in encoded]).astype(np.int32)
         mask = np.concatenate([ta.pad_to(m, length, side) for _, _, m, _ in encoded]).astype(np.int32)
         try:
-            chunks = [ta.bls_infer(pb, "embed", {"input_ids": ids[s:s + ENGINE_BATCH],
-                                                 "attention_mask": mask[s:s + ENGINE_BATCH]},
-                                   ["embedding"])["embedding"]
-                      for s in range(0, len(ids), ENGINE_BATCH)]
-            embeddings = np.concatenate(chunks)
+            embeddings = bls.embed_tokens(pb, ids, mask)
         except Exception as e:  # noqa: BLE001 - the engine failed the whole batch
             for i, *_ in encoded:
                 responses[i] = ta.error_response(pb, e)

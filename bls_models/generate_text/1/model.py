@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
+from ragstack import bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
-from ragstack.trtllm_io import GUIDE_TYPES, finish_reason, generate_inputs, output_tokens
 
 C = contracts.GENERATE_TEXT
 FINAL = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_MAX_TOKENS = 256
-ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"]
 
 
 class TritonPythonModel:
@@ -46,40 +44,27 @@ class TritonPythonModel:
             sender.send(ta.error_response(pb, e), flags=FINAL)
 
     def _generate(self, request, sender):
-        get = lambda name, default=None: ta.input_scalar(pb, request, C, name, default)  # noqa: E731
-        prompt = ta.input_string(pb, request, C, "prompt")
-        system = ta.input_string(pb, request, C, "system")
-        guide_type = ta.input_string(pb, request, C, "guide_type")
-        guide = ta.input_string(pb, request, C, "guide")
-        if guide_type is not None and guide_type not in GUIDE_TYPES:
-            raise ta.InvalidInput(f"unknown guide_type {guide_type!r}; expected one of {', '.join(GUIDE_TYPES)}")
-        max_tokens = int(get("max_tokens", DEFAULT_MAX_TOKENS))
-        stream = bool(get("stream", False))
-        ids = self.tokenizer.prompt_ids(prompt, system, raw=bool(get("raw_prompt", False)))
-        self.tokenizer.check_budget(len(ids), max_tokens)
-        inputs = generate_inputs(ids, max_tokens, self.tokenizer.end_id, self.tokenizer.pad_id,
-                                 temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 0)),
-                                 top_p=float(get("top_p", 1.0)), seed=get("seed"), streaming=stream,
-                                 guide_type=guide_type, guide=guide)
-        detok = self.tokenizer.detokenizer()
-        n_in = n_out = 0
-        for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS):
-            if request.is_cancelled():
-                sender.send(flags=FINAL)
-                return
-            delta = detok.push(output_tokens(arrays))
-            n_in = int(arrays["num_input_tokens"].reshape(-1)[0])
-            n_out = int(arrays["num_output_tokens"].reshape(-1)[0])
-            if stream and delta:
-                sender.send(self._response({"text": [delta]}))
-        # Streaming: the final response carries only what is left; otherwise the whole text.
-        text = detok.flush() if stream else self.tokenizer.decode(detok.ids)
-        final = {"text": [text], "finish_reason": [finish_reason(n_out, max_tokens)],
-                 "num_input_tokens": [n_in], "num_output_tokens": [n_out]}
-        sender.send(self._response(final), flags=FINAL)
+        def get(name, default=None):
+            return ta.input_scalar(pb, request, C, name, default)
 
-    @staticmethod
-    def _response(values):
-        return pb.InferenceResponse(output_tensors=ta.output_tensors(
-            pb, C, {k: np.asarray(v, dtype=np.object_ if k in ("text", "finish_reason") else np.int32)
-                    for k, v in values.items()}))
+        stream = bool(get("stream", False))
+        result = bls.generate(
+            pb, self.tokenizer, ta.input_string(pb, request, C, "prompt"),
+            system=ta.input_string(pb, request, C, "system"), raw=bool(get("raw_prompt", False)),
+            max_tokens=int(get("max_tokens", DEFAULT_MAX_TOKENS)), temperature=float(get("temperature", 1.0)),
+            top_p=float(get("top_p", 1.0)), top_k=int(get("top_k", 0)), seed=get("seed"),
+            guide_type=ta.input_string(pb, request, C, "guide_type"), guide=ta.input_string(pb, request, C, "guide"),
+            on_delta=(lambda text: sender.send(_response({"text": [text]}))) if stream else None,
+            is_cancelled=request.is_cancelled)
+        if result["finish_reason"] == "cancelled":
+            sender.send(flags=FINAL)
+            return
+        final = {"text": [result["text"] if not stream else ""], "finish_reason": [result["finish_reason"]],
+                 "num_input_tokens": [result["num_input_tokens"]], "num_output_tokens": [result["num_output_tokens"]]}
+        sender.send(_response(final), flags=FINAL)
+
+
+def _response(values):
+    return pb.InferenceResponse(output_tensors=ta.output_tensors(
+        pb, C, {k: np.asarray(v, dtype=np.object_ if k in ("text", "finish_reason") else np.int32)
+                for k, v in values.items()}))

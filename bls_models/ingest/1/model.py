@@ -1,0 +1,62 @@
+"""ingest: documents in → token-aware chunks → `embed` engine → `vector_index`. Upsert or delete by doc id."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from ragstack import bls, contracts
+from ragstack import triton_adapter as ta
+from ragstack.chunking import chunk_text
+from ragstack.ingest import ingest, parse_documents
+from ragstack.text import EmbedTokenizer
+
+C = contracts.INGEST
+DEFAULT_OVERLAP = 32
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
+        # Leave room for what encode() adds (special tokens, end-of-text) within the engine's max_length.
+        self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length - 8)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._ingest(request))
+            except Exception as e:  # noqa: BLE001
+                responses.append(ta.error_response(pb, e))
+        return responses
+
+    def _ingest(self, request):
+        collection = ta.input_string(pb, request, C, "collection", "default")
+        op = ta.input_string(pb, request, C, "op", "upsert")
+        docs = parse_documents(op, ta.input_strings(pb, request, C, "doc_ids"),
+                               ta.input_strings(pb, request, C, "texts"),
+                               ta.input_strings(pb, request, C, "metadata"))
+        max_tokens = int(ta.input_scalar(pb, request, C, "chunk_tokens", self.default_chunk_tokens))
+        if max_tokens > self.default_chunk_tokens:
+            raise ta.InvalidInput(f"chunk_tokens must be at most {self.default_chunk_tokens} for this embedder")
+        overlap = int(ta.input_scalar(pb, request, C, "overlap_tokens", min(DEFAULT_OVERLAP, max_tokens // 4)))
+
+        def embed(texts):
+            ids, mask, _ = self.tokenizer.encode(texts, "document")
+            return bls.embed_tokens(pb, ids, mask)
+
+        def index(op, payload, vectors):
+            inputs = {"op": _str(op), "collection": _str(collection), "payload": _str(json.dumps(payload))}
+            if vectors is not None:
+                inputs["vectors"] = np.asarray(vectors, dtype=np.float32)
+            return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"])["result"].reshape(-1)[0])
+
+        report = ingest(op, collection, docs, embed=embed, index=index,
+                        chunk=lambda text: chunk_text(text, self.tokenizer.tokenizer, max_tokens, overlap),
+                        progress=lambda msg: pb.Logger.log_info(f"ingest[{collection}] {msg}"))
+        out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
+        return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
+
+
+def _str(value):
+    return np.array([value.encode("utf-8")], dtype=np.object_)

@@ -1,0 +1,35 @@
+"""vector_index: the single process that owns the vector store (reads and writes never disagree)."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from ragstack import contracts, index_ops
+from ragstack import triton_adapter as ta
+from ragstack.index import FlatFileStore
+
+C = contracts.VECTOR_INDEX
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = ta.model_parameters(args)
+        self.store = FlatFileStore(ta.resolve_data_dir(params["index_dir"]))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                payload = ta.input_string(pb, request, C, "payload")
+                result = index_ops.handle(
+                    self.store, ta.input_string(pb, request, C, "op"),
+                    ta.input_string(pb, request, C, "collection", "default"),
+                    query_vector=ta.input_array(pb, request, C, "query_vector"),
+                    top_k=ta.input_scalar(pb, request, C, "top_k"),
+                    vectors=ta.input_array(pb, request, C, "vectors"),
+                    payload=json.loads(payload) if payload else None)
+                out = {"result": np.array([json.dumps(result)], dtype=np.object_)}
+                responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))
+            except Exception as e:  # noqa: BLE001
+                responses.append(ta.error_response(pb, e))
+        return responses

@@ -1,0 +1,76 @@
+"""Engine calls made from BLS models, shared by the text-level models and the RAG orchestrator.
+
+``pb`` is ``triton_python_backend_utils`` (passed in); the engines are reached by model name, so the same
+code drives the reference engines and the TensorRT / TensorRT-LLM ones.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import numpy as np
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.chat import GeneratorTokenizer
+from ragstack.errors import InvalidInput
+from ragstack.trtllm_io import GUIDE_TYPES, finish_reason, generate_inputs, output_tokens
+
+ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"]
+EMBED_BATCH = contracts.EMBED.max_batch_size
+RERANK_BATCH = contracts.RERANK.max_batch_size
+
+
+def _stage(timer, name):
+    return timer.stage(name) if timer is not None else contextlib.nullcontext()
+
+
+def embed_tokens(pb, ids: np.ndarray, mask: np.ndarray, parameters: Optional[dict] = None) -> np.ndarray:
+    """[B, L] token ids through the `embed` engine, in chunks of its max batch size."""
+    return np.concatenate([
+        ta.bls_infer(pb, "embed", {"input_ids": ids[s:s + EMBED_BATCH].astype(np.int32),
+                                   "attention_mask": mask[s:s + EMBED_BATCH].astype(np.int32)},
+                     ["embedding"], parameters)["embedding"]
+        for s in range(0, len(ids), EMBED_BATCH)])
+
+
+def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, parameters: Optional[dict] = None) -> np.ndarray:
+    return np.concatenate([
+        ta.bls_infer(pb, "rerank", {"input_ids": ids[s:s + RERANK_BATCH].astype(np.int32),
+                                    "attention_mask": mask[s:s + RERANK_BATCH].astype(np.int32)},
+                     ["score"], parameters)["score"].reshape(-1)
+        for s in range(0, len(ids), RERANK_BATCH)])
+
+
+def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional[str] = None, raw: bool = False,
+             max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: Optional[int] = None, guide_type: Optional[str] = None, guide: Optional[str] = None,
+             on_delta: Optional[Callable] = None, is_cancelled: Callable = lambda: False, timer=None,
+             parameters: Optional[dict] = None) -> dict:
+    """Prompt text → `generate` engine → text. ``on_delta(text)`` (if given) streams the text as it decodes.
+
+    Returns {text, finish_reason, num_input_tokens, num_output_tokens}; finish_reason is 'length' when the
+    token budget ran out, 'cancelled' when the caller went away, else 'stop'.
+    """
+    if guide_type is not None and guide_type not in GUIDE_TYPES:
+        raise InvalidInput(f"unknown guide_type {guide_type!r}; expected one of {', '.join(GUIDE_TYPES)}")
+    with _stage(timer, "tokenize"):
+        ids = tokenizer.prompt_ids(prompt, system, raw=raw)
+    tokenizer.check_budget(len(ids), max_tokens)
+    inputs = generate_inputs(ids, max_tokens, tokenizer.end_id, tokenizer.pad_id, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, streaming=on_delta is not None,
+                             guide_type=guide_type, guide=guide)
+    detok = tokenizer.detokenizer()
+    n_in, n_out = len(ids), 0
+    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, parameters):
+        if is_cancelled():
+            return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in, "num_output_tokens": n_out}
+        delta = detok.push(output_tokens(arrays))
+        n_out = max(n_out, int(arrays["num_output_tokens"].reshape(-1)[0]), len(detok.ids))
+        if on_delta is not None and delta:
+            on_delta(delta)
+    tail = detok.flush()
+    if on_delta is not None and tail:
+        on_delta(tail)
+    return {"text": tokenizer.decode(detok.ids), "finish_reason": finish_reason(n_out, max_tokens),
+            "num_input_tokens": n_in, "num_output_tokens": n_out}

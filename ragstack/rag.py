@@ -1,0 +1,279 @@
+"""The RAG pipeline as plain Python: validate → embed query → search → rerank → prompt → guided generate → check.
+
+Every engine call is an injected callable (the Triton model wires BLS calls; tests wire fakes or in-process
+engines), so the orchestration logic — what is validated, what goes in the prompt, which schema constrains the
+answer, how citations are checked, what is timed — is one piece of code whichever engines serve it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable, Optional
+
+from ragstack.errors import InvalidInput
+
+TASKS = ("answer", "generate_json", "rank_candidates", "judge")
+MAX_TOP_K = 100
+MAX_DOCUMENTS = 64
+MAX_DOCUMENT_CHARS = 20_000
+ANSWER_MAX_CHARS = 600
+STAGES = ("tokenize", "embed", "search", "rerank", "generate")
+
+
+@dataclasses.dataclass
+class Context:
+    """One context shown to the generator. ``id`` is its label in the prompt and in citations (ctx-1, ctx-2,
+    … in final order): labels that depend only on the count keep the answer schema — and so the compiled
+    grammar — the same across requests, and the generator cannot tell chunk ids apart anyway."""
+    text: str
+    doc_id: str
+    chunk_id: str
+    score: float                      # retrieval score (cosine); caller documents: 0
+    rerank_score: Optional[float] = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+    id: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RagRequest:
+    query: str
+    task: str = "answer"
+    schema: Optional[dict] = None     # the caller's JSON Schema (generate_json; optional for answer)
+    documents: Optional[list] = None  # caller-supplied contexts: the index is bypassed
+    top_k: int = 8
+    top_n: int = 3
+    max_tokens: Optional[int] = None  # None: the task policy's
+    collection: str = "default"
+
+
+@dataclasses.dataclass
+class TaskPolicy:
+    temperature: float
+    top_p: float = 1.0
+    max_tokens: int = 256
+
+
+DEFAULT_POLICIES = {
+    "answer": TaskPolicy(0.0, 1.0, 256),
+    "generate_json": TaskPolicy(0.0, 1.0, 256),
+    "rank_candidates": TaskPolicy(0.0, 1.0, 128),
+    "judge": TaskPolicy(0.1, 0.9, 128),
+}
+
+
+def parse_documents(values) -> list:
+    """Caller documents: each a plain string, or a JSON object {"id", "text", "metadata"}."""
+    if len(values) > MAX_DOCUMENTS:
+        raise InvalidInput(f"at most {MAX_DOCUMENTS} documents per request, got {len(values)}")
+    docs = []
+    for i, value in enumerate(values):
+        doc = {"id": f"doc-{i + 1}", "text": value, "metadata": {}}
+        stripped = value.strip()
+        if stripped.startswith("{"):
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                raise InvalidInput(f"documents[{i}] looks like JSON but does not parse: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InvalidInput(f"documents[{i}] as JSON must be an object with a string 'text'")
+            doc = {"id": str(obj.get("id") or doc["id"]), "text": obj["text"], "metadata": obj.get("metadata") or {}}
+        if not doc["text"].strip():
+            raise InvalidInput(f"documents[{i}] is empty")
+        if len(doc["text"]) > MAX_DOCUMENT_CHARS:
+            raise InvalidInput(f"documents[{i}] is {len(doc['text'])} characters; the limit is "
+                               f"{MAX_DOCUMENT_CHARS} (ingest long documents instead: they are chunked)")
+        docs.append(doc)
+    ids = [d["id"] for d in docs]
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("documents have duplicate ids")
+    return docs
+
+
+def parse_schema(text: Optional[str]) -> Optional[dict]:
+    if text is None or not text.strip():
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(schema, dict):
+        raise InvalidInput("schema must be a JSON object (a JSON Schema)")
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise InvalidInput(f"schema is not a valid JSON Schema: {e.message}") from None
+    return schema
+
+
+def validate_request(req: RagRequest, max_tokens_limit: int) -> RagRequest:
+    if not isinstance(req.query, str) or not req.query.strip():
+        raise InvalidInput("query is empty")
+    if req.task not in TASKS:
+        raise InvalidInput(f"unknown task {req.task!r}; expected one of {', '.join(TASKS)}")
+    if not 1 <= req.top_k <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {req.top_k}")
+    if not 1 <= req.top_n <= req.top_k:
+        raise InvalidInput(f"top_n must be between 1 and top_k ({req.top_k}), got {req.top_n}")
+    if req.max_tokens is not None and not 1 <= req.max_tokens <= max_tokens_limit:
+        raise InvalidInput(f"max_tokens must be between 1 and {max_tokens_limit}, got {req.max_tokens}")
+    if req.task == "generate_json" and req.schema is None:
+        raise InvalidInput("task generate_json needs a schema")
+    if req.task == "rank_candidates" and not req.documents:
+        raise InvalidInput("task rank_candidates needs caller-supplied documents (the candidates)")
+    return req
+
+
+def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict]) -> dict:
+    """The JSON Schema the answer is decoded under. Citations are an enum of the given context ids, so the
+    model cannot cite a context it was not shown; strings are bounded so decoding always terminates."""
+    if caller_schema is not None:
+        return caller_schema
+    cite = {"type": "array", "items": {"enum": context_ids}, "maxItems": max(1, len(context_ids))}
+    if task == "rank_candidates":
+        return {"type": "object", "properties": {"ranking": {**cite, "minItems": 1}},
+                "required": ["ranking"], "additionalProperties": False}
+    if task == "judge":
+        return {"type": "object", "properties": {
+            "verdict": {"enum": ["supported", "not_supported", "partially_supported"]},
+            "reason": {"type": "string", "maxLength": 300}, "citations": cite},
+            "required": ["verdict", "reason", "citations"], "additionalProperties": False}
+    return {"type": "object", "properties": {
+        "answer": {"type": "string", "maxLength": ANSWER_MAX_CHARS}, "citations": cite},
+        "required": ["answer", "citations"], "additionalProperties": False}
+
+
+INSTRUCTIONS = {
+    "answer": "Answer the question using only the numbered contexts. Reply with JSON: \"answer\" (a short "
+              "answer) and \"citations\" (the ids of the contexts you used).",
+    "generate_json": "Using the numbered contexts, produce JSON that follows the required schema.",
+    "rank_candidates": "Rank the candidate contexts from most to least relevant to the question. Reply with "
+                       "JSON: \"ranking\" (context ids, best first).",
+    "judge": "Judge whether the contexts support an answer to the question. Reply with JSON: \"verdict\", "
+             "\"reason\" and \"citations\".",
+}
+
+
+def build_prompt(task: str, query: str, contexts: list) -> tuple:
+    """(system, user) messages: numbered contexts, then the question."""
+    blocks = "\n\n".join(f"[{c.id}] {c.text}" for c in contexts)
+    user = f"Contexts:\n{blocks}\n\nQuestion: {query}" if contexts else f"Question: {query}"
+    return INSTRUCTIONS[task], user
+
+
+def check_answer(text: str, schema: dict, finish_reason: str, context_ids: list) -> dict:
+    import jsonschema
+
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        if finish_reason == "length":
+            raise InvalidInput("the answer hit max_tokens before its JSON was complete; raise max_tokens") from None
+        raise RuntimeError(f"guided generation returned text that is not JSON: {text[:200]!r}") from None
+    try:
+        jsonschema.validate(answer, schema)
+    except jsonschema.ValidationError as e:
+        raise RuntimeError(f"guided generation returned JSON that breaks the schema: {e.message}") from None
+    cited = answer.get("citations", []) if isinstance(answer, dict) else []
+    unknown = [c for c in cited if c not in context_ids] if isinstance(cited, list) else []
+    if unknown:
+        raise RuntimeError(f"answer cites unknown contexts {unknown}")
+    return answer
+
+
+@dataclasses.dataclass
+class Engines:
+    """The stage callables. Each takes plain values and returns plain values."""
+    embed_query: Callable          # (query, timer) -> (vector, n_tokens)
+    search: Callable               # (collection, vector, top_k) -> [Context]
+    rerank: Callable               # (query, [text], timer) -> [score]
+    generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
+
+
+@dataclasses.dataclass
+class RagResult:
+    answer: dict
+    contexts: list
+    usage: dict
+
+    def outputs(self) -> dict:
+        return {"answer": json.dumps(self.answer, ensure_ascii=False),
+                "contexts": json.dumps([c.as_dict() for c in self.contexts], ensure_ascii=False),
+                "usage": json.dumps(self.usage)}
+
+
+class Timer:
+    """Per-stage wall time in ms. Spans nest; a stage's time excludes the stages nested inside it, so the
+    stages add up to the time spent in them (tokenization inside the embed step counts as tokenize)."""
+
+    def __init__(self):
+        self.ms = {s: 0.0 for s in STAGES}
+        self._stack = []
+
+    def stage(self, name):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                self.children = 0.0
+                timer._stack.append(self)
+
+            def __exit__(self, *exc):
+                timer._stack.pop()
+                elapsed = (time.perf_counter() - self.t0) * 1000.0
+                timer.ms[name] += elapsed - self.children
+                if timer._stack:
+                    timer._stack[-1].children += elapsed
+        return _Span()
+
+
+def run(req: RagRequest, engines: Engines, policies: dict = DEFAULT_POLICIES, on_delta=None,
+        schema_id: Callable = None) -> RagResult:
+    """One request through the pipeline. Raises InvalidInput for anything the caller must fix."""
+    t0 = time.perf_counter()
+    timer = Timer()
+    policy = policies[req.task]
+    if req.documents:
+        contexts = [Context(text=d["text"], doc_id=d["id"], chunk_id=d["id"], score=0.0, metadata=d["metadata"])
+                    for d in req.documents]
+        n_query_tokens = 0
+    else:
+        with timer.stage("embed"):
+            vector, n_query_tokens = engines.embed_query(req.query, timer)
+        with timer.stage("search"):
+            contexts = engines.search(req.collection, vector, req.top_k)
+    if contexts:
+        with timer.stage("rerank"):
+            scores = engines.rerank(req.query, [c.text for c in contexts], timer)
+        for c, s in zip(contexts, scores):
+            c.rerank_score = float(s)
+        # Stable sort: equal rerank scores keep the retrieval order.
+        contexts = sorted(contexts, key=lambda c: -c.rerank_score)
+        if req.task != "rank_candidates":
+            contexts = contexts[:req.top_n]
+    for i, c in enumerate(contexts, 1):
+        c.id = f"ctx-{i}"
+    context_ids = [c.id for c in contexts]
+    schema = answer_schema(req.task, context_ids, req.schema)
+    system, user = build_prompt(req.task, req.query, contexts)
+    max_tokens = req.max_tokens or policy.max_tokens
+    with timer.stage("generate"):
+        gen = engines.generate(system, user, schema, policy, max_tokens, on_delta, timer)
+    answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
+    usage = {
+        "task": req.task,
+        "tokens_in": gen["num_input_tokens"], "tokens_out": gen["num_output_tokens"],
+        "query_tokens": n_query_tokens,
+        "finish_reason": gen["finish_reason"],
+        "timings_ms": {**{k: round(v, 3) for k, v in timer.ms.items()},
+                       "total": round((time.perf_counter() - t0) * 1000.0, 3)},
+        "schema_id": schema_id(schema) if schema_id else None,
+        "contexts": len(contexts),
+    }
+    return RagResult(answer=answer, contexts=contexts, usage=usage)

@@ -1,0 +1,40 @@
+"""Every config.pbtxt is generated from ragstack/contracts.py and parses as Triton's ModelConfig."""
+import pytest
+
+from ragstack import contracts
+from ragstack.model_config import BLS, PROFILES, parse, render, targets
+from ragstack.server import ROOT
+
+
+def test_committed_configs_match_the_contracts():
+    stale = [str(p.relative_to(ROOT)) for p, text in targets(ROOT).items()
+             if not p.exists() or p.read_text() != text]
+    assert not stale, f"regenerate with tools/gen_model_configs.py: {stale}"
+
+
+@pytest.mark.parametrize("path", sorted(targets(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_parses_as_model_config(path):
+    cfg = parse(path.read_text())
+    contract = contracts.ALL[cfg.name]
+    assert [i.name for i in cfg.input] == [t.name for t in contract.inputs]
+    assert [o.name for o in cfg.output] == [t.name for t in contract.outputs]
+    assert cfg.max_batch_size == contract.max_batch_size
+    assert cfg.model_transaction_policy.decoupled == contract.decoupled
+
+
+def test_dynamic_batching_presets_of_spec_002():
+    ref = {d.contract.name: parse(render(d)) for d in PROFILES["reference"]}
+    assert list(ref["embed"].dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert 2000 <= ref["embed"].dynamic_batching.max_queue_delay_microseconds <= 5000
+    assert list(ref["rerank"].dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert ref["rerank"].dynamic_batching.max_queue_delay_microseconds == 5000
+
+
+def test_batching_needs_a_batch_dimension():
+    import dataclasses
+
+    from ragstack.model_config import Batching
+
+    unbatched = dataclasses.replace(BLS[1], batching=Batching((2,), 100))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        render(unbatched)

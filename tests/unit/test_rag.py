@@ -1,0 +1,134 @@
+"""The RAG pipeline core with in-test engines: validation, ordering, schema, citations, timings."""
+import json
+import time
+
+import pytest
+
+from ragstack import rag
+from ragstack.errors import InvalidInput
+
+
+def fake_engines(hits, rerank_scores, reply):
+    calls = {}
+
+    def embed_query(query, timer):
+        with timer.stage("tokenize"):
+            time.sleep(0.002)
+        return [1.0, 0.0], 5
+
+    def search(collection, vector, top_k):
+        calls["search"] = (collection, top_k)
+        return [rag.Context(text=t, doc_id=f"d{i}", chunk_id=f"d{i}#0", score=s)
+                for i, (t, s) in enumerate(hits)][:top_k]
+
+    def rerank(query, texts, timer):
+        calls["rerank"] = texts
+        return rerank_scores[:len(texts)]
+
+    def generate(system, user, schema, policy, max_tokens, on_delta, timer):
+        calls["generate"] = dict(system=system, user=user, schema=schema, policy=policy, max_tokens=max_tokens)
+        text = reply(schema) if callable(reply) else reply
+        if on_delta:
+            on_delta(text)
+        return {"text": text, "finish_reason": "stop", "num_input_tokens": 42, "num_output_tokens": 7}
+    return rag.Engines(embed_query, search, rerank, generate), calls
+
+
+HITS = [("alpha", 0.9), ("beta", 0.8), ("gamma", 0.7), ("delta", 0.6)]
+
+
+def test_rerank_reorders_and_top_n_trims_and_citations_are_enumerated():
+    engines, calls = fake_engines(HITS, [0.1, 0.9, 0.5, 0.2],
+                                  lambda schema: json.dumps({"answer": "b", "citations": ["ctx-1"]}))
+    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=2), engines)
+    assert [c.chunk_id for c in result.contexts] == ["d1#0", "d2#0"]
+    assert [c.id for c in result.contexts] == ["ctx-1", "ctx-2"]
+    schema = calls["generate"]["schema"]
+    assert schema["properties"]["citations"]["items"]["enum"] == ["ctx-1", "ctx-2"]
+    assert "[ctx-1] beta" in calls["generate"]["user"] and "alpha" not in calls["generate"]["user"]
+    assert result.answer == {"answer": "b", "citations": ["ctx-1"]}
+    usage = result.usage
+    assert usage["tokens_in"] == 42 and usage["tokens_out"] == 7 and usage["query_tokens"] == 5
+    assert set(usage["timings_ms"]) == {*rag.STAGES, "total"}
+    assert usage["timings_ms"]["tokenize"] >= 2.0                       # nested inside embed, counted once
+    assert sum(usage["timings_ms"][s] for s in rag.STAGES) <= usage["timings_ms"]["total"] + 0.01
+
+
+def test_equal_rerank_scores_keep_retrieval_order():
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=4), engines)
+    assert [c.text for c in result.contexts] == ["alpha", "beta", "gamma", "delta"]
+
+
+def test_caller_documents_bypass_the_index():
+    engines, calls = fake_engines([], [0.2, 0.8], json.dumps({"answer": "x", "citations": ["ctx-1"]}))
+    docs = rag.parse_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
+    result = rag.run(rag.RagRequest(query="q", documents=docs, top_n=1), engines)
+    assert "search" not in calls and [c.doc_id for c in result.contexts] == ["b"]
+
+
+def test_citation_outside_the_contexts_is_refused():
+    engines, _ = fake_engines(HITS, [0.9, 0.1], json.dumps({"answer": "a", "citations": ["nope"]}))
+    with pytest.raises(RuntimeError):
+        rag.run(rag.RagRequest(query="q", top_k=2, top_n=1), engines)
+
+
+def test_truncated_json_at_token_cap_is_reported_as_such():
+    with pytest.raises(InvalidInput, match="max_tokens"):
+        rag.check_answer('{"answer": "abc', {"type": "object"}, "length", [])
+
+
+@pytest.mark.parametrize("task, policy", [("generate_json", (0.0, 1.0)), ("rank_candidates", (0.0, 1.0)),
+                                          ("judge", (0.1, 0.9)), ("answer", (0.0, 1.0))])
+def test_task_policies_reach_the_generator(task, policy):
+    docs = rag.parse_documents(["one", "two"])
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+    def reply(s):
+        return json.dumps({"generate_json": {"x": 1}, "rank_candidates": {"ranking": ["ctx-1", "ctx-2"]},
+                           "judge": {"verdict": "supported", "reason": "r", "citations": ["ctx-1"]},
+                           "answer": {"answer": "a", "citations": []}}[task])
+    engines, calls = fake_engines([], [0.3, 0.6], reply)
+    req = rag.RagRequest(query="q", task=task, documents=docs, schema=schema if task == "generate_json" else None)
+    rag.run(rag.validate_request(req, 2048), engines)
+    p = calls["generate"]["policy"]
+    assert (p.temperature, p.top_p) == policy
+    if task == "rank_candidates":                     # every candidate is ranked, not only top_n
+        assert calls["generate"]["schema"]["properties"]["ranking"]["items"]["enum"] == ["ctx-1", "ctx-2"]
+        assert "[ctx-1] two" in calls["generate"]["user"]             # the higher rerank score comes first
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(query="  "), "query is empty"),
+    (dict(query="q", task="poem"), "unknown task"),
+    (dict(query="q", top_k=0), "top_k"),
+    (dict(query="q", top_k=101), "top_k"),
+    (dict(query="q", top_k=3, top_n=4), "top_n"),
+    (dict(query="q", max_tokens=0), "max_tokens"),
+    (dict(query="q", task="generate_json"), "needs a schema"),
+    (dict(query="q", task="rank_candidates"), "needs caller-supplied documents"),
+])
+def test_bad_requests(kwargs, message):
+    with pytest.raises(InvalidInput, match=message):
+        rag.validate_request(rag.RagRequest(**kwargs), 2048)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
+    ('{"type": "nonsense"}', "not a valid JSON Schema"),
+])
+def test_bad_schemas(text, message):
+    with pytest.raises(InvalidInput, match=message):
+        rag.parse_schema(text)
+
+
+@pytest.mark.parametrize("docs, message", [
+    (["ok", " "], r"documents\[1\] is empty"),
+    (['{"id": "a"}'], "string 'text'"),
+    (['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'], "duplicate ids"),
+    (["x" * (rag.MAX_DOCUMENT_CHARS + 1)], "characters; the limit"),
+    (["{broken"], "does not parse"),
+])
+def test_bad_documents(docs, message):
+    with pytest.raises(InvalidInput, match=message):
+        rag.parse_documents(docs)

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Talk to the RAG endpoint of a running server (tools/serve_triton.sh).
+
+  tools/rag_client.py ingest data/corpus [--collection default]        # every .md / .txt file in the folder
+  tools/rag_client.py delete DOC_ID [DOC_ID ...]
+  tools/rag_client.py ask "How long is an on-call shift?" [--task answer] [--schema FILE] [--stream] [--grpc]
+  tools/rag_client.py ask "..." --document "caller text" --document "another"   # bypass the index
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _bytes(values):
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+def _client(args):
+    if args.grpc:
+        import tritonclient.grpc as mod
+        return mod, mod.InferenceServerClient(args.grpc_url)
+    import tritonclient.http as mod
+    return mod, mod.InferenceServerClient(args.url, network_timeout=600, connection_timeout=600)
+
+
+def _inputs(mod, arrays: dict):
+    out = []
+    for name, arr in arrays.items():
+        dtype = {np.dtype(np.int32): "INT32"}.get(arr.dtype, "BYTES")
+        t = mod.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+def ingest(args) -> int:
+    mod, client = _client(args)
+    paths = []
+    for p in map(Path, args.paths):
+        paths += sorted(x for x in p.rglob("*") if x.suffix in (".md", ".txt")) if p.is_dir() else [p]
+    if not paths:
+        print("no .md/.txt files found", file=sys.stderr)
+        return 2
+    total = 0
+    for i, path in enumerate(paths, 1):   # one document per request: progress shows, a failure names its file
+        arrays = {"doc_ids": _bytes([path.stem]), "texts": _bytes([path.read_text(encoding="utf-8")]),
+                  "metadata": _bytes([json.dumps({"source": str(path), "title": path.stem})]),
+                  "collection": _bytes([args.collection])}
+        report = json.loads(client.infer("ingest", _inputs(mod, arrays)).as_numpy("report")[0])
+        doc = report["documents"][0]
+        total += doc["chunks"]
+        print(f"[ingest {i}/{len(paths)}] {path.name}: {doc['status']}, {doc['chunks']} chunks", file=sys.stderr)
+    print(f"[ingest] {len(paths)} documents, {total} chunks in collection {args.collection!r}", file=sys.stderr)
+    return 0
+
+
+def delete(args) -> int:
+    mod, client = _client(args)
+    arrays = {"doc_ids": _bytes(args.doc_ids), "op": _bytes(["delete"]), "collection": _bytes([args.collection])}
+    print(client.infer("ingest", _inputs(mod, arrays)).as_numpy("report")[0].decode())
+    return 0
+
+
+def ask(args) -> int:
+    mod, client = _client(args)
+    arrays = {"query": _bytes([args.question]), "task": _bytes([args.task]), "collection": _bytes([args.collection]),
+              "top_k": np.array([args.top_k], np.int32), "top_n": np.array([args.top_n], np.int32)}
+    if args.schema:
+        arrays["schema"] = _bytes([Path(args.schema).read_text()])
+    if args.max_tokens:
+        arrays["max_tokens"] = np.array([args.max_tokens], np.int32)
+    # rag batches requests: every input gets a leading batch dimension of 1.
+    arrays = {k: v.reshape(1, -1) for k, v in arrays.items()}
+    if args.document:
+        arrays["documents"] = _bytes(args.document).reshape(1, -1)
+    if args.stream:
+        return _ask_stream(args, arrays)
+    result = client.infer("rag", _inputs(mod, arrays))
+    out = {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _ask_stream(args, arrays) -> int:
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(args.grpc_url)
+    responses = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("rag_stream", _inputs(grpcclient, arrays))
+    try:
+        while True:
+            result, error = responses.get(timeout=600)
+            if error is not None:
+                print(f"\nerror: {error}", file=sys.stderr)
+                return 1
+            usage = result.as_numpy("usage")
+            if usage is None:
+                sys.stdout.write(result.as_numpy("answer").reshape(-1)[0].decode())
+                sys.stdout.flush()
+                continue
+            out = {n: json.loads(result.as_numpy(n).reshape(-1)[0]) for n in ("answer", "contexts", "usage")}
+            print("\n" + json.dumps(out, indent=2, ensure_ascii=False))
+            return 0
+    finally:
+        client.stop_stream()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="localhost:8000", help="HTTP endpoint")
+    ap.add_argument("--grpc-url", default="localhost:8001")
+    ap.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    ap.add_argument("--collection", default="default")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ingest")
+    p.add_argument("paths", nargs="+")
+    p = sub.add_parser("delete")
+    p.add_argument("doc_ids", nargs="+")
+    p = sub.add_parser("ask")
+    p.add_argument("question")
+    p.add_argument("--task", default="answer", choices=["answer", "generate_json", "rank_candidates", "judge"])
+    p.add_argument("--schema", help="a JSON Schema file for the answer")
+    p.add_argument("--document", action="append", help="a caller document (repeat); bypasses the index")
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--top-n", type=int, default=3)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--stream", action="store_true", help="stream the answer's tokens (gRPC, rag_stream)")
+    args = ap.parse_args()
+    return {"ingest": ingest, "delete": delete, "ask": ask}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
