@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine of the project's kind (Debian 12, Python 3.11, no GPU) for the reference profile.
 # Safe to re-run: every step checks before it acts.
-#   - Debian packages: libpython3.11 (the Triton stub links it), python3.11-venv, libb64-0d (perf_analyzer)
+#   - Debian packages: libpython3.11 (the Triton stub links it), python3.11-venv, libb64-0d (perf_analyzer),
+#     prometheus (promtool, for the alert-rule tests)
 #   - .venv made with Debian's python3.11 (the Triton Python stub embeds that interpreter)
 #   - Python requirements (requirements.txt, requirements-nodeps.txt)
 #   - .triton/: tritonserver 2.51 binary + Python backend + stub, laid out as a backend directory
@@ -12,14 +13,14 @@ TRITON_HOME="${TRITON_HOME:-$ROOT/.triton}"
 log() { printf '[setup] %s\n' "$*"; }
 
 need_debs=()
-for pkg in libpython3.11 python3.11-venv libb64-0d; do
+for pkg in libpython3.11 python3.11-venv libb64-0d prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then
   log "installing Debian packages: ${need_debs[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_debs[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_debs[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -51,4 +52,5 @@ if [ ! -x "$TRITON_HOME/bin/tritonserver" ] || [ "$PT/bin/tritonserver" -nt "$TR
   cp "$PT/caches/local/libtritoncache_local.so" "$TRITON_HOME/caches/local/"
   ln -sfn "$SITE/nvidia_pytriton.libs" "$TRITON_HOME/lib"
 fi
-log "ready: $("$TRITON_HOME/bin/tritonserver" --version 2>/dev/null | head -1 || echo tritonserver) in $TRITON_HOME, venv $VENV"
+"${PIP[@]}" install --no-deps --no-build-isolation -q -e "$ROOT"   # the ragstack package, for the Triton stubs
+log "ready: tritonserver 2.51 in $TRITON_HOME, venv $VENV"

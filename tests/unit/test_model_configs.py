@@ -19,7 +19,12 @@ def test_config_parses_as_model_config(path):
     assert [i.name for i in cfg.input] == [t.name for t in contract.inputs]
     assert [o.name for o in cfg.output] == [t.name for t in contract.outputs]
     assert cfg.max_batch_size == contract.max_batch_size
-    assert cfg.model_transaction_policy.decoupled == contract.decoupled
+    if cfg.platform == "ensemble":                  # decoupled-ness comes from the step it runs
+        step = cfg.ensemble_scheduling.step[0]
+        assert contracts.ENSEMBLES[cfg.name][1].name == step.model_name
+        assert dict(step.input_map) == {t.name: t.name for t in contract.inputs}
+    else:
+        assert cfg.model_transaction_policy.decoupled == contract.decoupled
 
 
 def test_dynamic_batching_presets_of_spec_002():
