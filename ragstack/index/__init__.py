@@ -1,0 +1,9 @@
+"""Document store for retrieval: the :class:`VectorStore` interface and its default, :class:`FlatFileStore`.
+
+Pure Python and numpy (no Triton import), so ingestion tools and tests use it directly and the Triton model
+that owns the store only wires it up.
+"""
+from ragstack.index.base import COLLECTION_NAME, VectorStore
+from ragstack.index.flatfile import FlatFileStore
+
+__all__ = ["COLLECTION_NAME", "FlatFileStore", "VectorStore"]
