@@ -7,7 +7,7 @@ import numpy as np
 
 from ragstack.errors import InvalidInput
 
-OPS = ("search", "upsert", "delete", "stats", "collections")
+OPS = ("search", "upsert", "delete", "get", "stats", "collections")
 
 
 def handle(store, op: str, collection: str, *, query_vector: Optional[np.ndarray] = None,
@@ -25,6 +25,13 @@ def handle(store, op: str, collection: str, *, query_vector: Optional[np.ndarray
         if payload is None or "doc_id" not in payload:
             raise InvalidInput("delete needs payload.doc_id")
         return {"removed": store.delete(collection, payload["doc_id"])}
+    if op == "get":
+        if payload is None or "doc_id" not in payload:
+            raise InvalidInput("get needs payload.doc_id")
+        if collection not in store.collections():
+            return {"document": None}
+        doc = store.get(collection, payload["doc_id"])
+        return {"document": None if doc is None else {"content_hash": doc["content_hash"], "chunks": len(doc["chunks"])}}
     if op == "stats":
         return store.stats(collection)
     if op == "collections":

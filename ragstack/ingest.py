@@ -25,9 +25,10 @@ class Document:
     text: Optional[str]
     metadata: dict
 
-    @property
-    def content_hash(self) -> str:
-        body = json.dumps({"text": self.text, "metadata": self.metadata}, sort_keys=True, ensure_ascii=False)
+    def content_hash(self, settings: dict) -> str:
+        """Covers everything that shapes the stored chunks: text, metadata, chunking and embedder settings."""
+        body = json.dumps({"text": self.text, "metadata": self.metadata, "settings": settings}, sort_keys=True,
+                          ensure_ascii=False)
         return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
@@ -70,9 +71,10 @@ def parse_documents(op: str, doc_ids: list, texts: Optional[list], metadata: Opt
 
 
 def ingest(op: str, collection: str, docs: list, *, chunk: Callable, embed: Callable, index: Callable,
-           progress: Optional[Callable] = None) -> dict:
+           settings: dict, progress: Optional[Callable] = None) -> dict:
     """Apply ``op`` to ``docs``. ``chunk(text) -> [Chunk]``; ``embed([text]) -> [n, dim]``;
-    ``index(op, payload, vectors) -> dict``. Each document is acknowledged only once the index has stored it."""
+    ``index(op, payload, vectors) -> dict``. Each document is acknowledged only once the index has stored it;
+    a document whose content hash (text, metadata, ``settings``) is already stored is not embedded again."""
     report = []
     for n, doc in enumerate(docs, 1):
         if op == "delete":
@@ -80,12 +82,17 @@ def ingest(op: str, collection: str, docs: list, *, chunk: Callable, embed: Call
             report.append({"doc_id": doc.doc_id, "status": "deleted" if result.get("removed") else "not_found",
                            "chunks": int(result.get("removed", 0))})
         else:
-            chunks = chunk(doc.text)
-            vectors = embed([c.text for c in chunks])
-            payload = {"doc_id": doc.doc_id, "content_hash": doc.content_hash, "doc_metadata": doc.metadata,
-                       "chunks": [{"text": c.text, "metadata": c.metadata} for c in chunks]}
-            result = index("upsert", payload, vectors)
-            report.append({"doc_id": doc.doc_id, "status": result.get("status", "stored"), "chunks": len(chunks)})
+            content_hash = doc.content_hash(settings)
+            stored = index("get", {"doc_id": doc.doc_id}, None).get("document")
+            if stored is not None and stored["content_hash"] == content_hash:
+                report.append({"doc_id": doc.doc_id, "status": "unchanged", "chunks": stored["chunks"]})
+            else:
+                chunks = chunk(doc.text)
+                vectors = embed([c.text for c in chunks])
+                payload = {"doc_id": doc.doc_id, "content_hash": content_hash, "doc_metadata": doc.metadata,
+                           "chunks": [c.to_dict() for c in chunks]}
+                result = index("upsert", payload, vectors)
+                report.append({"doc_id": doc.doc_id, "status": result["status"], "chunks": len(chunks)})
         if progress is not None:
             progress(f"{op} {n}/{len(docs)} {doc.doc_id}: {report[-1]['status']}, {report[-1]['chunks']} chunks")
     return {"collection": collection, "op": op, "documents": report}

@@ -18,6 +18,7 @@ import numpy as np
 from ragstack import bls, contracts, rag
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
+from ragstack.policy import RuntimePolicy
 from ragstack.text import EmbedTokenizer, RerankTokenizer
 
 C = contracts.RAG_ORCHESTRATOR
@@ -40,7 +41,7 @@ class OrchestratorModel:
         tokenizer_dir = os.environ.get(ta.TOKENIZER_DIR_ENV)
         self.gen_tok = GeneratorTokenizer(ta.resolve_engine_dir(params["generate_dir"]),
                                           Path(tokenizer_dir) if tokenizer_dir else None)
-        self.max_tokens_limit = self.gen_tok.spec.max_seq_len
+        self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "16")),
                                        thread_name_prefix="rag")
 
@@ -60,7 +61,7 @@ class OrchestratorModel:
     def _respond(self, request):
         pb = self.pb
         try:
-            result = rag.run(self._parse(request), self._engines(request))
+            result = rag.run(self._parse(request), self._engines(request), self.policy)
             return pb.InferenceResponse(output_tensors=self._outputs(result.outputs()))
         except Exception as e:  # noqa: BLE001 - every failure is this request's error response
             return ta.error_response(pb, e)
@@ -71,7 +72,7 @@ class OrchestratorModel:
         try:
             def on_delta(text):
                 sender.send(pb.InferenceResponse(output_tensors=self._outputs({"answer": text})))
-            result = rag.run(self._parse(request), self._engines(request), on_delta=on_delta)
+            result = rag.run(self._parse(request), self._engines(request), self.policy, on_delta=on_delta)
             sender.send(pb.InferenceResponse(output_tensors=self._outputs(result.outputs())), flags=final)
         except Exception as e:  # noqa: BLE001
             sender.send(ta.error_response(pb, e), flags=final)
@@ -95,7 +96,7 @@ class OrchestratorModel:
             documents=rag.parse_documents(documents) if documents else None,
             top_k=integer("top_k"), top_n=integer("top_n"), max_tokens=integer("max_tokens"),
             collection=string("collection"))
-        return rag.validate_request(req, self.max_tokens_limit)
+        return rag.validate_request(req)
 
     def _engines(self, request) -> rag.Engines:
         pb = self.pb
@@ -124,4 +125,8 @@ class OrchestratorModel:
                                 guide=json.dumps(schema), on_delta=on_delta, is_cancelled=request.is_cancelled,
                                 timer=timer)
 
-        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate)
+        def count_tokens(system, user):
+            return len(self.gen_tok.prompt_ids(user, system or None))
+
+        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
+                           count_tokens=count_tokens)

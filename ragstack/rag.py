@@ -35,7 +35,8 @@ class Context:
     id: str = ""
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {"id": d.pop("id"), **d}
 
 
 @dataclasses.dataclass
@@ -48,21 +49,6 @@ class RagRequest:
     top_n: int = 3
     max_tokens: Optional[int] = None  # None: the task policy's
     collection: str = "default"
-
-
-@dataclasses.dataclass
-class TaskPolicy:
-    temperature: float
-    top_p: float = 1.0
-    max_tokens: int = 256
-
-
-DEFAULT_POLICIES = {
-    "answer": TaskPolicy(0.0, 1.0, 256),
-    "generate_json": TaskPolicy(0.0, 1.0, 256),
-    "rank_candidates": TaskPolicy(0.0, 1.0, 128),
-    "judge": TaskPolicy(0.1, 0.9, 128),
-}
 
 
 def parse_documents(values) -> list:
@@ -111,7 +97,8 @@ def parse_schema(text: Optional[str]) -> Optional[dict]:
     return schema
 
 
-def validate_request(req: RagRequest, max_tokens_limit: int) -> RagRequest:
+def validate_request(req: RagRequest) -> RagRequest:
+    """What the pipeline itself needs; sampling limits (max_tokens per task) are the policy's to check."""
     if not isinstance(req.query, str) or not req.query.strip():
         raise InvalidInput("query is empty")
     if req.task not in TASKS:
@@ -120,8 +107,6 @@ def validate_request(req: RagRequest, max_tokens_limit: int) -> RagRequest:
         raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {req.top_k}")
     if not 1 <= req.top_n <= req.top_k:
         raise InvalidInput(f"top_n must be between 1 and top_k ({req.top_k}), got {req.top_n}")
-    if req.max_tokens is not None and not 1 <= req.max_tokens <= max_tokens_limit:
-        raise InvalidInput(f"max_tokens must be between 1 and {max_tokens_limit}, got {req.max_tokens}")
     if req.task == "generate_json" and req.schema is None:
         raise InvalidInput("task generate_json needs a schema")
     if req.task == "rank_candidates" and not req.documents:
@@ -129,11 +114,19 @@ def validate_request(req: RagRequest, max_tokens_limit: int) -> RagRequest:
     return req
 
 
-def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict]) -> dict:
+def text_budget(max_tokens: int, n_contexts: int) -> int:
+    """Characters allowed in the answer's free-text field: what fits in max_tokens at one character per token
+    after the JSON around it (about 24 tokens) and the citations (about 8 per context), capped at
+    ANSWER_MAX_CHARS. Text that packs fewer characters into a token can still run out; that is reported."""
+    return max(16, min(ANSWER_MAX_CHARS, max_tokens - 24 - 8 * n_contexts))
+
+
+def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], max_tokens: int = 256) -> dict:
     """The JSON Schema the answer is decoded under. Citations are an enum of the given context ids, so the
-    model cannot cite a context it was not shown; strings are bounded so decoding always terminates."""
+    model cannot cite a context it was not shown; strings are bounded so decoding terminates within budget."""
     if caller_schema is not None:
         return caller_schema
+    chars = text_budget(max_tokens, len(context_ids))
     cite = {"type": "array", "items": {"enum": context_ids}, "maxItems": max(1, len(context_ids))}
     if task == "rank_candidates":
         return {"type": "object", "properties": {"ranking": {**cite, "minItems": 1}},
@@ -141,10 +134,10 @@ def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict]) -
     if task == "judge":
         return {"type": "object", "properties": {
             "verdict": {"enum": ["supported", "not_supported", "partially_supported"]},
-            "reason": {"type": "string", "maxLength": 300}, "citations": cite},
+            "reason": {"type": "string", "maxLength": chars}, "citations": cite},
             "required": ["verdict", "reason", "citations"], "additionalProperties": False}
     return {"type": "object", "properties": {
-        "answer": {"type": "string", "maxLength": ANSWER_MAX_CHARS}, "citations": cite},
+        "answer": {"type": "string", "maxLength": chars}, "citations": cite},
         "required": ["answer", "citations"], "additionalProperties": False}
 
 
@@ -193,6 +186,7 @@ class Engines:
     search: Callable               # (collection, vector, top_k) -> [Context]
     rerank: Callable               # (query, [text], timer) -> [score]
     generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
+    count_tokens: Callable         # (system, user) -> prompt tokens as the generator will see them
 
 
 @dataclasses.dataclass
@@ -233,12 +227,27 @@ class Timer:
         return _Span()
 
 
-def run(req: RagRequest, engines: Engines, policies: dict = DEFAULT_POLICIES, on_delta=None,
-        schema_id: Callable = None) -> RagResult:
-    """One request through the pipeline. Raises InvalidInput for anything the caller must fix."""
+def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy, max_tokens: int) -> list:
+    """Drop the lowest-ranked contexts that do not fit the prompt budget (prompt ≤ 4,096 and prompt +
+    completion ≤ 6,000 tokens under spec 004), then check the budget; an overrun left after trimming (a huge
+    query) raises the policy's BudgetError, flagged token_budget_overrun."""
+    system, bare = build_prompt(task, query, [])
+    fixed = engines.count_tokens(system, bare)
+    sizes = [engines.count_tokens("", f"[{c.id}] {c.text}\n\n") for c in contexts]
+    keep = policy.trim_contexts(sizes, fixed, max_tokens)
+    contexts = contexts[:keep]
+    policy.check_token_budget(engines.count_tokens(*build_prompt(task, query, contexts)), max_tokens)
+    return contexts
+
+
+def run(req: RagRequest, engines: Engines, policy, on_delta=None) -> RagResult:
+    """One request through the pipeline under ``policy`` (a :class:`ragstack.policy.RuntimePolicy`).
+    Raises InvalidInput for anything the caller must fix."""
+    from ragstack.policy import schema_id
+
     t0 = time.perf_counter()
     timer = Timer()
-    policy = policies[req.task]
+    task_policy = policy.task(req.task)
     if req.documents:
         contexts = [Context(text=d["text"], doc_id=d["id"], chunk_id=d["id"], score=0.0, metadata=d["metadata"])
                     for d in req.documents]
@@ -259,12 +268,14 @@ def run(req: RagRequest, engines: Engines, policies: dict = DEFAULT_POLICIES, on
             contexts = contexts[:req.top_n]
     for i, c in enumerate(contexts, 1):
         c.id = f"ctx-{i}"
+    max_tokens = task_policy.sampling(max_tokens=req.max_tokens)["max_tokens"]
+    with timer.stage("tokenize"):
+        contexts = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
     context_ids = [c.id for c in contexts]
-    schema = answer_schema(req.task, context_ids, req.schema)
+    schema = answer_schema(req.task, context_ids, req.schema, max_tokens)
     system, user = build_prompt(req.task, req.query, contexts)
-    max_tokens = req.max_tokens or policy.max_tokens
     with timer.stage("generate"):
-        gen = engines.generate(system, user, schema, policy, max_tokens, on_delta, timer)
+        gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer)
     answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
     usage = {
         "task": req.task,
@@ -273,7 +284,7 @@ def run(req: RagRequest, engines: Engines, policies: dict = DEFAULT_POLICIES, on
         "finish_reason": gen["finish_reason"],
         "timings_ms": {**{k: round(v, 3) for k, v in timer.ms.items()},
                        "total": round((time.perf_counter() - t0) * 1000.0, 3)},
-        "schema_id": schema_id(schema) if schema_id else None,
+        "schema_id": schema_id(schema),
         "contexts": len(contexts),
     }
     return RagResult(answer=answer, contexts=contexts, usage=usage)

@@ -22,6 +22,9 @@ log = logging.getLogger("ragstack")
 # Where relative engine_dir parameters point: the engines' folder (the reference profile's model set).
 ENGINE_PATH_ENV = "ENGINE_PATH"
 TOKENIZER_DIR_ENV = "TOKENIZER_DIR"
+# The runtime policy file (per-task sampling, budgets, thresholds).
+POLICY_FILE_ENV = "RAG_POLICY_FILE"
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "runtime_policy.json"
 # Where relative data folders (the vector index) live.
 DATA_PATH_ENV = "RAG_DATA_PATH"
 

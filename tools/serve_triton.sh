@@ -8,6 +8,7 @@
 #   ENGINE_PATH          engines folder (reference: a model set built by tools/build_models.py;
 #                        trtllm: the TensorRT-LLM engine directory)           [build/models/demo]
 #   RAG_DATA_PATH        data folder: the vector index lives in $RAG_DATA_PATH/index [build/data]
+#   RAG_POLICY_FILE      runtime policy (tasks, budgets, thresholds)            [config/runtime_policy.json]
 #   TOKENIZER_DIR        generator tokenizer folder for the BLS models        [the generate engine's own]
 #   TOKENIZER_INFO       xgrammar tokenizer info JSON (trtllm profile)        [unset]
 #   TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT                 [8000 / 8001 / 8002]
@@ -38,6 +39,7 @@ fi
 export ENGINE_PATH="$(abs "$ENGINE_PATH")"
 mkdir -p "${RAG_DATA_PATH:=$ROOT/build/data}"
 export RAG_DATA_PATH="$(abs "$RAG_DATA_PATH")"
+export RAG_POLICY_FILE="$(abs "${RAG_POLICY_FILE:-$ROOT/config/runtime_policy.json}")"
 [ -n "${TOKENIZER_DIR:-}" ] && export TOKENIZER_DIR="$(abs "$TOKENIZER_DIR")"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
 
@@ -61,6 +63,7 @@ if [ -n "${TRITON_IMAGE:-}" ]; then
     ${TOKENIZER_DIR:+-v "$TOKENIZER_DIR:/workspace/tokenizer:ro" -e TOKENIZER_DIR=/workspace/tokenizer} \
     ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer_info.json:ro" -e TOKENIZER_INFO=/workspace/tokenizer_info.json} \
     -v "$RAG_DATA_PATH:/workspace/data" -e RAG_DATA_PATH=/workspace/data \
+    -v "$RAG_POLICY_FILE:/workspace/runtime_policy.json:ro" -e RAG_POLICY_FILE=/workspace/runtime_policy.json \
     -e ENGINE_PATH=/workspace/engines \
     "$TRITON_IMAGE" tritonserver --model-repository=/models/bls --model-repository=/models/engines "${args[@]}" "$@"
 fi

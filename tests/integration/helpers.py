@@ -34,3 +34,48 @@ def is_invalid_arg(exc: InferenceServerException) -> bool:
     """HTTP 400 or gRPC INVALID_ARGUMENT: Triton's INVALID_ARG class."""
     status = str(exc.status() or "")
     return status in ("400", "StatusCode.INVALID_ARGUMENT") or "INVALID_ARG" in status
+
+
+def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None):
+    """All responses of one request over a gRPC stream, as [{output name: array}]; errors raise.
+    ``cancel_after``: stop (cancelling the request) after that many responses."""
+    import queue
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    responses = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, [make_input("grpc", k, v) for k, v in inputs.items()],
+                                  enable_empty_final_response=True)
+        out = []
+        while True:
+            result, error = responses.get(timeout=timeout)
+            if error is not None:
+                raise error
+            response = result.get_response()
+            arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+            if arrays:
+                out.append(arrays)
+            if response.parameters["triton_final_response"].bool_param:
+                return out
+            if cancel_after is not None and len(out) >= cancel_after:
+                client.stop_stream(cancel_requests=True)
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def generate_json(http_url, model, body: dict) -> tuple:
+    """POST /v2/models/{model}/generate: (status, parsed JSON)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

@@ -6,6 +6,10 @@ import pytest
 
 from ragstack import rag
 from ragstack.errors import InvalidInput
+from ragstack.policy import BudgetError, RuntimePolicy
+from ragstack.server import ROOT
+
+POLICY = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
 
 
 def fake_engines(hits, rerank_scores, reply):
@@ -31,7 +35,9 @@ def fake_engines(hits, rerank_scores, reply):
         if on_delta:
             on_delta(text)
         return {"text": text, "finish_reason": "stop", "num_input_tokens": 42, "num_output_tokens": 7}
-    return rag.Engines(embed_query, search, rerank, generate), calls
+    def count_tokens(system, user):
+        return len((system + user).split())
+    return rag.Engines(embed_query, search, rerank, generate, count_tokens), calls
 
 
 HITS = [("alpha", 0.9), ("beta", 0.8), ("gamma", 0.7), ("delta", 0.6)]
@@ -40,7 +46,7 @@ HITS = [("alpha", 0.9), ("beta", 0.8), ("gamma", 0.7), ("delta", 0.6)]
 def test_rerank_reorders_and_top_n_trims_and_citations_are_enumerated():
     engines, calls = fake_engines(HITS, [0.1, 0.9, 0.5, 0.2],
                                   lambda schema: json.dumps({"answer": "b", "citations": ["ctx-1"]}))
-    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=2), engines)
+    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=2), engines, POLICY)
     assert [c.chunk_id for c in result.contexts] == ["d1#0", "d2#0"]
     assert [c.id for c in result.contexts] == ["ctx-1", "ctx-2"]
     schema = calls["generate"]["schema"]
@@ -56,21 +62,21 @@ def test_rerank_reorders_and_top_n_trims_and_citations_are_enumerated():
 
 def test_equal_rerank_scores_keep_retrieval_order():
     engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
-    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=4), engines)
+    result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=4), engines, POLICY)
     assert [c.text for c in result.contexts] == ["alpha", "beta", "gamma", "delta"]
 
 
 def test_caller_documents_bypass_the_index():
     engines, calls = fake_engines([], [0.2, 0.8], json.dumps({"answer": "x", "citations": ["ctx-1"]}))
     docs = rag.parse_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
-    result = rag.run(rag.RagRequest(query="q", documents=docs, top_n=1), engines)
+    result = rag.run(rag.RagRequest(query="q", documents=docs, top_n=1), engines, POLICY)
     assert "search" not in calls and [c.doc_id for c in result.contexts] == ["b"]
 
 
 def test_citation_outside_the_contexts_is_refused():
     engines, _ = fake_engines(HITS, [0.9, 0.1], json.dumps({"answer": "a", "citations": ["nope"]}))
     with pytest.raises(RuntimeError):
-        rag.run(rag.RagRequest(query="q", top_k=2, top_n=1), engines)
+        rag.run(rag.RagRequest(query="q", top_k=2, top_n=1), engines, POLICY)
 
 
 def test_truncated_json_at_token_cap_is_reported_as_such():
@@ -90,7 +96,7 @@ def test_task_policies_reach_the_generator(task, policy):
                            "answer": {"answer": "a", "citations": []}}[task])
     engines, calls = fake_engines([], [0.3, 0.6], reply)
     req = rag.RagRequest(query="q", task=task, documents=docs, schema=schema if task == "generate_json" else None)
-    rag.run(rag.validate_request(req, 2048), engines)
+    rag.run(rag.validate_request(req), engines, POLICY)
     p = calls["generate"]["policy"]
     assert (p.temperature, p.top_p) == policy
     if task == "rank_candidates":                     # every candidate is ranked, not only top_n
@@ -104,13 +110,12 @@ def test_task_policies_reach_the_generator(task, policy):
     (dict(query="q", top_k=0), "top_k"),
     (dict(query="q", top_k=101), "top_k"),
     (dict(query="q", top_k=3, top_n=4), "top_n"),
-    (dict(query="q", max_tokens=0), "max_tokens"),
     (dict(query="q", task="generate_json"), "needs a schema"),
     (dict(query="q", task="rank_candidates"), "needs caller-supplied documents"),
 ])
 def test_bad_requests(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
-        rag.validate_request(rag.RagRequest(**kwargs), 2048)
+        rag.validate_request(rag.RagRequest(**kwargs))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -132,3 +137,23 @@ def test_bad_schemas(text, message):
 def test_bad_documents(docs, message):
     with pytest.raises(InvalidInput, match=message):
         rag.parse_documents(docs)
+
+
+def test_max_tokens_is_capped_by_the_task_policy():
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    with pytest.raises(InvalidInput, match="max_tokens must be in"):
+        rag.run(rag.RagRequest(query="q", max_tokens=POLICY.task("answer").max_tokens + 1), engines, POLICY)
+
+
+def test_contexts_are_trimmed_to_the_prompt_budget_lowest_ranked_first():
+    long_hits = [("word " * 1500, 0.9), ("word " * 1500, 0.8), ("word " * 1500, 0.7)]
+    engines, calls = fake_engines(long_hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": []}))
+    result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
+    assert [c.doc_id for c in result.contexts] == ["d0", "d1"]           # 2 x 1500 words fit in 4,096
+
+
+def test_a_query_over_the_prompt_budget_is_flagged():
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    with pytest.raises(BudgetError) as err:
+        rag.run(rag.RagRequest(query="word " * 5000), engines, POLICY)
+    assert err.value.flag == "token_budget_overrun"

@@ -18,8 +18,8 @@ class TritonPythonModel:
     def initialize(self, args):
         params = ta.model_parameters(args)
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
-        # Leave room for what encode() adds (special tokens, end-of-text) within the engine's max_length.
-        self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length - 8)
+        # chunk_text counts what encode() adds (special tokens, end-of-text), so a chunk always fits the engine.
+        self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length)
 
     def execute(self, requests):
         responses = []
@@ -51,8 +51,10 @@ class TritonPythonModel:
                 inputs["vectors"] = np.asarray(vectors, dtype=np.float32)
             return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"])["result"].reshape(-1)[0])
 
-        report = ingest(op, collection, docs, embed=embed, index=index,
-                        chunk=lambda text: chunk_text(text, self.tokenizer.tokenizer, max_tokens, overlap),
+        settings = {"chunk_tokens": max_tokens, "overlap_tokens": overlap, "embedder": self.tokenizer.spec.name,
+                    "dim": self.tokenizer.spec.dim}
+        report = ingest(op, collection, docs, embed=embed, index=index, settings=settings,
+                        chunk=lambda text: chunk_text(text, self.tokenizer, max_tokens, overlap),
                         progress=lambda msg: pb.Logger.log_info(f"ingest[{collection}] {msg}"))
         out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
