@@ -128,5 +128,9 @@ class OrchestratorModel:
         def count_tokens(system, user):
             return len(self.gen_tok.prompt_ids(user, system or None))
 
+        def prompt_limit(max_tokens):
+            spec = self.gen_tok.spec
+            return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
+
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=count_tokens)
+                           count_tokens=count_tokens, prompt_limit=prompt_limit)

@@ -174,10 +174,12 @@ class RuntimePolicy:
             raise InvalidInput(f"unknown task {name!r}: valid tasks are {', '.join(self.task_names)}") from None
 
     # ---------------------------------------------------------------------------------------- token budget
-    def prompt_budget(self, max_tokens: int) -> int:
-        """How many prompt tokens a request asking for ``max_tokens`` completion tokens may have."""
+    def prompt_budget(self, max_tokens: int, engine_limit: Optional[int] = None) -> int:
+        """How many prompt tokens a request asking for ``max_tokens`` completion tokens may have; a served
+        engine with a smaller input limit (``engine_limit``) lowers it further."""
         t = self.thresholds
-        return min(t.max_prompt_tokens, t.max_tokens - max_tokens)
+        budget = min(t.max_prompt_tokens, t.max_tokens - max_tokens)
+        return budget if engine_limit is None else min(budget, engine_limit)
 
     def check_token_budget(self, prompt_tokens: int, max_tokens: int) -> None:
         """Reject a prompt over ``max_prompt_tokens`` or a prompt + completion over the combined ``max_tokens``."""
@@ -194,7 +196,7 @@ class RuntimePolicy:
                               limit=t.max_tokens)
 
     def trim_contexts(self, contexts_token_counts: Sequence[int], fixed_prompt_tokens: int,
-                      max_tokens: int) -> int:
+                      max_tokens: int, engine_limit: Optional[int] = None) -> int:
         """How many of the retrieved contexts (best first) fit in the prompt budget with the fixed prompt part.
 
         The result is a prefix length, never a selection: the contexts arrive in rerank order, and dropping a
@@ -202,7 +204,7 @@ class RuntimePolicy:
         even the fixed part does not fit this returns 0 and :meth:`check_token_budget` then rejects the request.
         """
         _non_negative(fixed_prompt_tokens=fixed_prompt_tokens, max_tokens=max_tokens)
-        room = self.prompt_budget(max_tokens) - fixed_prompt_tokens
+        room = self.prompt_budget(max_tokens, engine_limit) - fixed_prompt_tokens
         used = 0
         for n, count in enumerate(contexts_token_counts):
             used += count

@@ -115,10 +115,11 @@ def validate_request(req: RagRequest) -> RagRequest:
 
 
 def text_budget(max_tokens: int, n_contexts: int) -> int:
-    """Characters allowed in the answer's free-text field: what fits in max_tokens at one character per token
-    after the JSON around it (about 24 tokens) and the citations (about 8 per context), capped at
-    ANSWER_MAX_CHARS. Text that packs fewer characters into a token can still run out; that is reported."""
-    return max(16, min(ANSWER_MAX_CHARS, max_tokens - 24 - 8 * n_contexts))
+    """Characters allowed in the answer's free-text field: what fits in max_tokens at two tokens per character
+    (most text packs several characters into one token; a non-ASCII character can take two or more) after the
+    JSON around it (about 24 tokens) and the citations (about 8 per context), capped at ANSWER_MAX_CHARS. Text
+    that still runs out of tokens is reported as such, never returned cut."""
+    return max(16, min(ANSWER_MAX_CHARS, (max_tokens - 24 - 8 * n_contexts) // 2))
 
 
 def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], max_tokens: int = 256) -> dict:
@@ -163,7 +164,8 @@ def check_answer(text: str, schema: dict, finish_reason: str, context_ids: list)
     import jsonschema
 
     try:
-        answer = json.loads(text)
+        # strict=False: xgrammar's JSON string rule admits raw control characters, which strict JSON forbids.
+        answer = json.loads(text, strict=False)
     except json.JSONDecodeError:
         if finish_reason == "length":
             raise InvalidInput("the answer hit max_tokens before its JSON was complete; raise max_tokens") from None
@@ -187,6 +189,7 @@ class Engines:
     rerank: Callable               # (query, [text], timer) -> [score]
     generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
     count_tokens: Callable         # (system, user) -> prompt tokens as the generator will see them
+    prompt_limit: Optional[Callable] = None   # (max_tokens) -> the generate engine's own prompt limit
 
 
 @dataclasses.dataclass
@@ -229,12 +232,13 @@ class Timer:
 
 def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy, max_tokens: int) -> list:
     """Drop the lowest-ranked contexts that do not fit the prompt budget (prompt ≤ 4,096 and prompt +
-    completion ≤ 6,000 tokens under spec 004), then check the budget; an overrun left after trimming (a huge
+    completion ≤ 6,000 tokens under spec 004, and within the engine's own limits), then check the budget; an overrun left after trimming (a huge
     query) raises the policy's BudgetError, flagged token_budget_overrun."""
     system, bare = build_prompt(task, query, [])
     fixed = engines.count_tokens(system, bare)
     sizes = [engines.count_tokens("", f"[{c.id}] {c.text}\n\n") for c in contexts]
-    keep = policy.trim_contexts(sizes, fixed, max_tokens)
+    engine_limit = engines.prompt_limit(max_tokens) if engines.prompt_limit else None
+    keep = policy.trim_contexts(sizes, fixed, max_tokens, engine_limit)
     contexts = contexts[:keep]
     policy.check_token_budget(engines.count_tokens(*build_prompt(task, query, contexts)), max_tokens)
     return contexts

@@ -126,10 +126,17 @@ def output_tensors(pb, contract: Contract, values: dict) -> list:
     return tensors
 
 
+# Triton 2.51 hands a BLS parent every child error as INTERNAL, so the class travels in the message too:
+# every INVALID_ARG message starts with this marker, and a parent re-raises such a child error as InvalidInput.
+INVALID_MARK = "invalid input: "
+
+
 def error_response(pb, exc: BaseException):
     """INVALID_ARG for bad input with its message; INTERNAL with a short message (no traceback) otherwise."""
     if isinstance(exc, InvalidInput):
-        return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+        msg = str(exc)
+        return pb.InferenceResponse(error=pb.TritonError(msg if msg.startswith(INVALID_MARK) else INVALID_MARK + msg,
+                                                         pb.TritonError.INVALID_ARG))
     log.exception("internal error")
     return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(exc).__name__}: {exc}",
                                                      pb.TritonError.INTERNAL))
@@ -139,10 +146,8 @@ def raise_for_error(response) -> None:
     """Turn a BLS child's error response into an exception that keeps INVALID_ARG as InvalidInput."""
     if not response.has_error():
         return
-    err = response.error()
-    msg = err.message()
-    code = err.code() if hasattr(err, "code") else None
-    if code is not None and code == getattr(type(err), "INVALID_ARG", object()):
+    msg = response.error().message()
+    if msg.startswith(INVALID_MARK):
         raise InvalidInput(msg)
     raise RuntimeError(msg)
 

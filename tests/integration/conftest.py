@@ -18,8 +18,10 @@ def tiny_models() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_models):
-    proc = TritonProcess(tiny_models, load_models=os.environ.get("TEST_LOAD_MODELS", "*"), log_path=ROOT / "build" / "logs" / "integration.log")
+def server(tiny_models, tmp_path_factory):
+    data = tmp_path_factory.mktemp("rag-data")            # a fresh vector index per test session
+    proc = TritonProcess(tiny_models, load_models=os.environ.get("TEST_LOAD_MODELS", "*"),
+                         log_path=ROOT / "build" / "logs" / "integration.log", env={"RAG_DATA_PATH": str(data)})
     proc.start()
     yield proc
     proc.stop()

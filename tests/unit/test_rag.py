@@ -157,3 +157,11 @@ def test_a_query_over_the_prompt_budget_is_flagged():
     with pytest.raises(BudgetError) as err:
         rag.run(rag.RagRequest(query="word " * 5000), engines, POLICY)
     assert err.value.flag == "token_budget_overrun"
+
+
+def test_the_engine_prompt_limit_trims_further():
+    hits = [("word " * 300, 0.9), ("word " * 300, 0.8), ("word " * 300, 0.7)]
+    engines, _ = fake_engines(hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": []}))
+    engines.prompt_limit = lambda max_tokens: 700
+    result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
+    assert [c.doc_id for c in result.contexts] == ["d0", "d1"]

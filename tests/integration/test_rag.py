@@ -1,0 +1,195 @@
+"""The RAG endpoint end to end on a real tritonserver (tiny models): ingest → rag over HTTP, gRPC, /generate."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from ragstack.server import ROOT
+from tests.integration.helpers import generate_json, infer, is_invalid_arg, make_input, stream, strings
+
+pytestmark = pytest.mark.integration
+CORPUS = sorted((ROOT / "data" / "corpus").glob("*.md"))
+QUESTION = "How long is a primary on-call shift?"
+
+
+def ingest(client_pair, doc_ids, texts=None, collection="corpus", op="upsert"):
+    arrays = {"doc_ids": strings(doc_ids), "collection": strings([collection]), "op": strings([op])}
+    if texts is not None:
+        arrays["texts"] = strings(texts)
+    return json.loads(infer(client_pair, "ingest", arrays, ["report"])["report"].reshape(-1)[0])
+
+
+def rag_inputs(query=QUESTION, documents=None, **kw):
+    arrays = {"query": strings([query]).reshape(1, 1), "collection": strings([kw.pop("collection", "corpus")]).reshape(1, 1)}
+    for name, value in kw.items():
+        arrays[name] = (strings([value]) if isinstance(value, str) else np.array([value], np.int32)).reshape(1, 1)
+    if documents is not None:
+        arrays["documents"] = strings(documents).reshape(1, -1)
+    return arrays
+
+
+def ask(client_pair, model="rag", **kw):
+    out = infer(client_pair, model, rag_inputs(**kw), ["answer", "contexts", "usage"])
+    return {k: json.loads(v.reshape(-1)[0]) for k, v in out.items()}
+
+
+def check_answer(result, n_contexts=None):
+    ids = [c["id"] for c in result["contexts"]]
+    assert ids and (n_contexts is None or len(ids) == n_contexts)
+    answer = result["answer"]
+    assert isinstance(answer["answer"], str)
+    assert set(answer["citations"]) <= set(ids)
+    assert result["usage"]["finish_reason"] == "stop"
+    assert set(result["usage"]["timings_ms"]) >= {"tokenize", "embed", "search", "rerank", "generate", "total"}
+
+
+@pytest.fixture(scope="module")
+def corpus(http):
+    report = ingest(("http", http), [p.stem for p in CORPUS], [p.read_text() for p in CORPUS])
+    assert [d["status"] for d in report["documents"]] == ["created"] * len(CORPUS)
+    return report
+
+
+def test_query_over_http_and_grpc(client, corpus):
+    result = ask(client, top_k=6, top_n=3)
+    check_answer(result, 3)
+    scores = [c["rerank_score"] for c in result["contexts"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(c["doc_id"] in {p.stem for p in CORPUS} for c in result["contexts"])
+
+
+def test_query_over_generate_extension(server, corpus):
+    status, body = generate_json(server.http_url, "rag", {"query": QUESTION, "collection": "corpus", "top_n": 2})
+    assert status == 200, body
+    check_answer({k: json.loads(body[k]) for k in ("answer", "contexts", "usage")}, 2)
+
+
+def test_streaming_over_grpc_yields_the_answer_text(server, corpus):
+    parts = stream(server.grpc_url, "rag_stream", rag_inputs(top_n=2))
+    final = parts[-1]
+    assert "usage" in final and len(parts) > 2
+    deltas = "".join(p["answer"].reshape(-1)[0].decode() for p in parts[:-1])
+    result = {k: json.loads(final[k].reshape(-1)[0]) for k in ("answer", "contexts", "usage")}
+    check_answer(result, 2)
+    assert json.loads(deltas, strict=False) == result["answer"]                 # the streamed text is the answer's JSON
+
+
+def test_streaming_over_generate_stream(server, corpus):
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/rag_stream/generate_stream",
+                                 data=json.dumps({"query": QUESTION, "collection": "corpus"}).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
+    assert len(events) > 2 and "usage" in events[-1]
+    assert json.loads("".join(e["answer"] for e in events[:-1]), strict=False) == json.loads(events[-1]["answer"])
+
+
+def test_caller_documents_bypass_the_index(client):
+    docs = ['{"id": "a", "text": "The cafeteria opens at 8."}', '{"id": "b", "text": "Parking is free."}']
+    result = ask(client, query="When does the cafeteria open?", documents=docs, top_n=2, collection="no-such")
+    check_answer(result, 2)
+    assert {c["doc_id"] for c in result["contexts"]} == {"a", "b"}
+    assert result["usage"]["timings_ms"]["search"] == 0.0
+
+
+@pytest.mark.parametrize("task", ["generate_json", "rank_candidates", "judge"])
+def test_tasks(client, corpus, task):
+    kw = {"task": task, "top_n": 2}
+    if task == "generate_json":
+        schema = {"type": "object", "properties": {"hours": {"type": "integer", "minimum": 0, "maximum": 999}},
+                  "required": ["hours"], "additionalProperties": False}
+        kw["schema"] = json.dumps(schema)
+    if task == "rank_candidates":
+        kw["documents"] = ["Shifts last a week.", "The office has a gym.", "Stipends are paid monthly."]
+    result = ask(client, **kw)
+    answer, ids = result["answer"], [c["id"] for c in result["contexts"]]
+    if task == "generate_json":
+        jsonschema.validate(answer, schema)
+    elif task == "rank_candidates":
+        assert len(ids) == 3 and set(answer["ranking"]) <= set(ids) and answer["ranking"]
+    else:
+        assert answer["verdict"] in ("supported", "not_supported", "partially_supported")
+        assert set(answer["citations"]) <= set(ids)
+    assert result["usage"]["task"] == task and len(result["usage"]["schema_id"]) == 16
+
+
+def test_reingest_does_not_duplicate_and_restart_keeps_the_index(http, corpus):
+    before = ask(("http", http), top_k=5, top_n=3)
+    report = ingest(("http", http), [CORPUS[0].stem], [CORPUS[0].read_text()])
+    assert report["documents"][0]["status"] == "unchanged"
+    # Restart the process that owns the store: it reloads from disk.
+    http.unload_model("vector_index")
+    http.load_model("vector_index")
+    after = ask(("http", http), top_k=5, top_n=3)
+    assert [c["chunk_id"] for c in after["contexts"]] == [c["chunk_id"] for c in before["contexts"]]
+    assert len({c["chunk_id"] for c in after["contexts"]}) == len(after["contexts"]) > 1
+
+
+def test_delete_removes_a_document(http):
+    pair = ("http", http)
+    text = "Zebra crossings on the Northwind campus are painted purple every spring."
+    ingest(pair, ["zebra"], [text], collection="scratch")
+    assert ask(pair, query="What colour are zebra crossings?", collection="scratch", top_k=1, top_n=1)[
+        "contexts"][0]["doc_id"] == "zebra"
+    ingest(pair, ["other"], ["The library closes at nine."], collection="scratch")
+    report = ingest(pair, ["zebra"], collection="scratch", op="delete")
+    assert report["documents"][0] == {"doc_id": "zebra", "status": "deleted", "chunks": 1}
+    result = ask(pair, query="What colour are zebra crossings?", collection="scratch", top_k=1, top_n=1)
+    assert [c["doc_id"] for c in result["contexts"]] == ["other"]
+
+
+def test_concurrent_queries_all_succeed(server, corpus):
+    questions = [f"{q} ({i})" for i, q in enumerate(["What is the hotel limit?", "Who approves a release?",
+                                                      "How much GPU quota do I get?", QUESTION] * 2)]
+    pair = ("grpc", None)
+    import tritonclient.grpc as grpcclient
+
+    def one(q):
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            return ask(("grpc", c), query=q, top_n=2)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, questions))
+    for r in results:
+        check_answer(r, 2)
+    del pair
+
+
+BAD = [
+    (dict(query="  "), "query is empty"),
+    (dict(task="poem"), "unknown task"),
+    (dict(collection="nope"), "unknown collection"),
+    (dict(schema="{oops", task="generate_json"), "schema is not valid JSON"),
+    (dict(schema='{"type": 12}', task="generate_json"), "not a valid JSON Schema"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=500), "top_k"),
+    (dict(top_k=3, top_n=5), "top_n"),
+    (dict(max_tokens=100000), "max_tokens"),
+    (dict(documents=["x" * 30000]), "limit"),
+    (dict(task="generate_json"), "needs a schema"),
+]
+
+
+@pytest.mark.parametrize("kw, message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_rag_input_is_invalid_arg(client, corpus, kw, message):
+    with pytest.raises(InferenceServerException) as err:
+        ask(client, **kw)
+    assert is_invalid_arg(err.value), err.value
+    assert message.lower() in str(err.value).lower() and "Traceback" not in str(err.value)
+
+
+def test_non_utf8_query_and_unsatisfiable_schema(client, corpus):
+    protocol, c = client
+    arrays = rag_inputs()
+    arrays["query"] = np.array([[b"\xff\xfeq"]], dtype=object)
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("rag", [make_input(protocol, k, v) for k, v in arrays.items()])
+    assert is_invalid_arg(err.value) and "UTF-8" in str(err.value)
+    impossible = {"type": "string", "minLength": 10, "maxLength": 2}
+    with pytest.raises(InferenceServerException) as err:
+        ask(client, task="generate_json", schema=json.dumps(impossible))
+    assert is_invalid_arg(err.value), err.value
+    check_answer(ask(client, top_n=1), 1)                            # and the endpoint keeps serving
