@@ -84,12 +84,12 @@ def rows() -> list:
         ]),
         ("Tokens and cost", [
             panel("Tokens per second", [
-                ("sum by (model) (rate(llm_tokens_in_total[5m]))", "{{model}} in"),
-                ("sum by (model) (rate(llm_tokens_out_total[5m]))", "{{model}} out"),
+                ("sum by (model) (rate(llm_tokens_in[5m]))", "{{model}} in"),
+                ("sum by (model) (rate(llm_tokens_out[5m]))", "{{model}} out"),
             ], "short", 10),
-            panel("Cost per hour", [("sum by (task) (rate(llm_cost_usd_total[5m])) * 3600", "{{task}}")],
+            panel("Cost per hour", [("sum by (task) (rate(llm_cost_usd[5m])) * 3600", "{{task}}")],
                   "currencyUSD", 10),
-            panel("Cost, last 24 h", [("sum(increase(llm_cost_usd_total[24h]))", "USD")], "currencyUSD", 4,
+            panel("Cost, last 24 h", [("sum(increase(llm_cost_usd[24h]))", "USD")], "currencyUSD", 4,
                   kind="stat"),
         ]),
         ("Models and memory", [

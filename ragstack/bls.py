@@ -16,7 +16,8 @@ from ragstack.chat import GeneratorTokenizer
 from ragstack.errors import InvalidInput
 from ragstack.trtllm_io import GUIDE_TYPES, finish_reason, generate_inputs, output_tokens
 
-ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"]
+ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "arrival_time_ns",
+                  "first_scheduled_time_ns"]
 EMBED_BATCH = contracts.EMBED.max_batch_size
 RERANK_BATCH = contracts.RERANK.max_batch_size
 
@@ -25,20 +26,20 @@ def _stage(timer, name):
     return timer.stage(name) if timer is not None else contextlib.nullcontext()
 
 
-def embed_tokens(pb, ids: np.ndarray, mask: np.ndarray, parameters: Optional[dict] = None) -> np.ndarray:
+def embed_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] = None) -> np.ndarray:
     """[B, L] token ids through the `embed` engine, in chunks of its max batch size."""
     return np.concatenate([
         ta.bls_infer(pb, "embed", {"input_ids": ids[s:s + EMBED_BATCH].astype(np.int32),
                                    "attention_mask": mask[s:s + EMBED_BATCH].astype(np.int32)},
-                     ["embedding"], parameters)["embedding"]
+                     ["embedding"], hop)["embedding"]
         for s in range(0, len(ids), EMBED_BATCH)])
 
 
-def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, parameters: Optional[dict] = None) -> np.ndarray:
+def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] = None) -> np.ndarray:
     return np.concatenate([
         ta.bls_infer(pb, "rerank", {"input_ids": ids[s:s + RERANK_BATCH].astype(np.int32),
                                     "attention_mask": mask[s:s + RERANK_BATCH].astype(np.int32)},
-                     ["score"], parameters)["score"].reshape(-1)
+                     ["score"], hop)["score"].reshape(-1)
         for s in range(0, len(ids), RERANK_BATCH)])
 
 
@@ -46,11 +47,12 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
              max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: Optional[int] = None, guide_type: Optional[str] = None, guide: Optional[str] = None,
              on_delta: Optional[Callable] = None, is_cancelled: Callable = lambda: False, timer=None,
-             parameters: Optional[dict] = None) -> dict:
+             hop: Optional[ta.Hop] = None) -> dict:
     """Prompt text → `generate` engine → text. ``on_delta(text)`` (if given) streams the text as it decodes.
 
-    Returns {text, finish_reason, num_input_tokens, num_output_tokens}; finish_reason is 'length' when the
-    token budget ran out, 'cancelled' when the caller went away, else 'stop'.
+    Returns {text, finish_reason, num_input_tokens, num_output_tokens, queue_delay_us}; finish_reason is
+    'length' when the token budget ran out, 'cancelled' when the caller went away, else 'stop'; queue_delay_us
+    is the engine's wait before scheduling (from its perf metrics), None when it reports none.
     """
     if guide_type is not None and guide_type not in GUIDE_TYPES:
         raise InvalidInput(f"unknown guide_type {guide_type!r}; expected one of {', '.join(GUIDE_TYPES)}")
@@ -61,16 +63,19 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
                              top_k=top_k, top_p=top_p, seed=seed, streaming=on_delta is not None,
                              guide_type=guide_type, guide=guide)
     detok = tokenizer.detokenizer()
-    n_in, n_out = len(ids), 0
-    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, parameters):
+    n_in, n_out, queue_delay_us = len(ids), 0, None
+    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop):
         if is_cancelled():
             return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in, "num_output_tokens": n_out}
         delta = detok.push(output_tokens(arrays))
         n_out = max(n_out, int(arrays["num_output_tokens"].reshape(-1)[0]), len(detok.ids))
         if on_delta is not None and delta:
             on_delta(delta)
+        if "first_scheduled_time_ns" in arrays:
+            queue_delay_us = (int(arrays["first_scheduled_time_ns"].reshape(-1)[0]) -
+                              int(arrays["arrival_time_ns"].reshape(-1)[0])) / 1000.0
     tail = detok.flush()
     if on_delta is not None and tail:
         on_delta(tail)
     return {"text": tokenizer.decode(detok.ids), "finish_reason": finish_reason(n_out, max_tokens),
-            "num_input_tokens": n_in, "num_output_tokens": n_out}
+            "num_input_tokens": n_in, "num_output_tokens": n_out, "queue_delay_us": queue_delay_us}

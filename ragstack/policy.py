@@ -29,7 +29,7 @@ COST_BUDGET_FLAG = "cost_budget_exceeded"
 COST_ACTIONS = ("reject", "serve_and_alert")
 PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
-_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events"}
+_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity"}
 _TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens"}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
@@ -123,8 +123,11 @@ class RuntimePolicy:
     """The validated contents of the policy file. Build with :meth:`load` or :meth:`from_dict`."""
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], default_task: str, thresholds: Thresholds,
-                 events: EventSettings = EventSettings(), source: str = "<policy>"):
+                 events: EventSettings = EventSettings(), source: str = "<policy>",
+                 require_engine_identity: bool = True):
         self.tasks = dict(tasks)
+        # Spec 004: requests without matching X-Engine-Hash / X-Quantisation headers are rejected.
+        self.require_engine_identity = require_engine_identity
         self.default_task = default_task
         self.thresholds = thresholds
         self.events = events
@@ -157,7 +160,10 @@ class RuntimePolicy:
         if default not in tasks:
             v.fail("default_task", f"{default!r} is not one of the tasks ({', '.join(sorted(tasks))})")
         events = _events(v, data.get("events", {}))
-        return cls(tasks, default, thresholds, events, source)
+        require = data.get("require_engine_identity", True)
+        if not isinstance(require, bool):
+            v.fail("require_engine_identity", f"must be true or false, got {require!r}")
+        return cls(tasks, default, thresholds, events, source, require_engine_identity=require)
 
     # -------------------------------------------------------------------------------------------- tasks
     @property

@@ -240,13 +240,19 @@ def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy
     engine_limit = engines.prompt_limit(max_tokens) if engines.prompt_limit else None
     keep = policy.trim_contexts(sizes, fixed, max_tokens, engine_limit)
     contexts = contexts[:keep]
-    policy.check_token_budget(engines.count_tokens(*build_prompt(task, query, contexts)), max_tokens)
-    return contexts
+    prompt_tokens = engines.count_tokens(*build_prompt(task, query, contexts))
+    policy.check_token_budget(prompt_tokens, max_tokens)
+    return contexts, prompt_tokens
 
 
-def run(req: RagRequest, engines: Engines, policy, on_delta=None) -> RagResult:
+def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Optional[dict] = None,
+        on_alert: Optional[Callable] = None) -> RagResult:
     """One request through the pipeline under ``policy`` (a :class:`ragstack.policy.RuntimePolicy`).
-    Raises InvalidInput for anything the caller must fix."""
+
+    ``prices`` (per-1k-token prices from the engine manifest) turn on the cost policy: the worst case (prompt
+    plus the whole max_tokens) is checked before generation — rejected, or served with ``on_alert(event,
+    fields)`` called, as the policy says — and the actual cost is returned in usage. Raises InvalidInput (the
+    policy's BudgetError for budget breaches) for anything the caller must fix."""
     from ragstack.policy import schema_id
 
     t0 = time.perf_counter()
@@ -274,7 +280,13 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None) -> RagResult:
         c.id = f"ctx-{i}"
     max_tokens = task_policy.sampling(max_tokens=req.max_tokens)["max_tokens"]
     with timer.stage("tokenize"):
-        contexts = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
+        contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
+    if prices:
+        decision = policy.check_cost(policy.cost_usd(prompt_tokens, max_tokens, prices))
+        if decision.alert and on_alert is not None:
+            on_alert(decision.flag, {"task": req.task, "worst_case_cost_usd": decision.cost_usd,
+                                     "limit_usd": decision.limit_usd, "prompt_tokens": prompt_tokens,
+                                     "max_tokens": max_tokens})
     context_ids = [c.id for c in contexts]
     schema = answer_schema(req.task, context_ids, req.schema, max_tokens)
     system, user = build_prompt(req.task, req.query, contexts)
@@ -289,6 +301,9 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None) -> RagResult:
         "timings_ms": {**{k: round(v, 3) for k, v in timer.ms.items()},
                        "total": round((time.perf_counter() - t0) * 1000.0, 3)},
         "schema_id": schema_id(schema),
+        "cost_usd": (round(policy.cost_usd(gen["num_input_tokens"], gen["num_output_tokens"], prices), 8)
+                     if prices else None),
+        "queue_delay_us": gen.get("queue_delay_us"),
         "contexts": len(contexts),
     }
     return RagResult(answer=answer, contexts=contexts, usage=usage)

@@ -212,12 +212,34 @@ def _ok(pb, contract: Contract, output_name: str, rows):
     return pb.InferenceResponse(output_tensors=output_tensors(pb, contract, {output_name: rows}))
 
 
-def _bls_request(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None):
-    kwargs = {}
-    if parameters:
-        kwargs["parameters"] = parameters
+class Hop:
+    """What a BLS child request must carry from its parent: the forwarded x-* headers (a child does not
+    inherit them by itself) and the trace, so Triton's trace shows the child as a span of the parent."""
+
+    def __init__(self, parameters: Optional[dict] = None, trace=None):
+        self.parameters = parameters or {}
+        self.trace = trace
+
+    @classmethod
+    def of(cls, request, trace: bool = True) -> "Hop":
+        """``trace=False`` where the parent's execute() has already returned (decoupled models answering
+        from a worker thread): Triton 2.51 crashes the server on a child started with a released trace."""
+        from ragstack.identity import forward_headers
+
+        return cls(forward_headers(request.parameters()), request.trace() if trace else None)
+
+    def kwargs(self) -> dict:
+        out = {}
+        if self.parameters:
+            out["parameters"] = self.parameters
+        if self.trace is not None:
+            out["trace"] = self.trace
+        return out
+
+
+def _bls_request(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None):
     return pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
-                               requested_output_names=list(outputs), **kwargs)
+                               requested_output_names=list(outputs), **(hop.kwargs() if hop else {}))
 
 
 def _response_arrays(pb, response, outputs) -> dict:
@@ -230,15 +252,15 @@ def _response_arrays(pb, response, outputs) -> dict:
     return out
 
 
-def bls_infer(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None) -> dict:
+def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None) -> dict:
     """One blocking BLS call: {input name: array} in, {output name: array} out; child errors re-raised."""
-    response = _bls_request(pb, model, inputs, outputs, parameters).exec()
+    response = _bls_request(pb, model, inputs, outputs, hop).exec()
     return _response_arrays(pb, response, outputs)
 
 
-def bls_stream(pb, model: str, inputs: dict, outputs, parameters: Optional[dict] = None):
+def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None):
     """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs."""
-    for response in _bls_request(pb, model, inputs, outputs, parameters).exec(decoupled=True):
+    for response in _bls_request(pb, model, inputs, outputs, hop).exec(decoupled=True):
         arrays = _response_arrays(pb, response, outputs)
         if arrays:
             yield arrays

@@ -8,14 +8,30 @@
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _bytes(values):
     return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+def _identity(args) -> dict:
+    """Spec 004's identity headers, from the flags or the served generator's manifest."""
+    if args.engine_hash and args.quantisation:
+        values = {"x-engine-hash": args.engine_hash, "x-quantisation": args.quantisation}
+    else:
+        sys.path.insert(0, str(ROOT))
+        from ragstack.manifest import read_manifest
+
+        m = read_manifest(Path(args.engine_path) / "generate")
+        values = {"x-engine-hash": args.engine_hash or m.engine_hash, "x-quantisation": args.quantisation or m.quantisation}
+    return values
 
 
 def _client(args):
@@ -78,7 +94,7 @@ def ask(args) -> int:
         arrays["documents"] = _bytes(args.document).reshape(1, -1)
     if args.stream:
         return _ask_stream(args, arrays)
-    result = client.infer("rag", _inputs(mod, arrays))
+    result = client.infer("rag", _inputs(mod, arrays), headers=_identity(args))
     out = {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
     print(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
@@ -91,7 +107,7 @@ def _ask_stream(args, arrays) -> int:
 
     client = grpcclient.InferenceServerClient(args.grpc_url)
     responses = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=_identity(args))
     client.async_stream_infer("rag_stream", _inputs(grpcclient, arrays))
     try:
         while True:
@@ -117,6 +133,10 @@ def main() -> int:
     ap.add_argument("--grpc-url", default="localhost:8001")
     ap.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
     ap.add_argument("--collection", default="default")
+    ap.add_argument("--engine-path", default=os.environ.get("ENGINE_PATH", str(ROOT / "build" / "models" / "demo")),
+                    help="the served engines; identity headers come from its generate/manifest.json")
+    ap.add_argument("--engine-hash", help="X-Engine-Hash to send (default: from the manifest)")
+    ap.add_argument("--quantisation", help="X-Quantisation to send (default: from the manifest)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ingest")
     p.add_argument("paths", nargs="+")

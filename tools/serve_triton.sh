@@ -10,12 +10,14 @@
 #   RAG_DATA_PATH        data folder: the vector index lives in $RAG_DATA_PATH/index [build/data]
 #   RAG_POLICY_FILE      runtime policy (tasks, budgets, thresholds)            [config/runtime_policy.json]
 #   TOKENIZER_DIR        generator tokenizer folder for the BLS models        [the generate engine's own]
-#   TOKENIZER_INFO       xgrammar tokenizer info JSON (trtllm profile)        [unset]
+#   TOKENIZER_INFO       xgrammar tokenizer info JSON; in a container it is mounted where the trtllm
+#                        generate config reads it (/workspace/tokenizer/tokenizer_info.json)  [the folder's own]
 #   TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT                 [8000 / 8001 / 8002]
 #   LOAD_MODELS          space-separated models to load at start, or '*'      [*]
 #   TRITON_BIN           tritonserver binary  [.triton/bin/tritonserver, else /opt/tritonserver/bin/tritonserver]
-#   TRITON_IMAGE         run inside this container image with docker instead of a local binary
-#                        (e.g. nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3)
+#   TRITON_IMAGE         run this image (built from the Dockerfile: FROM the pinned NGC trtllm container)
+#                        with docker instead of a local binary, e.g. TRITON_IMAGE=ragstack-triton:latest
+#   TRITON_TRACE_FILE    write Triton traces (every request, with BLS children as child spans) here [off]
 #   TRITON_LOG_VERBOSE   tritonserver --log-verbose level                     [0]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,21 +53,24 @@ args=(
   --exit-timeout-secs=10
   --log-verbose="${TRITON_LOG_VERBOSE:-0}"
 )
+if [ -n "${TRITON_TRACE_FILE:-}" ]; then
+  args+=(--trace-config=triton,file="$TRITON_TRACE_FILE" --trace-config=triton,log-frequency=1
+         --trace-config=rate=1 --trace-config=level=TIMESTAMPS)
+fi
 read -r -a load_list <<<"$LOAD_MODELS"   # no globbing: "*" is Triton's "all models"
 for m in "${load_list[@]}"; do args+=("--load-model=$m"); done
 
 if [ -n "${TRITON_IMAGE:-}" ]; then
-  # Container deployment: the repositories and engines are mounted at fixed paths inside.
+  # Container deployment of an image built from this repository's Dockerfile: its entrypoint is this script,
+  # so the container runs the same launcher on its own tritonserver; here we only mount and pass settings.
   exec docker run --rm --gpus all --shm-size=2g \
-    -p "$HTTP_PORT:$HTTP_PORT" -p "$GRPC_PORT:$GRPC_PORT" -p "$METRICS_PORT:$METRICS_PORT" \
-    -v "$(abs "$MODEL_REPO"):/models/engines:ro" -v "$(abs "$BLS_REPO"):/models/bls:ro" \
-    -v "$ENGINE_PATH:/workspace/engines:ro" \
-    ${TOKENIZER_DIR:+-v "$TOKENIZER_DIR:/workspace/tokenizer:ro" -e TOKENIZER_DIR=/workspace/tokenizer} \
-    ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer_info.json:ro" -e TOKENIZER_INFO=/workspace/tokenizer_info.json} \
-    -v "$RAG_DATA_PATH:/workspace/data" -e RAG_DATA_PATH=/workspace/data \
-    -v "$RAG_POLICY_FILE:/workspace/runtime_policy.json:ro" -e RAG_POLICY_FILE=/workspace/runtime_policy.json \
-    -e ENGINE_PATH=/workspace/engines \
-    "$TRITON_IMAGE" tritonserver --model-repository=/models/bls --model-repository=/models/engines "${args[@]}" "$@"
+    -p "$HTTP_PORT:8000" -p "$GRPC_PORT:8001" -p "$METRICS_PORT:8002" \
+    -v "$ENGINE_PATH:/workspace/engines:ro" -v "$RAG_DATA_PATH:/workspace/data" \
+    ${TOKENIZER_DIR:+-v "$TOKENIZER_DIR:/workspace/tokenizer:ro"} \
+    ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer/tokenizer_info.json:ro"} \
+    -v "$RAG_POLICY_FILE:/opt/ragstack/config/runtime_policy.json:ro" \
+    -e PROFILE="$PROFILE" -e LOAD_MODELS="$LOAD_MODELS" -e TRITON_LOG_VERBOSE="${TRITON_LOG_VERBOSE:-0}" \
+    "$TRITON_IMAGE" "$@"
 fi
 
 if [ -z "${TRITON_BIN:-}" ]; then

@@ -17,11 +17,53 @@ def tiny_models() -> Path:
     return TINY
 
 
+class WebhookReceiver:
+    """A readiness-webhook receiver on loopback: keeps every JSON body POSTed to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                import json
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def events(self, name):
+        return [e for e in self.received if e.get("event") == name]
+
+
 @pytest.fixture(scope="session")
-def server(tiny_models, tmp_path_factory):
-    data = tmp_path_factory.mktemp("rag-data")            # a fresh vector index per test session
+def webhook():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.httpd.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rag-data")            # a fresh vector index and event log per session
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models, data_dir, webhook):
+    env = {"RAG_DATA_PATH": str(data_dir), "RAGSTACK_EVENT_WEBHOOK_URL": webhook.url,
+           "TRITON_TRACE_FILE": str(data_dir / "trace.json")}
     proc = TritonProcess(tiny_models, load_models=os.environ.get("TEST_LOAD_MODELS", "*"),
-                         log_path=ROOT / "build" / "logs" / "integration.log", env={"RAG_DATA_PATH": str(data)})
+                         log_path=ROOT / "build" / "logs" / "integration.log", env=env)
     proc.start()
     yield proc
     proc.stop()
@@ -47,3 +89,33 @@ def grpc(server):
 def client(request):
     """Each test that takes `client` runs once over HTTP and once over gRPC."""
     return request.param, request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def identity(tiny_models) -> dict:
+    """The engine-identity headers spec 004 requires on the rag endpoint, from the served manifest."""
+    from ragstack.manifest import read_manifest
+
+    return read_manifest(tiny_models / "generate").headers()
+
+
+CORPUS = sorted((ROOT / "data" / "corpus").glob("*.md"))
+
+
+def ingest(client_pair, doc_ids, texts=None, collection="corpus", op="upsert"):
+    import json
+
+    from tests.integration.helpers import infer, strings
+
+    arrays = {"doc_ids": strings(doc_ids), "collection": strings([collection]), "op": strings([op])}
+    if texts is not None:
+        arrays["texts"] = strings(texts)
+    return json.loads(infer(client_pair, "ingest", arrays, ["report"])["report"].reshape(-1)[0])
+
+
+@pytest.fixture(scope="session")
+def corpus(http):
+    """The bundled corpus, ingested once into collection 'corpus'."""
+    report = ingest(("http", http), [p.stem for p in CORPUS], [p.read_text() for p in CORPUS])
+    assert [d["status"] for d in report["documents"]] == ["created"] * len(CORPUS)
+    return report

@@ -17,13 +17,21 @@ def make_input(protocol, name, array, dtype=None):
     return tensor
 
 
-def infer(client_pair, model, inputs: dict, outputs=None):
+def infer(client_pair, model, inputs: dict, outputs=None, headers=None):
     """inputs: {name: numpy array}; returns {output name: numpy array}."""
     protocol, client = client_pair
-    result = client.infer(model, [make_input(protocol, k, v) for k, v in inputs.items()])
+    result = client.infer(model, [make_input(protocol, k, v) for k, v in inputs.items()],
+                          headers=wire_headers(protocol, headers))
     names = outputs or [o["name"] for o in (result.get_response()["outputs"] if protocol == "http"
                                               else [{"name": o.name} for o in result.get_response().outputs])]
     return {n: result.as_numpy(n) for n in names}
+
+
+def wire_headers(protocol, headers):
+    """A fresh dict per call (the HTTP client adds to it); gRPC metadata keys must be lower case."""
+    if not headers:
+        return None
+    return {k.lower(): v for k, v in headers.items()} if protocol == "grpc" else dict(headers)
 
 
 def strings(values):
@@ -36,14 +44,15 @@ def is_invalid_arg(exc: InferenceServerException) -> bool:
     return status in ("400", "StatusCode.INVALID_ARGUMENT") or "INVALID_ARG" in status
 
 
-def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None):
+def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, headers=None):
     """All responses of one request over a gRPC stream, as [{output name: array}]; errors raise.
     ``cancel_after``: stop (cancelling the request) after that many responses."""
     import queue
 
     client = grpcclient.InferenceServerClient(grpc_url)
     responses = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                        headers=wire_headers("grpc", headers))
     try:
         client.async_stream_infer(model, [make_input("grpc", k, v) for k, v in inputs.items()],
                                   enable_empty_final_response=True)
@@ -66,14 +75,14 @@ def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None):
         client.close()
 
 
-def generate_json(http_url, model, body: dict) -> tuple:
+def generate_json(http_url, model, body: dict, headers=None) -> tuple:
     """POST /v2/models/{model}/generate: (status, parsed JSON)."""
     import json
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
+                                 method="POST", headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, json.loads(r.read())

@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from ragstack.server import ROOT
+from tests.integration.conftest import CORPUS, ingest
 from tests.integration.helpers import generate_json, infer, is_invalid_arg, make_input, stream, strings
 
 pytestmark = pytest.mark.integration
-CORPUS = sorted((ROOT / "data" / "corpus").glob("*.md"))
 QUESTION = "How long is a primary on-call shift?"
-
-
-def ingest(client_pair, doc_ids, texts=None, collection="corpus", op="upsert"):
-    arrays = {"doc_ids": strings(doc_ids), "collection": strings([collection]), "op": strings([op])}
-    if texts is not None:
-        arrays["texts"] = strings(texts)
-    return json.loads(infer(client_pair, "ingest", arrays, ["report"])["report"].reshape(-1)[0])
 
 
 def rag_inputs(query=QUESTION, documents=None, **kw):
@@ -31,8 +23,17 @@ def rag_inputs(query=QUESTION, documents=None, **kw):
     return arrays
 
 
-def ask(client_pair, model="rag", **kw):
-    out = infer(client_pair, model, rag_inputs(**kw), ["answer", "contexts", "usage"])
+HEADERS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _identity(identity):
+    HEADERS.update(identity)
+
+
+def ask(client_pair, model="rag", headers=None, **kw):
+    out = infer(client_pair, model, rag_inputs(**kw), ["answer", "contexts", "usage"],
+                headers=HEADERS if headers is None else headers)
     return {k: json.loads(v.reshape(-1)[0]) for k, v in out.items()}
 
 
@@ -46,13 +47,6 @@ def check_answer(result, n_contexts=None):
     assert set(result["usage"]["timings_ms"]) >= {"tokenize", "embed", "search", "rerank", "generate", "total"}
 
 
-@pytest.fixture(scope="module")
-def corpus(http):
-    report = ingest(("http", http), [p.stem for p in CORPUS], [p.read_text() for p in CORPUS])
-    assert [d["status"] for d in report["documents"]] == ["created"] * len(CORPUS)
-    return report
-
-
 def test_query_over_http_and_grpc(client, corpus):
     result = ask(client, top_k=6, top_n=3)
     check_answer(result, 3)
@@ -62,13 +56,15 @@ def test_query_over_http_and_grpc(client, corpus):
 
 
 def test_query_over_generate_extension(server, corpus):
-    status, body = generate_json(server.http_url, "rag", {"query": QUESTION, "collection": "corpus", "top_n": 2})
+    # /generate forwards no headers; its unknown JSON fields become request parameters, identity included.
+    status, body = generate_json(server.http_url, "rag", {"query": QUESTION, "collection": "corpus", "top_n": 2,
+                                                          **HEADERS})
     assert status == 200, body
     check_answer({k: json.loads(body[k]) for k in ("answer", "contexts", "usage")}, 2)
 
 
 def test_streaming_over_grpc_yields_the_answer_text(server, corpus):
-    parts = stream(server.grpc_url, "rag_stream", rag_inputs(top_n=2))
+    parts = stream(server.grpc_url, "rag_stream", rag_inputs(top_n=2), headers=HEADERS)
     final = parts[-1]
     assert "usage" in final and len(parts) > 2
     deltas = "".join(p["answer"].reshape(-1)[0].decode() for p in parts[:-1])
@@ -81,7 +77,8 @@ def test_streaming_over_generate_stream(server, corpus):
     import urllib.request
 
     req = urllib.request.Request(f"http://{server.http_url}/v2/models/rag_stream/generate_stream",
-                                 data=json.dumps({"query": QUESTION, "collection": "corpus"}).encode(), method="POST")
+                                 data=json.dumps({"query": QUESTION, "collection": "corpus", **HEADERS}).encode(),
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=300) as r:
         events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
     assert len(events) > 2 and "usage" in events[-1]
@@ -186,7 +183,7 @@ def test_non_utf8_query_and_unsatisfiable_schema(client, corpus):
     arrays = rag_inputs()
     arrays["query"] = np.array([[b"\xff\xfeq"]], dtype=object)
     with pytest.raises(InferenceServerException) as err:
-        c.infer("rag", [make_input(protocol, k, v) for k, v in arrays.items()])
+        c.infer("rag", [make_input(protocol, k, v) for k, v in arrays.items()], headers=dict(HEADERS))
     assert is_invalid_arg(err.value) and "UTF-8" in str(err.value)
     impossible = {"type": "string", "minLength": 10, "maxLength": 2}
     with pytest.raises(InferenceServerException) as err:

@@ -135,7 +135,7 @@ def test_dashboard_shape():
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}" and t["refId"]
     used = " ".join(DASHBOARD_EXPRS)
-    for metric in ("llm_queue_delay_us_bucket", "llm_stage_latency_us_bucket", "llm_tokens_in_total",
-                   "llm_tokens_out_total", "llm_cost_usd_total", "nv_inference_queue_duration_us",
+    for metric in ("llm_queue_delay_us_bucket", "llm_stage_latency_us_bucket", "llm_tokens_in",
+                   "llm_tokens_out", "llm_cost_usd", "nv_inference_queue_duration_us",
                    "nv_inference_compute_infer_duration_us", "llm_memory_used_bytes", "nv_gpu_memory_used_bytes"):
         assert metric in used

@@ -165,3 +165,27 @@ def test_the_engine_prompt_limit_trims_further():
     engines.prompt_limit = lambda max_tokens: 700
     result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
     assert [c.doc_id for c in result.contexts] == ["d0", "d1"]
+
+
+PRICES = {"price_per_1k_input_usd": 0.01, "price_per_1k_output_usd": 0.03}
+
+
+def test_cost_is_computed_from_manifest_prices():
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    result = rag.run(rag.RagRequest(query="q"), engines, POLICY, prices=PRICES)
+    assert result.usage["cost_usd"] == pytest.approx(42 / 1000 * 0.01 + 7 / 1000 * 0.03)
+
+
+def test_worst_case_cost_over_the_limit_alerts_or_rejects_per_policy():
+    import dataclasses
+
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    pricey = {"price_per_1k_input_usd": 1.0, "price_per_1k_output_usd": 1.0}
+    alerts = []
+    rag.run(rag.RagRequest(query="q"), engines, POLICY, prices=pricey, on_alert=lambda e, f: alerts.append((e, f)))
+    assert alerts and alerts[0][0] == "cost_budget_exceeded" and alerts[0][1]["worst_case_cost_usd"] > 0.10
+    strict = RuntimePolicy(POLICY.tasks, POLICY.default_task,
+                           dataclasses.replace(POLICY.thresholds, cost_breach_action="reject"))
+    with pytest.raises(BudgetError) as err:
+        rag.run(rag.RagRequest(query="q"), engines, strict, prices=pricey)
+    assert err.value.flag == "cost_budget_exceeded"

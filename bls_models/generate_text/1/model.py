@@ -55,7 +55,7 @@ class TritonPythonModel:
             top_p=float(get("top_p", 1.0)), top_k=int(get("top_k", 0)), seed=get("seed"),
             guide_type=ta.input_string(pb, request, C, "guide_type"), guide=ta.input_string(pb, request, C, "guide"),
             on_delta=(lambda text: sender.send(_response({"text": [text]}))) if stream else None,
-            is_cancelled=request.is_cancelled)
+            is_cancelled=request.is_cancelled, hop=ta.Hop.of(request, trace=False))
         if result["finish_reason"] == "cancelled":
             sender.send(flags=FINAL)
             return

@@ -8,6 +8,8 @@ import triton_python_backend_utils as pb
 from ragstack import contracts
 from ragstack import triton_adapter as ta
 from ragstack.engine_spec import EngineSpec
+from ragstack.identity import check_identity, request_headers
+from ragstack.manifest import MANIFEST_FILE, read_manifest
 from ragstack.generation import GenerationRequest, InflightBatchingEngine
 from ragstack.trtllm_io import generate_outputs, parse_generate_inputs
 
@@ -22,17 +24,30 @@ class TritonPythonModel:
         engine_dir = ta.resolve_engine_dir(params["engine_dir"])
         spec = EngineSpec.read(engine_dir)
         self.engine = InflightBatchingEngine(engine_dir, max_batch_size=spec.max_batch_size or C.max_batch_size)
+        manifest_path = engine_dir / MANIFEST_FILE
+        self.identity = None
+        if manifest_path.is_file():
+            m = read_manifest(manifest_path)
+            self.identity = ({"engine_hash": m.engine_hash, "quantisation": m.quantisation}, str(manifest_path))
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
+                self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
                 req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
                 self.engine.submit(req, on_update=_Responder(sender, req), is_cancelled=request.is_cancelled)
             except Exception as e:  # noqa: BLE001 - bad input ends this request only
                 sender.send(ta.error_response(pb, e), flags=FINAL)
         return None
+
+    def _check_identity(self, request):
+        """A caller that names the engine it expects (X-Engine-Hash / X-Quantisation, forwarded by Triton or
+        passed on by a BLS parent) is refused when this engine is another one."""
+        headers = request_headers(request.parameters())
+        if self.identity and ("x-engine-hash" in headers or "x-quantisation" in headers):
+            check_identity(headers, *self.identity)
 
     def finalize(self):
         self.engine.shutdown()

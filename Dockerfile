@@ -1,0 +1,53 @@
+# The production (trtllm profile) server: the pinned Triton + TensorRT-LLM container plus this project's BLS models.
+#
+# The image holds code and configs only. The engines built by engine_builds/ (docs/gpu-deployment.md) are mounted
+# at run time: the engine set at /workspace/engines and the generator's folder, which holds its tokenizer and
+# tokenizer_info.json, at /workspace/tokenizer (docker-compose.triton.yml does both).
+#
+# The base must stay ragstack.contracts.TRTLLM_CONTAINER (tests/unit/test_deployment.py checks).
+FROM nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /opt/ragstack
+
+# The BLS models' Python dependencies go into their own environment, not the container's: TensorRT-LLM pins an
+# older transformers than the project's (>=5), and torch is neither needed by the BLS models nor reinstalled.
+# tools/serve_triton.sh puts /opt/ragstack/.venv/bin first on PATH, which is how the Python backend stub finds it.
+# The versions are the project's own lines from requirements.txt; a constraint file the base image may set for its
+# own packages (PIP_CONSTRAINT) does not apply to this environment.
+COPY requirements.txt pyproject.toml ./
+COPY ragstack/ ragstack/
+RUN python3 -m venv --without-pip .venv \
+    && grep -E '^(transformers|tokenizers|jsonschema|numpy)([<>=!~ ]|$)' requirements.txt > /tmp/bls-requirements.txt \
+    && env -u PIP_CONSTRAINT python3 -m pip --python .venv/bin/python install --no-cache-dir \
+        -r /tmp/bls-requirements.txt \
+    && env -u PIP_CONSTRAINT python3 -m pip --python .venv/bin/python install --no-cache-dir --no-deps . \
+    && rm /tmp/bls-requirements.txt
+
+COPY config/ config/
+COPY bls_models/ bls_models/
+COPY model_repository/trtllm/ model_repository/trtllm/
+COPY tools/serve_triton.sh tools/serve_triton.sh
+
+# TOKENIZER_DIR names a folder, not a secret (DL3064 matches the word "TOKEN").
+# hadolint ignore=DL3064
+ENV PROFILE=trtllm \
+    ENGINE_PATH=/workspace/engines \
+    TOKENIZER_DIR=/workspace/tokenizer \
+    RAG_DATA_PATH=/workspace/data \
+    TRITON_HTTP_PORT=8000 \
+    TRITON_GRPC_PORT=8001 \
+    TRITON_METRICS_PORT=8002
+
+EXPOSE 8000 8001 8002
+
+# Ready means every model loaded; engines take minutes to deserialise, hence the start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('TRITON_HTTP_PORT', '8000'), timeout=4)"]
+
+ENTRYPOINT ["/opt/ragstack/tools/serve_triton.sh"]

@@ -1,0 +1,63 @@
+"""The stack's own metrics on Triton's metrics port (Python backend custom metrics API).
+
+Names, kinds, labels and buckets are those of ``monitoring/metrics.json`` (which the alert rules and the
+dashboard read); a unit test checks the two agree. Families and metrics are created once per process and kept
+referenced (a collected family makes ``observe()`` fail with "MetricFamily has been deleted").
+"""
+from __future__ import annotations
+
+import threading
+
+QUEUE_DELAY_BUCKETS = [100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000]
+STAGE_BUCKETS = [100, 500, 1000, 5000, 10000, 50000, 100000, 500000, 1000000, 5000000, 30000000]
+OUTCOMES = ("ok", "invalid_input", "identity_rejected", "token_budget_overrun", "cost_budget_exceeded",
+            "internal_error")
+
+# name: (kind, help, label names)
+FAMILIES = {
+    "llm_queue_delay_us": ("HISTOGRAM", "Time a generate request waited before it was scheduled", ("model",)),
+    "llm_stage_latency_us": ("HISTOGRAM", "Per-request latency of each pipeline stage", ("stage",)),
+    "llm_tokens_in": ("COUNTER", "Prompt tokens", ("model", "task")),
+    "llm_tokens_out": ("COUNTER", "Completion tokens", ("model", "task")),
+    "llm_cost_usd": ("COUNTER", "Cost from the engine manifest's per-1k-token prices", ("model", "task")),
+    "llm_requests": ("COUNTER", "RAG requests by outcome", ("task", "outcome")),
+}
+
+
+class StackMetrics:
+    def __init__(self, pb):
+        self._pb = pb
+        kinds = {"COUNTER": pb.MetricFamily.COUNTER, "GAUGE": pb.MetricFamily.GAUGE,
+                 "HISTOGRAM": pb.MetricFamily.HISTOGRAM}
+        self._families = {name: pb.MetricFamily(name=name, description=desc, kind=kinds[kind])
+                          for name, (kind, desc, _) in FAMILIES.items()}
+        self._metrics = {}
+        self._lock = threading.Lock()
+
+    def _metric(self, name: str, buckets=None, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                kwargs = {"labels": {k: str(v) for k, v in labels.items()}}
+                if buckets is not None:
+                    kwargs["buckets"] = buckets
+                metric = self._metrics[key] = self._families[name].Metric(**kwargs)
+        return metric
+
+    def request(self, task: str, outcome: str) -> None:
+        self._metric("llm_requests", task=task, outcome=outcome).increment(1)
+
+    def stages(self, timings_ms: dict) -> None:
+        for stage, ms in timings_ms.items():
+            if stage != "total" and ms > 0:
+                self._metric("llm_stage_latency_us", STAGE_BUCKETS, stage=stage).observe(ms * 1000.0)
+
+    def tokens(self, model: str, task: str, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+        self._metric("llm_tokens_in", model=model, task=task).increment(tokens_in)
+        self._metric("llm_tokens_out", model=model, task=task).increment(tokens_out)
+        if cost_usd:
+            self._metric("llm_cost_usd", model=model, task=task).increment(cost_usd)
+
+    def queue_delay(self, model: str, delay_us: float) -> None:
+        self._metric("llm_queue_delay_us", QUEUE_DELAY_BUCKETS, model=model).observe(delay_us)
