@@ -8,7 +8,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.conftest import CORPUS, ingest
-from tests.integration.helpers import generate_json, infer, is_invalid_arg, make_input, stream, strings
+from tests.integration.helpers import (generate_json, infer, is_invalid_arg, make_input, stream, strings,
+                                       wire_headers)
 
 pytestmark = pytest.mark.integration
 QUESTION = "How long is a primary on-call shift?"
@@ -183,7 +184,7 @@ def test_non_utf8_query_and_unsatisfiable_schema(client, corpus):
     arrays = rag_inputs()
     arrays["query"] = np.array([[b"\xff\xfeq"]], dtype=object)
     with pytest.raises(InferenceServerException) as err:
-        c.infer("rag", [make_input(protocol, k, v) for k, v in arrays.items()], headers=dict(HEADERS))
+        c.infer("rag", [make_input(protocol, k, v) for k, v in arrays.items()], headers=wire_headers(protocol, HEADERS))
     assert is_invalid_arg(err.value) and "UTF-8" in str(err.value)
     impossible = {"type": "string", "minLength": 10, "maxLength": 2}
     with pytest.raises(InferenceServerException) as err:

@@ -101,8 +101,10 @@ def test_engine_and_tokenizer_paths_agree_everywhere():
     env = _dockerfile_env()
     assert (env["PROFILE"], env["ENGINE_PATH"], env["TOKENIZER_DIR"]) == ("trtllm", str(engines), str(tokenizer))
     targets_ = {v["target"]: v for v in _compose()["services"]["triton"]["volumes"]}
-    assert set(targets_) == {str(engines), str(tokenizer)}
-    assert targets_[str(tokenizer)]["source"].endswith("}/generate") and all(v["read_only"] for v in targets_.values())
+    assert set(targets_) == {str(engines), str(tokenizer), env["RAG_DATA_PATH"]}
+    assert targets_[str(tokenizer)]["source"].endswith("}/generate")
+    assert all(targets_[str(p)]["read_only"] for p in (engines, tokenizer))     # engines: read only
+    assert targets_[env["RAG_DATA_PATH"]]["type"] == "volume"                    # the index outlives the container
 
 
 def test_version_folders_link_to_the_mounted_plans():

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Retrieval quality on the labelled set (data/retrieval_eval.json) with the demo models → results/retrieval.json.
+
+Two measurements of the same thing, side by side:
+* in-process: the embed and rerank engines called directly (ragstack.retrieval_eval.rank_in_process);
+* the endpoint: the passages ingested through `ingest`, each question asked of `rag` on a real tritonserver;
+  the embedding order is the contexts sorted by retrieval score, the final order is what `rag` returns
+  (reranked). The endpoint's final order must not be worse than the embedding order.
+
+  .venv/bin/python benchmarks/retrieval.py [--models build/models/demo] [--skip-endpoint]
+"""
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ragstack.manifest import read_manifest  # noqa: E402
+from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
+from ragstack.server import TritonProcess, progress  # noqa: E402
+
+TOP_K = 8
+MODELS = "embed rerank generate vector_index ingest rag_orchestrator rag"
+
+
+def _bytes(values):
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
+    import tritonclient.http as httpclient
+
+    m = read_manifest(models / "generate")
+    headers = {"x-engine-hash": m.engine_hash, "x-quantisation": m.quantisation}
+    with tempfile.TemporaryDirectory() as data, \
+            TritonProcess(models, load_models=MODELS, env={"RAG_DATA_PATH": data}) as server:
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=600, connection_timeout=600)
+
+        def infer(model, arrays, hdrs=None):
+            inputs = []
+            for name, arr in arrays.items():
+                t = httpclient.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            return client.infer(model, inputs, headers=dict(hdrs) if hdrs else None)
+
+        passages = eval_set["passages"]
+        progress(f"ingesting {len(passages)} passages")
+        infer("ingest", {"doc_ids": _bytes([p["id"] for p in passages]), "texts": _bytes([p["text"] for p in passages]),
+                         "collection": _bytes(["eval"])})
+        embedding, final = [], []
+        for i, q in enumerate(eval_set["questions"], 1):
+            arrays = {"query": _bytes([q["question"]]).reshape(1, 1), "collection": _bytes(["eval"]).reshape(1, 1),
+                      "top_k": np.array([[TOP_K]], np.int32), "top_n": np.array([[TOP_K]], np.int32),
+                      "max_tokens": np.array([[96]], np.int32)}
+            contexts = json.loads(infer("rag", arrays, headers).as_numpy("contexts").reshape(-1)[0])
+            final.append([c["doc_id"] for c in contexts])
+            embedding.append([c["doc_id"] for c in sorted(contexts, key=lambda c: -c["score"])])
+            progress(f"question {i}/{len(eval_set['questions'])}: gold rank "
+                     f"{final[-1].index(q['answer_id']) + 1 if q['answer_id'] in final[-1] else '>' + str(TOP_K)}")
+        return embedding, final
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval.json")
+    ap.add_argument("--skip-endpoint", action="store_true")
+    args = ap.parse_args()
+    eval_set = load_eval()
+    gold = [q["answer_id"] for q in eval_set["questions"]]
+    t0 = time.time()
+    progress("in-process ranking")
+    ranked = rank_in_process(eval_set, args.models / "embed", args.models / "rerank", top_k=TOP_K)
+    report = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "models": str(args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models),
+        "questions": len(gold), "passages": len(eval_set["passages"]), "top_k": TOP_K,
+        "in_process": {"embedding": evaluate(ranked["embedding"], gold),
+                       "reranked": evaluate(ranked["reranked"], gold),
+                       "misses_at_1": misses(ranked["reranked"], eval_set)},
+    }
+    if not args.skip_endpoint:
+        embedding, final = endpoint_rankings(eval_set, args.models)
+        report["endpoint"] = {"embedding": evaluate(embedding, gold), "final": evaluate(final, gold)}
+        e, f = report["endpoint"]["embedding"], report["endpoint"]["final"]
+        report["endpoint"]["final_not_worse"] = f["mrr"] >= e["mrr"] and f["recall@5"] >= e["recall@5"]
+    report["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k in ("in_process", "endpoint")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
