@@ -1,4 +1,4 @@
-"""A CPU stand-in for TensorRT-LLM's in-flight batching scheduler, on a transformers causal LM.
+"""A stand-in for TensorRT-LLM's in-flight batching scheduler, on a transformers causal LM (CPU by default).
 
 One background thread owns the model and runs the loop. Each iteration:
 
@@ -15,6 +15,10 @@ is) to the common length and concatenated on the batch dimension; a leaving requ
 leading columns that are padding for every remaining row. Between changes the cache just grows by one column
 per step, as a ``DynamicCache`` does. Padding columns are masked out of attention, so a greedy request produces
 the same tokens alone as in any batch.
+
+``device`` and ``dtype`` put the model, its KV cache and every tensor the loop creates (ids, positions, masks,
+random generators, grammar bitmasks) on another device or in a lower precision; the default is CPU, float32.
+Sampling always works on float32 logits, and results are plain Python on the host.
 """
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ragstack.engine_spec import EngineSpec
+from ragstack.engines import place_model, resolve_device, resolve_dtype
 from ragstack.generation.guided import GuideCompiler, GuideState
 from ragstack.generation.request import (KV_BLOCK_TOKENS, NO_END_ID, GenerationRequest, GenerationResult,
                                          validate_request)
@@ -122,6 +127,12 @@ class _Sequence:
             kv_cache_alloc_new_blocks=blocks, kv_cache_reused_blocks=0, error=self.error)
 
 
+def _plain_greedy(sequence: _Sequence) -> bool:
+    """Greedy (as :func:`sample_token` decides) and unguided: the next token is the argmax of the raw logits."""
+    request = sequence.request
+    return sequence.guide is None and (float(request.temperature) == 0 or int(request.top_k) == 1)
+
+
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """Zero-pad ``tensor`` on the left of ``dim`` (a negative index) up to ``length``."""
     missing = length - tensor.shape[dim]
@@ -135,10 +146,15 @@ class InflightBatchingEngine:
     """Serves :class:`GenerationRequest` objects from one background thread with in-flight batching.
 
     ``num_threads`` sets torch's intra-op thread count, which is per process: in Triton every model instance is
-    its own process, so this is the instance's share of the cores.
+    its own process, so this is the instance's share of the cores. ``device`` ("cpu", "cuda", "cuda:1", ...) and
+    ``dtype`` (a torch dtype or "float32" / "bfloat16" / "float16") place the model; ``model`` injects an
+    already built causal LM (for one built in memory) instead of loading the folder's weights, which still
+    supplies ``engine.json`` and the tokenizer.
     """
 
-    def __init__(self, model_dir, max_batch_size: int = 8, num_threads: Optional[int] = None):
+    def __init__(self, model_dir, max_batch_size: int = 8, num_threads: Optional[int] = None, *,
+                 device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype, None] = "float32",
+                 model: Optional[torch.nn.Module] = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         model_dir = Path(model_dir)
@@ -147,8 +163,11 @@ class InflightBatchingEngine:
             raise ValueError(f"{model_dir} holds a {self.spec.kind!r} engine, not a generate engine")
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        self.model = place_model(model, self.device, self.dtype)
         if any(DynamicCache(config=self.model.config).is_sliding):
             # Sliding-window layers keep a rolling window that left-padding would shift; not supported here.
             raise ValueError(f"{model_dir}: sliding-window attention layers are not supported by this engine")
@@ -289,12 +308,12 @@ class InflightBatchingEngine:
         sequence.scheduled_ns = time.time_ns()
         request = sequence.request
         try:
-            sequence.generator = make_generator(request.seed)
+            sequence.generator = make_generator(request.seed, self.device)
             if sequence.compiled_grammar is not None:
                 stop_ids = [] if sequence.end_id == NO_END_ID else [sequence.end_id]
                 sequence.guide = self.guides.new_state(sequence.compiled_grammar, stop_ids)
             cache = DynamicCache(config=self.model.config)
-            input_ids = torch.tensor([[int(t) for t in request.input_ids]], dtype=torch.long)
+            input_ids = torch.tensor([[int(t) for t in request.input_ids]], dtype=torch.long, device=self.device)
             logits = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1, :]
             sequence.position = input_ids.shape[1]
@@ -309,8 +328,8 @@ class InflightBatchingEngine:
     def _decode_step(self) -> None:
         """One forward pass for all running requests; rows that fail to sample fail alone."""
         batch = self._active
-        input_ids = torch.tensor([[s.next_input] for s in batch], dtype=torch.long)
-        position_ids = torch.tensor([[s.position] for s in batch], dtype=torch.long)
+        input_ids = torch.tensor([[s.next_input] for s in batch], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[s.position] for s in batch], dtype=torch.long, device=self.device)
         attention_mask = torch.cat([self._cache_mask, self._cache_mask.new_ones(len(batch), 1)], dim=1)
         try:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -323,10 +342,15 @@ class InflightBatchingEngine:
         self._cache_mask = attention_mask
         self._counters["steps"] += 1
         self._counters["max_batch_seen"] = max(self._counters["max_batch_seen"], len(batch))
+        logits = logits.float()  # a no-op for a float32 model
+        # Greedy rows without a grammar need only the argmax: take every row's in one reduction and one copy to
+        # the host (the same ids as row by row; it saves a device round trip per row on a GPU).
+        argmax = torch.argmax(logits, dim=-1).tolist() if any(_plain_greedy(s) for s in batch) else None
         for row, sequence in enumerate(batch):
             sequence.position += 1
             try:
-                self._take_token(sequence, self._sample(sequence, logits[row:row + 1]))
+                token = argmax[row] if _plain_greedy(sequence) else self._sample(sequence, logits[row:row + 1])
+                self._take_token(sequence, token)
             except Exception as exc:
                 log.exception("sampling failed for request %d", sequence.handle.request_id)
                 sequence.finish("error", f"sampling failed: {exc}")
@@ -335,6 +359,7 @@ class InflightBatchingEngine:
     def _sample(sequence: _Sequence, logits: torch.Tensor) -> int:
         """``logits``: this request's row, shape [1, vocab]; the grammar mask is applied first, so that even
         greedy decoding stays inside the grammar."""
+        logits = logits.float()  # a no-op for a float32 model
         if sequence.guide is not None:
             sequence.guide.apply(logits)
         request = sequence.request
@@ -418,7 +443,7 @@ class InflightBatchingEngine:
         if not keep:
             self._cache = self._cache_mask = None
             return
-        self._cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+        self._cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.device))
         mask = self._cache_mask[keep]
         unused = int((mask.sum(dim=0) > 0).long().argmax())  # first column some row still uses
         if unused:
@@ -432,7 +457,7 @@ class InflightBatchingEngine:
     def _join_batch(self, sequence: _Sequence, cache: DynamicCache) -> None:
         """Add a prefilled request's cache as a new row: left-pad the shorter side to the common length."""
         length = cache.get_seq_length()
-        row_mask = torch.ones(1, length, dtype=torch.long)
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         if self._cache is None:
             self._cache, self._cache_mask = cache, row_mask
         else:

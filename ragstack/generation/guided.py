@@ -7,6 +7,11 @@ clients tend to resend the same schema), then every request gets its own :class:
 All failures are reported as :class:`~ragstack.errors.InvalidInput` with a message naming the problem, because
 they come from client input; xgrammar signals them as ``RuntimeError`` with a C++ source location prefix that
 means nothing to a client and is stripped.
+
+xgrammar is imported when first needed, not with this module: an engine serves unguided requests on a machine
+without xgrammar, and a guided request there fails as InvalidInput. Where xgrammar is installed, the tokenizer is
+prepared when the :class:`GuideCompiler` is built, as before. On a GPU the bitmask is copied to the logits'
+device before it is applied.
 """
 from __future__ import annotations
 
@@ -14,18 +19,29 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
-import xgrammar
 
 from ragstack.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import xgrammar
 
 GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
 
 # "[04:55:47] /project/cpp/regex_converter.cc:83: " in front of every xgrammar error message.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
+
+
+def _import_xgrammar():
+    """The xgrammar module; raises ImportError when it (or a library it needs) is not installed."""
+    import xgrammar
+
+    if not hasattr(xgrammar, "GrammarCompiler"):  # an empty placeholder standing in for a missing xgrammar
+        raise ImportError("the xgrammar module found is a placeholder without xgrammar's API")
+    return xgrammar
 
 
 def _xgrammar_message(exc: BaseException) -> str:
@@ -43,12 +59,19 @@ class GuideCompiler:
 
     def __init__(self, tokenizer, vocab_size: int, cache_size: int = 64):
         self.vocab_size = int(vocab_size)
-        self._tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
-        # xgrammar's own cache is unbounded by entry count; ours is bounded and keyed by the raw guide text.
-        self._compiler = xgrammar.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, Optional[str]], xgrammar.CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._tokenizer_info = self._compiler = None
+        self.unavailable: Optional[str] = None  # why guides cannot be compiled here (xgrammar missing)
+        try:
+            xgr = _import_xgrammar()
+        except ImportError as exc:
+            self.unavailable = f"guided decoding is not available on this server (xgrammar: {exc})"
+            return
+        self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+        # xgrammar's own cache is unbounded by entry count; ours is bounded and keyed by the raw guide text.
+        self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
 
     def compile(self, guide_type: Optional[str], guide: Optional[str]) -> xgrammar.CompiledGrammar:
         """The compiled grammar for a guide; raises InvalidInput when the guide is unusable."""
@@ -61,6 +84,8 @@ class GuideCompiler:
             raise InvalidInput(f"guide type {guide_type!r} needs a guide, but none was given")
         elif not isinstance(guide, str):
             raise InvalidInput(f"the guide must be a string, got {type(guide).__name__}")
+        if self._compiler is None:
+            raise InvalidInput(self.unavailable)
         key = (guide_type, guide)
         with self._lock:
             if key in self._cache:
@@ -107,11 +132,13 @@ class GuideState:
     """
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int]):
+        self._xgrammar = _import_xgrammar()  # a compiled grammar exists, so xgrammar does
         self._vocab_size = vocab_size
         # No stop ids given: the matcher falls back to the tokenizer's own end tokens.
-        self._matcher = xgrammar.GrammarMatcher(compiled, override_stop_tokens=sorted(set(stop_token_ids)) or None)
+        self._matcher = self._xgrammar.GrammarMatcher(compiled,
+                                                      override_stop_tokens=sorted(set(stop_token_ids)) or None)
         self._stop_token_ids = frozenset(self._matcher.stop_token_ids)
-        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self._bitmask = self._xgrammar.allocate_token_bitmask(1, vocab_size)  # host memory: the matcher fills it
         self.must_stop = False
         self._refresh()
 
@@ -122,8 +149,20 @@ class GuideState:
         self.must_stop = len(allowed) <= len(self._stop_token_ids) and set(allowed.tolist()) <= self._stop_token_ids
 
     def apply(self, logits_row: torch.Tensor) -> None:
-        """Set the logits of disallowed tokens to -inf, in place (``logits_row``: shape [1, vocab])."""
-        xgrammar.apply_token_bitmask_inplace(logits_row, self._bitmask, vocab_size=self._vocab_size)
+        """Set the logits of disallowed tokens to -inf, in place (``logits_row``: shape [1, vocab]).
+
+        On CPU the host bitmask is applied as is; elsewhere a copy on the logits' device is, with xgrammar's
+        kernel for that device (its Triton kernel on CUDA, or its plain-torch one when Triton is missing).
+        """
+        if logits_row.device.type == "cpu":
+            self._xgrammar.apply_token_bitmask_inplace(logits_row, self._bitmask, vocab_size=self._vocab_size)
+            return
+        bitmask = self._bitmask.to(logits_row.device)
+        try:
+            self._xgrammar.apply_token_bitmask_inplace(logits_row, bitmask, vocab_size=self._vocab_size)
+        except ImportError:  # no triton for xgrammar's default CUDA kernel
+            self._xgrammar.apply_token_bitmask_inplace(logits_row, bitmask, vocab_size=self._vocab_size,
+                                                       backend="torch_native")
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``; the mask was applied before sampling, so a refusal is an engine bug."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import xgrammar
+if TYPE_CHECKING:          # only for annotations: unguided generation runs without xgrammar installed
+    import xgrammar
 
 from ragstack.errors import InvalidInput
 from ragstack.generation.guided import GuideCompiler

@@ -1,7 +1,8 @@
 """Per-request token sampling with TensorRT-LLM's parameter conventions.
 
 Each request in a batch has its own settings and its own ``torch.Generator``, so a row is sampled on its own:
-what else is in the batch never changes the random stream a seeded request draws from.
+what else is in the batch never changes the random stream a seeded request draws from. The generator lives on the
+logits' device (a CUDA generator's stream differs from a CPU one's for the same seed).
 
 Conventions (as in TensorRT-LLM): ``temperature == 0`` is greedy (exact argmax, no randomness), ``top_k == 0``
 and ``top_p == 1`` (or ``0``) switch those filters off.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -38,10 +39,10 @@ def check_sampling_params(temperature: float, top_k: int, top_p: float, seed: Op
         raise InvalidInput(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
-def make_generator(seed: Optional[int]) -> torch.Generator:
-    """A private random stream: seeded for reproducibility, or freshly random (a default Generator would hand
-    every unseeded request the same fixed seed)."""
-    generator = torch.Generator()
+def make_generator(seed: Optional[int], device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A private random stream on ``device``: seeded for reproducibility, or freshly random (a default Generator
+    would hand every unseeded request the same fixed seed)."""
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
