@@ -262,3 +262,20 @@ BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT, VECTOR
                                   RAG_ORCHESTRATOR, RAG_STREAM_ORCHESTRATOR)}
 ENSEMBLES = {c.name: (c, orch) for c, orch in ((RAG, RAG_ORCHESTRATOR), (RAG_STREAM, RAG_STREAM_ORCHESTRATOR))}
 ALL = {**ENGINES, **BLS_MODELS, **{name: c for name, (c, _) in ENSEMBLES.items()}}
+
+# ------------------------------------------------------------------------------------- model lifecycle
+MODEL_MANAGER = Contract(
+    name="model_manager", max_batch_size=0,
+    doc="The one authority for engine loads and unloads: memory budget, LRU, cooldown, pre-warm, self-healing, "
+        "canary rollout and rollback (ragstack/lifecycle).",
+    inputs=(
+        Tensor("op", "TYPE_STRING", (1,), doc="acquire | release | prewarm | unload | status | set_mode | "
+                                              "configure | canary_start | canary_route | canary_report | "
+                                              "canary_status | rollback | heal | history"),
+        Tensor("model", "TYPE_STRING", (1,), optional=True, doc="the engine the op is about"),
+        Tensor("payload", "TYPE_STRING", (1,), optional=True, doc="JSON object: the op's arguments"),
+    ),
+    outputs=(Tensor("result", "TYPE_STRING", (1,), doc="JSON"),),
+)
+BLS_MODELS[MODEL_MANAGER.name] = MODEL_MANAGER
+ALL[MODEL_MANAGER.name] = MODEL_MANAGER

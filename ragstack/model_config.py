@@ -166,3 +166,7 @@ TRTLLM = (
                            ("xgrammar_tokenizer_info_path", "/workspace/tokenizer/tokenizer_info.json"))),
 )
 PROFILES["trtllm"] = TRTLLM
+BLS = BLS + (Deployment(C.MODEL_MANAGER, parameters=(  # one instance: the one lifecycle authority
+    ("managed_models", "embed rerank generate"), ("mode", "co_resident"), ("memory_budget", "auto"),
+    ("safety_buffer", "0.15"), ("cooldown_s", "10"), ("memory_metric", "rss"), ("load_api", "grpc"),
+    ("history_path", "lifecycle/versions.json"))),)

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""What a request sees when its engine is cold, pre-warmed, or resident (model lifecycle, spec 001).
+
+One run: this process starts one tritonserver (model_manager and the three reference engines) and drives the
+RAG phases the way spec 001's sequential mode runs them, over the manager's lease protocol (the same ops a BLS
+model uses, over HTTP): embed a batch of queries and search the corpus (CPU), rerank each query's candidates,
+then generate. For each target engine X (rerank: phase 2; generate: phase 3) it measures the latency of one
+request to X, from asking the manager for X to X's response:
+
+* **cold**: X not loaded (co-resident mode, no pre-warm): the request waits for the whole load;
+* **pre-warmed**: sequential mode; X not loaded when the previous phase starts: acquiring the previous phase's
+  engine makes the manager start loading X, the previous phase runs (its batch on its engine, plus the CPU
+  work: tokenisation and the search), then the request to X is made;
+* **resident**: X loaded.
+
+``hidden = (cold - prewarmed) / (cold - resident)``: the share of X's load time the request no longer sees
+(target >= 0.8). The previous phase's duration with and without a concurrent load is reported too: on this
+2-core CPU machine the load (a Python stub importing torch) competes with the phase for the CPU.
+
+Writes results/lifecycle.json. Progress goes to stderr.
+
+  .venv/bin/python benchmarks/lifecycle.py [--models demo|tiny] [--batches N ...] [--candidates 16] [--reps 2]
+
+The pre-warmed latency is measured after previous phases over batches of several sizes: the overlap a pre-warm
+gets is the previous phase's duration, so the hidden share grows with it and reaches ~100 % once the phase
+lasts as long as the load (and the warm-up the manager runs after it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, corpus_paragraphs, eval_questions, machine_info, now_iso, progress, \
+    wait_idle, write_json  # noqa: E402
+
+from ragstack.lifecycle.client import ManagerClient  # noqa: E402
+from ragstack.server import TritonProcess  # noqa: E402
+
+EMBED_CHUNK, RERANK_CHUNK = 32, 16
+TARGET_HIDDEN = 0.8
+# The previous phase of generate is the rerank of every query's candidates (long); of rerank, the embedding of
+# the queries and the search (short): a batch of 64 queries still embeds in about a second.
+DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64]}
+
+
+class Pipeline:
+    """The RAG phases as a client runs them: every engine call inside a lease from the manager."""
+
+    def __init__(self, server: TritonProcess, models: Path, max_tokens: int):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        from ragstack.chat import GeneratorTokenizer
+        from ragstack.text import EmbedTokenizer, RerankTokenizer
+
+        self.http = httpclient.InferenceServerClient(server.http_url, network_timeout=600, connection_timeout=600)
+        self.grpc_url = server.grpc_url
+        self._grpc = grpcclient
+        self._httpc = httpclient
+        self.mc = ManagerClient(server.http_url)
+        self.embed_tok = EmbedTokenizer(models / "embed")
+        self.rerank_tok = RerankTokenizer(models / "rerank")
+        self.gen_tok = GeneratorTokenizer(models / "generate")
+        self.max_tokens = max_tokens
+        self.docs = corpus_paragraphs()
+        self.doc_vectors = None
+
+    # --------------------------------------------------------------------------------------- engine calls
+    def _infer(self, model, ids, mask, output, version):
+        inputs = []
+        for name, arr in (("input_ids", ids), ("attention_mask", mask)):
+            t = self._httpc.InferInput(name, list(arr.shape), "INT32")
+            t.set_data_from_numpy(arr.astype(np.int32))
+            inputs.append(t)
+        kwargs = {"model_version": str(version)} if version > 0 else {}
+        return self.http.infer(model, inputs, **kwargs).as_numpy(output)
+
+    def embed(self, texts, input_type):
+        with self.mc.lease("embed") as lease:
+            ids, mask, _ = self.embed_tok.encode(texts, input_type)
+            return np.concatenate([self._infer("embed", ids[s:s + EMBED_CHUNK], mask[s:s + EMBED_CHUNK],
+                                               "embedding", lease.version) for s in range(0, len(ids), EMBED_CHUNK)])
+
+    def rerank(self, pairs):
+        """pairs: [(query, [docs])] -> [[scores]] (the whole batch under one lease)."""
+        with self.mc.lease("rerank") as lease:
+            out = []
+            for query, docs in pairs:
+                ids, mask = self.rerank_tok.encode_pairs(query, docs)
+                out.append(np.concatenate([self._infer("rerank", ids[s:s + RERANK_CHUNK], mask[s:s + RERANK_CHUNK],
+                                                       "score", lease.version).reshape(-1)
+                                           for s in range(0, len(ids), RERANK_CHUNK)]))
+            return out
+
+    def generate(self, prompt):
+        from ragstack.trtllm_io import generate_inputs
+
+        with self.mc.lease("generate") as lease:
+            ids = self.gen_tok.prompt_ids(prompt)
+            arrays = generate_inputs(ids, self.max_tokens, self.gen_tok.end_id, self.gen_tok.pad_id,
+                                     return_perf_metrics=False)
+            inputs = []
+            for name, arr in arrays.items():
+                dtype = "BYTES" if arr.dtype == object else {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+                                                             np.dtype(np.bool_): "BOOL",
+                                                             np.dtype(np.uint64): "UINT64"}[arr.dtype]
+                t = self._grpc.InferInput(name, list(arr.shape), dtype)
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            responses = queue.Queue()
+            client = self._grpc.InferenceServerClient(self.grpc_url)
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            try:
+                client.async_stream_infer("generate", inputs, model_version=str(lease.version) if lease.version > 0
+                                          else "", enable_empty_final_response=True)
+                while True:
+                    result, error = responses.get(timeout=600)
+                    if error is not None:
+                        raise error
+                    if result.get_response().parameters["triton_final_response"].bool_param:
+                        return
+            finally:
+                client.stop_stream()
+                client.close()
+
+    # -------------------------------------------------------------------------------------------- phases
+    def index_corpus(self):
+        self.doc_vectors = self.embed(self.docs, "document")
+
+    def phase_embed_search(self, queries, candidates):
+        q = self.embed(queries, "query")
+        top = np.argsort(-(q @ self.doc_vectors.T), axis=1)[:, :candidates]         # CPU: exact search
+        return [(query, [self.docs[i] for i in row]) for query, row in zip(queries, top)]
+
+    def phase_rerank(self, pairs):
+        return self.rerank(pairs)
+
+    def request(self, model, pairs, queries):
+        """One request to ``model``: what the latency is measured on."""
+        if model == "rerank":
+            self.rerank(pairs[:1])
+        elif model == "generate":
+            self.generate(f"Answer from the context: {queries[0]}")
+        else:
+            self.embed(queries[:1], "query")
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    def unload(self, model):
+        self.mc.call("unload", model)
+        self.mc.wait_state(model, "unloaded", timeout_s=120)
+
+    def ensure(self, model):
+        with self.mc.lease(model):
+            pass
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int) -> dict:
+    """Latency of one request to ``target``: resident; and, per batch size of the previous phase, cold and
+    pre-warmed measured in pairs, back to back (the machine is shared: a pair sees the same background)."""
+    previous = {"rerank": "embed", "generate": "rerank"}[target]
+    queries_all = eval_questions() * 16
+    small = queries_all[:4]
+    small_pairs = p.phase_embed_search(small, candidates)
+    p.mc.call("set_mode", payload={"mode": "co_resident"})
+    p.ensure(previous)
+    p.ensure(target)
+    resident = [timed(p.request, target, small_pairs, small) for _ in range(5)]
+    med_res = statistics.median(resident)
+    progress(f"{target} resident {med_res * 1000:.0f} ms")
+    by_batch = {}
+    for n in batches:
+        queries = queries_all[:n]
+        pairs = p.phase_embed_search(queries, candidates)
+
+        def previous_phase():
+            if previous == "embed":
+                p.phase_embed_search(queries, candidates)
+            else:
+                p.phase_rerank(pairs)
+
+        p.mc.call("set_mode", payload={"mode": "co_resident"})
+        p.ensure(previous)
+        p.ensure(target)
+        alone = [timed(previous_phase) for _ in range(max(1, reps - 1))]
+        runs = []
+        for rep in range(reps):
+            wait_idle(0.35, 30)
+            # cold: co-resident mode, nothing pre-warms the target
+            p.mc.call("set_mode", payload={"mode": "co_resident"})
+            p.ensure(previous)
+            p.unload(target)
+            cold = timed(p.request, target, small_pairs, small)
+            cold_model = p.mc.model(target)
+            # pre-warmed: sequential; acquiring the previous phase's engine starts the target's load
+            p.ensure(previous)
+            p.unload(target)
+            p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})   # a batch pipeline
+            phase = timed(previous_phase)
+            pre = timed(p.request, target, small_pairs, small)
+            pre_model = p.mc.model(target)
+            hidden = (cold - pre) / (cold - med_res) if cold > med_res else None
+            runs.append({"cold_s": round(cold, 4), "prewarmed_s": round(pre, 4), "previous_phase_s": round(phase, 3),
+                         "cold_load_s": round(cold_model["load_seconds"], 3),
+                         "cold_warmup_ms": cold_model["warmup_ms"],
+                         "prewarm_load_s": round(pre_model["load_seconds"], 3),
+                         "prewarm_warmup_ms": pre_model["warmup_ms"],
+                         "hidden_fraction": None if hidden is None else round(hidden, 4)})
+            progress(f"{target}, {n}-query {previous} phase of {phase:.2f} s: cold {cold:.2f} s (load "
+                     f"{cold_model['load_seconds']:.2f} s), pre-warmed {pre:.2f} s (load "
+                     f"{pre_model['load_seconds']:.2f} s): hidden {hidden if hidden is None else round(hidden, 3)}")
+        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+        hidden = (med("cold_s") - med("prewarmed_s")) / (med("cold_s") - med_res) if med("cold_s") > med_res \
+            else None
+        by_batch[str(n)] = {
+            "queries": n, "previous_phase_work": (f"{n * candidates} (query, document) pairs" if previous == "rerank"
+                                                  else f"{n} queries embedded + exact search"),
+            "cold_latency_s": round(med("cold_s"), 4), "prewarmed_latency_s": round(med("prewarmed_s"), 4),
+            "previous_phase_s": {"alone": [round(x, 3) for x in alone],
+                                 "with_prewarm": round(med("previous_phase_s"), 3)},
+            "load_s": round(med("cold_load_s"), 3),
+            "hidden_fraction": None if hidden is None else round(max(0.0, min(1.0, hidden)), 4),
+            "runs": runs,
+        }
+        progress(f"{target}, {n}-query batch: hidden {by_batch[str(n)]['hidden_fraction']}")
+    p.mc.call("set_mode", payload={"mode": "co_resident"})
+    return {
+        "previous_phase": previous,
+        "request": {"rerank": f"one query x {candidates} candidates",
+                    "generate": f"one prompt, {p.max_tokens} new tokens"}[target],
+        "resident_latency_s": {"median": round(med_res, 4), "runs": [round(x, 4) for x in resident]},
+        "by_batch": by_batch,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", choices=("demo", "tiny"), default="demo")
+    ap.add_argument("--batches", type=int, nargs="+",
+                    help="queries in the batch the previous phase works on, one pre-warmed measurement each "
+                         f"(default per target: {DEFAULT_BATCHES})")
+    ap.add_argument("--candidates", type=int, default=16, help="search results reranked per query")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--targets", nargs="+", default=["rerank", "generate"])
+    ap.add_argument("--out", type=Path, default=RESULTS / "lifecycle.json")
+    args = ap.parse_args()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # so that the server is stopped on the way out
+    models = ROOT / "build" / "models" / args.models
+    work = Path(tempfile.mkdtemp(prefix="lifecycle-bench-"))
+    server = TritonProcess(models, load_models="model_manager embed rerank generate",
+                           log_path=ROOT / "build" / "logs" / "bench-lifecycle.log",
+                           env={"RAG_DATA_PATH": str(work), "RAGSTACK_EVENT_LOG": str(work / "events.jsonl")})
+    progress(f"starting tritonserver on the {args.models} models")
+    server.start()
+    started = now_iso()
+    try:
+        p = Pipeline(server, models, args.max_tokens)
+        p.mc.wait(lambda s: all(m["state"] == "ready" for m in s["models"].values()), timeout_s=300)
+        p.mc.call("configure", payload={"budget_bytes": 64 << 30, "cooldown_s": 0})
+        p.index_corpus()
+        results = {t: measure_target(p, t, args.batches or DEFAULT_BATCHES[t], args.candidates, args.reps)
+                   for t in args.targets}
+        status = p.mc.status()
+    finally:
+        server.stop()
+    summary = {"target": TARGET_HIDDEN, "hidden_fraction": {}, "previous_phase_s": {}, "load_s": {},
+               "smallest_batch_meeting_target": {}}
+    for t, r in results.items():
+        batches = r["by_batch"]
+        summary["hidden_fraction"][t] = {n: b["hidden_fraction"] for n, b in batches.items()}
+        summary["previous_phase_s"][t] = {n: b["previous_phase_s"]["with_prewarm"] for n, b in batches.items()}
+        summary["load_s"][t] = {n: b["load_s"] for n, b in batches.items()}
+        met = [int(n) for n, b in batches.items() if b["hidden_fraction"] is not None
+               and b["hidden_fraction"] >= TARGET_HIDDEN]
+        summary["smallest_batch_meeting_target"][t] = min(met) if met else None
+    out = {
+        "benchmark": "lifecycle",
+        "started": started,
+        "machine": machine_info(),
+        "models": args.models,
+        "model_set": str(models.relative_to(ROOT)),
+        "setup": {"batches": {t: args.batches or DEFAULT_BATCHES[t] for t in args.targets},
+                  "candidates_per_query": args.candidates, "reps": args.reps,
+                  "generate_max_tokens": args.max_tokens, "corpus_paragraphs": len(p.docs),
+                  "protocol": "manager lease ops over HTTP; embed/rerank over HTTP, generate over a gRPC stream"},
+        "definitions": {
+            "cold": "co_resident mode, the engine unloaded: the request waits for its load",
+            "prewarmed": "sequential mode, the engine unloaded when the previous phase's engine is acquired; "
+                         "the previous phase (its batch + CPU tokenisation/search) runs, then the request",
+            "resident": "the engine loaded",
+            "hidden_fraction": "(cold - prewarmed) / (cold - resident): medians over back-to-back (cold, pre-warmed) "
+                               "pairs, clamped to [0, 1]",
+        },
+        "targets": results,
+        "footprints_bytes": {m: v["footprint_bytes"] for m, v in status["models"].items()},
+        "summary": summary,
+    }
+    write_json(args.out, out)
+    print(json.dumps(out["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,544 @@
+#!/usr/bin/env python3
+"""The `rag` endpoint: where its time goes, and its throughput against the same models called in-process.
+
+For the demo model set (and, for the overhead only, the tiny one) this process starts one tritonserver with its
+own RAG_DATA_PATH, ingests data/corpus through the `ingest` model and then measures:
+
+* overhead, sequential queries (one at a time, gRPC): the client's end-to-end latency of `rag` against
+  - the orchestrator's own per-stage timings (`usage.timings_ms`, measured around the BLS calls):
+    overhead = e2e - (embed + search + rerank + generate), and inside the orchestrator total - the same stages;
+  - Triton's statistics (compute_input + compute_infer + compute_output) of embed, rerank, vector_index and
+    generate before/after the run. `generate` is decoupled: its execute() only enqueues, so its compute time
+    does not cover the generation; the "engine compute" view is given raw (as Triton reports it) and with the
+    generate stage's time in place of generate's compute.
+  Target: under 10% of e2e on the demo set; a few ms absolute per request on the tiny set.
+* throughput: `rag` at concurrency 8 against an in-process loop over the same models (EmbedTokenizer +
+  EmbeddingEngine, numpy search over the same chunk vectors, RerankTokenizer + RerankEngine,
+  InflightBatchingEngine with ragstack.rag's prompt and schema: rag.run with in-process engines), one request
+  at a time, interleaved round by round on the same questions. Target >= 1.5x.
+* optionally (--perf-analyzer) perf_analyzer against `rag` with benchmarks/perf_data/rag.json.
+
+Writes results/rag.json. Progress goes to stderr.
+
+  .venv/bin/python benchmarks/rag.py [--rounds 2] [--round-queries 16] [--perf-analyzer] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, display_path, eval_questions,  # noqa: E402
+                    latency_summary, machine_info, model_stats, now_iso, progress, run_perf_analyzer, stats_delta,
+                    target, wait_idle, write_input_data, write_json)
+
+from ragstack.server import TritonProcess  # noqa: E402
+
+TORCH_THREADS = 2
+CONCURRENCY = 8
+LOAD_MODELS = "rag ingest embed rerank generate vector_index"
+ENGINE_MODELS = ("embed", "rerank", "vector_index", "generate")
+STAT_MODELS = ENGINE_MODELS + ("rag_orchestrator", "rag")
+STAGES = ("tokenize", "embed", "search", "rerank", "generate")
+WORK_STAGES = ("embed", "search", "rerank", "generate")
+IDLE = {"max_fraction": 0.3, "max_wait": 90.0}
+
+
+# ---------------------------------------------------------------------------------------------- client
+def identity_headers(models: Path) -> dict:
+    """Spec 004's identity headers for the served generator (the policy rejects requests without them), from
+    its build manifest, as tools/rag_client.py sends them."""
+    from ragstack.manifest import read_manifest
+
+    m = read_manifest(models / "generate")
+    return {"x-engine-hash": m.engine_hash, "x-quantisation": m.quantisation}
+
+
+def rag_inputs(mod, query: str, top_k: int, top_n: int, max_tokens=None) -> list:
+    arrays = {"query": np.array([[query.encode("utf-8")]], dtype=np.object_),
+              "top_k": np.array([[top_k]], np.int32), "top_n": np.array([[top_n]], np.int32)}
+    if max_tokens:
+        arrays["max_tokens"] = np.array([[max_tokens]], np.int32)
+    inputs = []
+    for name, arr in arrays.items():
+        t = mod.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+def parse_result(result) -> dict:
+    return {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
+
+
+def ingest_corpus(http_url: str) -> dict:
+    """data/corpus through the `ingest` model, one document per request, exactly as tools/rag_client.py does."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
+    paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))
+    t0 = time.perf_counter()
+    docs = []
+    for path in paths:
+        arrays = {"doc_ids": [path.stem], "texts": [path.read_text(encoding="utf-8")],
+                  "metadata": [json.dumps({"source": str(path.relative_to(ROOT)), "title": path.stem})],
+                  "collection": ["default"]}
+        inputs = []
+        for name, values in arrays.items():
+            arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+            t = httpclient.InferInput(name, list(arr.shape), "BYTES")
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        report = json.loads(client.infer("ingest", inputs).as_numpy("report")[0])
+        doc = report["documents"][0]
+        docs.append({"doc_id": path.stem, "status": doc["status"], "chunks": doc["chunks"]})
+    return {"documents": len(docs), "chunks": sum(d["chunks"] for d in docs),
+            "seconds": round(time.perf_counter() - t0, 2), "per_document": docs}
+
+
+# ------------------------------------------------------------------------------------ sequential overhead
+def sequential_overhead(server: TritonProcess, headers: dict, questions: list, top_k: int, top_n: int,
+                        max_tokens) -> dict:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    http = httpclient.InferenceServerClient(server.http_url)
+    rows, failures = [], []
+    before = model_stats(http, STAT_MODELS)
+    for i, q in enumerate(questions):
+        t0 = time.perf_counter()
+        try:
+            out = parse_result(grpc.infer("rag", rag_inputs(grpcclient, q, top_k, top_n, max_tokens),
+                                          headers=dict(headers), client_timeout=600))
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            failures.append({"query": q, "error": str(e)[:500]})
+            progress(f"  query {i + 1}/{len(questions)} FAILED: {str(e)[:200]}")
+            continue
+        e2e = (time.perf_counter() - t0) * 1000.0
+        usage = out["usage"]
+        rows.append({"e2e_ms": e2e, **{f"{k}_ms": float(v) for k, v in usage["timings_ms"].items()},
+                     "tokens_in": usage["tokens_in"], "tokens_out": usage["tokens_out"],
+                     "finish_reason": usage["finish_reason"]})
+        progress(f"  query {i + 1}/{len(questions)}: e2e {e2e:.0f} ms, stages {usage['timings_ms']}, "
+                 f"{usage['tokens_out']} tokens out")
+    delta = stats_delta(before, model_stats(http, STAT_MODELS))
+    if not rows:
+        return {"error": "every query failed", "failures": failures}
+
+    def total(key):
+        return sum(r[key] for r in rows)
+
+    n = len(rows)
+    e2e, orch = total("e2e_ms"), total("total_ms")
+    stages = {s: total(f"{s}_ms") for s in STAGES}
+    work = sum(stages[s] for s in WORK_STAGES)
+    compute_ms = {m: (delta[m]["compute_input_ns"] + delta[m]["compute_infer_ns"] + delta[m]["compute_output_ns"]) / 1e6
+                  for m in STAT_MODELS}
+    queue_ms = {m: delta[m]["queue_ns"] / 1e6 for m in STAT_MODELS}
+    engine_raw = sum(compute_ms[m] for m in ENGINE_MODELS)
+    engine_fixed = sum(compute_ms[m] for m in ("embed", "rerank", "vector_index")) + stages["generate"]
+    per_request = {"e2e": e2e / n, "orchestrator_total": orch / n, **{s: stages[s] / n for s in STAGES},
+                   "overhead_e2e_minus_stages": (e2e - work) / n,
+                   "overhead_inside_orchestrator": (orch - work) / n,
+                   "outside_orchestrator": (e2e - orch) / n}
+    return {
+        "queries": n, "failures": failures,
+        "e2e_latency_ms": latency_summary([r["e2e_ms"] / 1000 for r in rows]),
+        "tokens_out_mean": round(statistics.mean(r["tokens_out"] for r in rows), 1),
+        "tokens_in_mean": round(statistics.mean(r["tokens_in"] for r in rows), 1),
+        "finish_reasons": {k: sum(r["finish_reason"] == k for r in rows) for k in {r["finish_reason"] for r in rows}},
+        "mean_per_request_ms": {k: round(v, 3) for k, v in per_request.items()},
+        "usage_view": {
+            "definition": "overhead = e2e - (embed + search + rerank + generate), the stages timed by the "
+                          "orchestrator around its BLS calls (tokenization, prompt building, schema, JSON check, "
+                          "ensemble, gRPC and client time all count as overhead)",
+            "overhead_fraction_of_e2e": round((e2e - work) / e2e, 4),
+            "overhead_ms_per_request": round((e2e - work) / n, 3),
+            "inside_orchestrator_ms_per_request": round((orch - work) / n, 3),
+            "of_which_tokenize_ms_per_request": round(stages["tokenize"] / n, 3),
+            "outside_orchestrator_ms_per_request": round((e2e - orch) / n, 3),
+        },
+        "triton_statistics_view": {
+            "compute_ms_per_request": {m: round(v / n, 3) for m, v in compute_ms.items()},
+            "queue_ms_per_request": {m: round(v / n, 3) for m, v in queue_ms.items()},
+            "executions": {m: delta[m]["execution_count"] for m in STAT_MODELS},
+            "inferences": {m: delta[m]["inference_count"] for m in STAT_MODELS},
+            "raw_overhead_fraction": round((e2e - engine_raw) / e2e, 4),
+            "raw_note": "generate is decoupled: its compute covers only execute(), which enqueues the request "
+                        "and returns; the generation itself is not in any Triton compute counter",
+            "overhead_fraction_with_generate_stage": round((e2e - engine_fixed) / e2e, 4),
+            "overhead_ms_per_request_with_generate_stage": round((e2e - engine_fixed) / n, 3),
+            "fixed_note": "engine compute = Triton compute of embed + rerank + vector_index, plus the "
+                          "orchestrator's generate stage (BLS stream time) for generate",
+        },
+        "rows": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+    }
+
+
+# ------------------------------------------------------------------------------------------- in-process
+class InProcessRag:
+    """The same pipeline (ragstack.rag.run, under the same runtime policy and prices) with in-process engines,
+    wired like ragstack/orchestrator.py wires its BLS calls; one request at a time."""
+
+    def __init__(self, models: Path, index_dir: Path):
+        import torch
+
+        from ragstack import triton_adapter as ta
+        from ragstack.chat import GeneratorTokenizer
+        from ragstack.engines import EmbeddingEngine, RerankEngine
+        from ragstack.generation import InflightBatchingEngine
+        from ragstack.index import FlatFileStore
+        from ragstack.manifest import read_manifest
+        from ragstack.policy import RuntimePolicy
+        from ragstack.text import EmbedTokenizer, RerankTokenizer
+
+        torch.set_num_threads(TORCH_THREADS)
+        self.embed_tok = EmbedTokenizer(models / "embed")
+        self.embed = EmbeddingEngine(models / "embed", num_threads=TORCH_THREADS)
+        self.rerank_tok = RerankTokenizer(models / "rerank")
+        self.rerank = RerankEngine(models / "rerank", num_threads=TORCH_THREADS)
+        self.gen_tok = GeneratorTokenizer(models / "generate")
+        self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
+        self.store = FlatFileStore(index_dir)
+        self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
+        manifest = read_manifest(models / "generate")
+        self.prices = getattr(manifest, "pricing", None)
+
+    def close(self):
+        self.generator.shutdown(10)
+
+    def engines(self):
+        from ragstack import rag
+        from ragstack.bls import RERANK_BATCH
+        from ragstack.generation import GenerationRequest
+        from ragstack.trtllm_io import finish_reason
+
+        def embed_query(query, timer):
+            with timer.stage("tokenize"):
+                ids, mask, lengths = self.embed_tok.encode([query], "query")
+            return self.embed(ids, mask)[0], int(lengths[0])
+
+        def search(collection, vector, top_k):
+            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
+                                metadata=h.get("metadata") or {})
+                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
+
+        def rerank(query, texts, timer):
+            with timer.stage("tokenize"):
+                ids, mask = self.rerank_tok.encode_pairs(query, texts)
+            return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
+                                   for s in range(0, len(ids), RERANK_BATCH)])
+
+        def generate(system, user, schema, policy, max_tokens, on_delta, timer):
+            with timer.stage("tokenize"):
+                ids = self.gen_tok.prompt_ids(user, system)
+            self.gen_tok.check_budget(len(ids), max_tokens)
+            req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
+                                    pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
+                                    top_p=policy.top_p, guide_type="json_schema", guide=json.dumps(schema),
+                                    exclude_input_in_output=True)
+            res = self.generator.generate(req, timeout=900)
+            if res.finish_reason == "error":
+                raise RuntimeError(res.error)
+            return {"text": self.gen_tok.decode(res.output_ids), "num_input_tokens": res.num_input_tokens,
+                    "num_output_tokens": res.num_output_tokens,
+                    "finish_reason": finish_reason(res.num_output_tokens, max_tokens),
+                    "queue_delay_us": (res.first_scheduled_time_ns - res.arrival_time_ns) / 1000.0}
+
+        def count_tokens(system, user):
+            return len(self.gen_tok.prompt_ids(user, system or None))
+
+        def prompt_limit(max_tokens):
+            spec = self.gen_tok.spec
+            return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
+
+        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
+                           count_tokens=count_tokens, prompt_limit=prompt_limit)
+
+    def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:
+        from ragstack import rag
+
+        req = rag.validate_request(rag.RagRequest(query=query, top_k=top_k, top_n=top_n, max_tokens=max_tokens))
+        result = rag.run(req, self.engines(), self.policy, prices=self.prices)
+        return {"answer": result.answer, "usage": result.usage}
+
+
+# ------------------------------------------------------------------------------------------- throughput
+def throughput(server: TritonProcess, headers: dict, local: InProcessRag, questions: list, rounds: int,
+               per_round: int, top_k: int, top_n: int, max_tokens) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers = {"triton": {}, "in_process": {}}
+
+    def submit_for(qs):
+        def submit(i, done):
+            q = qs[i]
+
+            def callback(result, error):
+                if error is not None:
+                    done(False, error)
+                    return
+                out = parse_result(result)
+                answers["triton"][q] = out["answer"]
+                done(True, out["usage"])
+            client.async_infer("rag", rag_inputs(grpcclient, q, top_k, top_n, max_tokens), callback=callback,
+                               headers=dict(headers), client_timeout=900)
+        return submit
+
+    per = {"triton_c8": [], "in_process_sequential": []}
+    idle = []
+    for rnd in range(rounds):
+        qs = [questions[(rnd * per_round + k) % len(questions)] for k in range(per_round)]
+        idle.append(wait_idle(**IDLE))
+        order = ("triton_c8", "in_process_sequential") if rnd % 2 == 0 else ("in_process_sequential", "triton_c8")
+        for name in order:
+            with Segment(server.proc.pid) as seg:
+                if name == "triton_c8":
+                    r = ClosedLoop(submit_for(qs), CONCURRENCY).run(count=len(qs))
+                    usages, errors, elapsed = r["values"], r["errors"], r["elapsed_s"]
+                    lat = r["latency_ms"]
+                else:
+                    usages, errors, lats = [], [], []
+                    t0 = time.perf_counter()
+                    for q in qs:
+                        tq = time.perf_counter()
+                        try:
+                            out = local.ask(q, top_k, top_n, max_tokens)
+                            usages.append(out["usage"])
+                            answers["in_process"][q] = out["answer"]
+                        except Exception as e:  # noqa: BLE001
+                            errors.append(str(e)[:300])
+                        lats.append(time.perf_counter() - tq)
+                    elapsed = time.perf_counter() - t0
+                    lat = latency_summary(lats)
+            tokens = sum(u["tokens_out"] for u in usages)
+            rec = {"requests": len(qs), "ok": len(usages), "errors": errors[:3], "elapsed_s": round(elapsed, 2),
+                   "requests_per_s": round(len(usages) / elapsed, 4), "output_tokens": tokens,
+                   "output_tokens_per_s": round(tokens / elapsed, 2), "latency_ms": lat, **seg.as_dict()}
+            per[name].append(rec)
+            progress(f"rag throughput round {rnd + 1}/{rounds} {name}: {rec['requests_per_s']:.3f} req/s "
+                     f"({len(usages)}/{len(qs)} ok, {tokens} tokens in {rec['elapsed_s']} s; machine busy "
+                     f"{rec['machine_busy_fraction']:.0%}, other processes {rec['cpu_s_other_processes']} cpu-s)")
+    same = [q for q in answers["triton"] if q in answers["in_process"]]
+    matches = sum(answers["triton"][q] == answers["in_process"][q] for q in same)
+
+    def total(name):
+        recs = per[name]
+        return round(sum(r["ok"] for r in recs) / sum(r["elapsed_s"] for r in recs), 4)
+    ratios = [a["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else float("nan")
+              for a, b in zip(per["triton_c8"], per["in_process_sequential"])]
+    return {
+        "settings": {"concurrency": CONCURRENCY, "rounds": rounds, "queries_per_round": per_round,
+                     "top_k": top_k, "top_n": top_n, "max_tokens": max_tokens or "task policy default",
+                     "in_process": "rag.run with in-process engines (EmbedTokenizer+EmbeddingEngine, FlatFileStore "
+                                   "search over a copy of the server's index, RerankTokenizer+RerankEngine, "
+                                   "InflightBatchingEngine), one request at a time, torch threads 2"},
+        "requests_per_s": {name: total(name) for name in per},
+        "per_round": per, "idle_before_round": idle,
+        "ratio_per_round": [round(x, 3) for x in ratios],
+        "ratio_median_of_rounds": round(statistics.median(ratios), 3),
+        "identical_answers": {"compared": len(same), "identical": matches,
+                              "note": "greedy decoding: the in-process answers should equal the server's"},
+    }
+
+
+# ----------------------------------------------------------------------------------------- perf_analyzer
+def write_perf_data(path: Path, questions: list, top_k: int, top_n: int, max_tokens: int) -> None:
+    """perf_analyzer input data for `rag`: one entry per question; shapes exclude the batch dimension
+    (rag batches, max_batch_size 8, dims [1]); perf_analyzer adds it (-b, default 1)."""
+    data = [{"query": {"content": [q], "shape": [1]}, "top_k": {"content": [top_k], "shape": [1]},
+             "top_n": {"content": [top_n], "shape": [1]}, "max_tokens": {"content": [max_tokens], "shape": [1]}}
+            for q in questions]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_input_data(path, data)
+
+
+def perf_analyzer_args(protocol: str, url: str, headers: Optional[dict] = None) -> list:
+    """perf_analyzer against rag at concurrency 2, in count windows (a rag request takes seconds: a window of 6
+    requests instead of a fixed interval); -s 100 because the shared machine rarely holds still for a stricter
+    stability check. HTTP headers go with -H; perf_analyzer 2.51 ignores -H for gRPC."""
+    args = ["-m", "rag", "-i", protocol, "-u", url, "--input-data", str((PERF_DATA / "rag.json").relative_to(ROOT)),
+            "--concurrency-range", "2", "--measurement-mode", "count_windows", "--measurement-request-count", "6",
+            "-s", "100", "--max-trials", "4"]
+    for key, value in (headers or {}).items():
+        args += ["-H", f"{key}:{value}"]
+    return args
+
+
+def policy_without_identity(path: Path) -> Path:
+    """A copy of the runtime policy with require_engine_identity off (perf_analyzer cannot send gRPC headers)."""
+    from ragstack import triton_adapter as ta
+
+    policy = json.loads(Path(ta.DEFAULT_POLICY_FILE).read_text())
+    policy["require_engine_identity"] = False
+    path.write_text(json.dumps(policy, indent=2))
+    return path
+
+
+def perf_analyzer_checks(server: TritonProcess, models: Path, headers: dict, data_dir: Path, tmp: Path) -> dict:
+    out = {}
+    progress("[demo] perf_analyzer over gRPC against the server as configured (identity headers required)")
+    out["grpc_identity_required"] = run_perf_analyzer(perf_analyzer_args("grpc", server.grpc_url), timeout=900)
+    progress(f"  -> {out['grpc_identity_required'].get('summary') or out['grpc_identity_required'].get('tail', '')[-300:]}")
+    wait_idle(**IDLE)
+    progress("[demo] perf_analyzer over HTTP with the identity headers (-H)")
+    out["http_with_headers"] = run_perf_analyzer(perf_analyzer_args("http", server.http_url, headers), timeout=900)
+    progress(f"  -> {out['http_with_headers'].get('summary') or out['http_with_headers'].get('tail', '')[-300:]}")
+    # gRPC: a second server on the same models and a copy of the same index, with identity checking off.
+    copy = tmp / "demo-pa"
+    shutil.copytree(data_dir, copy)
+    policy = policy_without_identity(tmp / "runtime_policy_no_identity.json")
+    log_path = ROOT / "build" / "logs" / "bench-rag-perf-analyzer.log"
+    progress(f"[demo] perf_analyzer over gRPC against a server with RAG_POLICY_FILE={policy} "
+             f"(require_engine_identity false), log {display_path(log_path)}")
+    second = TritonProcess(models, load_models=LOAD_MODELS, log_path=log_path,
+                           env={"RAG_DATA_PATH": str(copy), "RAG_POLICY_FILE": str(policy)})
+    try:
+        second.start()
+        wait_idle(**IDLE)
+        out["grpc_identity_off"] = run_perf_analyzer(perf_analyzer_args("grpc", second.grpc_url), timeout=900)
+        out["grpc_identity_off"]["server_env"] = "RAG_POLICY_FILE=<copy of config/runtime_policy.json with " \
+                                                 "require_engine_identity false>"
+        progress(f"  -> {out['grpc_identity_off'].get('summary') or out['grpc_identity_off'].get('tail', '')[-300:]}")
+    except Exception as e:  # noqa: BLE001
+        out["grpc_identity_off"] = {"error": f"{type(e).__name__}: {e}"[:2000], "server_log_tail": second.log_tail(30)}
+    finally:
+        second.stop()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def run_profile(name: str, models: Path, args, questions: list, do_throughput: bool, tmp: Path) -> dict:
+    out = {"models": display_path(models)}
+    data_dir = tmp / name
+    log_path = ROOT / "build" / "logs" / f"bench-rag-{name}.log"
+    out["server_log"] = display_path(log_path)
+    headers = identity_headers(models)
+    progress(f"[{name}] starting tritonserver (RAG_DATA_PATH={data_dir}, log {display_path(log_path)})")
+    server = TritonProcess(models, load_models=LOAD_MODELS, log_path=log_path, env={"RAG_DATA_PATH": str(data_dir)})
+    try:
+        server.start()
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"server did not start: {e}"[:4000]
+        return out
+    local = None
+    try:
+        progress(f"[{name}] ingesting data/corpus through `ingest`")
+        out["ingest"] = ingest_corpus(server.http_url)
+        progress(f"[{name}] ingested {out['ingest']['documents']} documents, {out['ingest']['chunks']} chunks "
+                 f"in {out['ingest']['seconds']} s")
+        progress(f"[{name}] warm-up query")
+        warm = sequential_overhead(server, headers, questions[:1], args.top_k, args.top_n, args.max_tokens)
+        if warm.get("error"):
+            raise RuntimeError(f"the warm-up query failed: {warm['failures'][0]['error']}")
+        wait_idle(**IDLE)
+        n = args.seq_queries if name == "demo" else args.tiny_queries
+        progress(f"[{name}] sequential overhead run: {n} queries")
+        out["sequential"] = sequential_overhead(server, headers, questions[:n], args.top_k, args.top_n,
+                                                args.max_tokens)
+        if do_throughput:
+            index_copy = tmp / f"{name}-index-copy"
+            shutil.copytree(data_dir / "index", index_copy)
+            progress(f"[{name}] loading the in-process pipeline")
+            local = InProcessRag(models, index_copy)
+            local.ask(questions[0], args.top_k, args.top_n, args.max_tokens)   # warm-up (grammar compile)
+            out["throughput"] = throughput(server, headers, local, questions, args.rounds, args.round_queries,
+                                           args.top_k, args.top_n, args.max_tokens)
+            local.close()
+            local = None
+        if args.perf_analyzer and name == "demo":
+            write_perf_data(PERF_DATA / "rag.json", questions, args.top_k, args.top_n, args.pa_max_tokens)
+            out["perf_analyzer"] = perf_analyzer_checks(server, models, headers, data_dir, tmp)
+    except Exception as e:  # noqa: BLE001 - report precisely, with the server's log
+        out["error"] = f"{type(e).__name__}: {e}"[:4000]
+        out["server_log_tail"] = server.log_tail(40)
+        progress(f"[{name}] FAILED: {out['error'][:500]}")
+    finally:
+        if local is not None:
+            local.close()
+        server.stop()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, default=ROOT / "build" / "models" / "demo")
+    ap.add_argument("--tiny", type=Path, default=ROOT / "build" / "models" / "tiny")
+    ap.add_argument("--seq-queries", type=int, default=24, help="sequential queries, demo set")
+    ap.add_argument("--tiny-queries", type=int, default=24, help="sequential queries, tiny set")
+    ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (Triton c8, then in-process)")
+    ap.add_argument("--round-queries", type=int, default=16, help="questions per throughput round")
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--top-n", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: the task policy's (256)")
+    ap.add_argument("--perf-analyzer", action="store_true", help="also run perf_analyzer against rag")
+    ap.add_argument("--pa-max-tokens", type=int, default=512, help="max_tokens in benchmarks/perf_data/rag.json")
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--idle-fraction", type=float, default=0.3)
+    ap.add_argument("--idle-wait", type=float, default=90.0)
+    ap.add_argument("--start-wait", type=float, default=600.0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: few queries, one short round")
+    ap.add_argument("--out", type=Path, default=RESULTS / "rag.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.seq_queries, args.tiny_queries, args.rounds, args.round_queries = 3, 3, 1, 8
+    IDLE.update(max_fraction=args.idle_fraction, max_wait=args.idle_wait)
+
+    questions = eval_questions()
+    quiet = wait_idle(args.idle_fraction, args.start_wait)
+    started = time.time()
+    result = {"benchmark": "rag", "date": now_iso(), "machine": machine_info(TORCH_THREADS),
+              "start_condition": quiet, "questions": f"data/retrieval_eval.json ({len(questions)} questions)",
+              "request": {"task": "answer", "top_k": args.top_k, "top_n": args.top_n,
+                          "max_tokens": args.max_tokens or "task policy default (config/runtime_policy.json)"}}
+    with tempfile.TemporaryDirectory(prefix="ragbench-") as tmp:
+        result["demo"] = run_profile("demo", args.demo, args, questions, True, Path(tmp))
+        if not args.skip_tiny:
+            result["tiny"] = run_profile("tiny", args.tiny, args, questions, False, Path(tmp))
+
+    targets = {}
+    demo_seq = result["demo"].get("sequential", {})
+    if "usage_view" in demo_seq:
+        targets["demo_overhead_fraction_usage_view"] = {
+            **target(demo_seq["usage_view"]["overhead_fraction_of_e2e"], 0.10, "<"),
+            "ms_per_request": demo_seq["usage_view"]["overhead_ms_per_request"]}
+        targets["demo_overhead_fraction_triton_stats_view"] = {
+            **target(demo_seq["triton_statistics_view"]["overhead_fraction_with_generate_stage"], 0.10, "<"),
+            "ms_per_request": demo_seq["triton_statistics_view"]["overhead_ms_per_request_with_generate_stage"]}
+    tiny_seq = result.get("tiny", {}).get("sequential", {})
+    if "usage_view" in tiny_seq:
+        targets["tiny_overhead_ms_per_request"] = {
+            **target(tiny_seq["usage_view"]["overhead_ms_per_request"], 5.0, "<"),
+            "target_note": "'a few ms' taken as under 5 ms",
+            "fraction_of_e2e": tiny_seq["usage_view"]["overhead_fraction_of_e2e"]}
+    tp = result["demo"].get("throughput")
+    if tp:
+        rps = tp["requests_per_s"]
+        targets["rag_c8_vs_in_process_sequential"] = {
+            **target(rps["triton_c8"] / rps["in_process_sequential"], 1.5),
+            "median_of_rounds": tp["ratio_median_of_rounds"]}
+    result["targets"] = targets
+    result["all_pass"] = bool(targets) and all(t["pass"] for t in targets.values())
+    result["wall_s"] = round(time.time() - started, 1)
+    write_json(args.out, result)
+    for name, t in targets.items():
+        progress(f"{name}: {t['value']} (target {t['target']}) {'PASS' if t['pass'] else 'FAIL'}")
+    for prof in ("demo", "tiny"):
+        if result.get(prof, {}).get("error"):
+            progress(f"{prof}: ERROR {result[prof]['error'][:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""model_manager: the one authority for engine loads and unloads (ragstack/lifecycle).
+
+Thin adapter: each request is an op over ragstack.lifecycle.service.ManagerService; the manager's worker
+thread (started in initialize) performs the loads and unloads. Single instance by design: the budget, the
+leases and the canary counters live in this one process.
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack import triton_adapter as ta
+from ragstack.errors import InvalidInput
+from ragstack.lifecycle.triton_io import build_manager
+
+C = contracts.MODEL_MANAGER
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.manager, self.service, self.events = build_manager(pb, args)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                payload = ta.input_string(pb, request, C, "payload")
+                try:
+                    payload = json.loads(payload) if payload else {}
+                except json.JSONDecodeError as e:
+                    raise InvalidInput(f"model_manager: payload is not JSON ({e.msg})") from None
+                result = self.service.handle(ta.input_string(pb, request, C, "op"),
+                                             ta.input_string(pb, request, C, "model"), payload)
+                out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}
+                responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))
+            except Exception as e:  # noqa: BLE001 - every failure is this request's error response
+                responses.append(ta.error_response(pb, e))
+        return responses
+
+    def finalize(self):
+        self.manager.stop()
+        self.events.close()

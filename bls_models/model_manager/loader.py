@@ -1,0 +1,47 @@
+"""model_manager_loader: runs the Model Loading API calls for model_manager, in a stub of its own.
+
+Not a model of the repository: model_manager creates it at run time with ``pb.load_model(..., files=...)`` from
+this file. ``pb.load_model`` holds the calling stub's GIL until the load is done; doing it here keeps the
+manager answering while an engine loads. Self-contained (numpy and pb only) so it starts in a second.
+
+ops: load {config: JSON or ""} | unload | ready {version}
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb
+
+
+def _string(request, name, default=""):
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                op, model = _string(request, "op"), _string(request, "model")
+                payload = json.loads(_string(request, "payload", "{}") or "{}")
+                if op == "load":
+                    pb.load_model(model_name=model, config=payload.get("config", ""))
+                    if not pb.is_model_ready(model_name=model):
+                        raise RuntimeError(f"{model} is not ready after load")
+                    result = {"loaded": model}
+                elif op == "unload":
+                    pb.unload_model(model_name=model, unload_dependents=False)
+                    result = {"unloaded": model}
+                elif op == "ready":
+                    result = {"ready": bool(pb.is_model_ready(model_name=model,
+                                                              model_version=str(payload.get("version", ""))))}
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+                out = np.array([json.dumps(result).encode()], dtype=np.object_)
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("result", out)]))
+            except Exception as e:  # noqa: BLE001 - the manager reads the message
+                responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")))
+        return responses

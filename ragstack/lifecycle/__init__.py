@@ -1,0 +1,20 @@
+"""Model lifecycle inside Triton: load/unload engines under a memory budget (specs 000, 001, 002).
+
+* :mod:`~ragstack.lifecycle.manager`: :class:`ModelManager`, the pure policy core (budget, LRU, cooldown,
+  leases, sequential pre-warm, self-healing, canary rollout).
+* :mod:`~ragstack.lifecycle.canary`, :mod:`~ragstack.lifecycle.history`, :mod:`~ragstack.lifecycle.budget`.
+* :mod:`~ragstack.lifecycle.service`: the op protocol of the ``model_manager`` Triton model.
+* :mod:`~ragstack.lifecycle.bls_client`: ``engine_lease(pb, model)`` for BLS models;
+  :mod:`~ragstack.lifecycle.client`: the same over HTTP.
+* :mod:`~ragstack.lifecycle.triton_io` (Triton side, ``pb`` passed in), :mod:`~ragstack.lifecycle.procmem`.
+"""
+from ragstack.lifecycle.budget import MemoryBudget
+from ragstack.lifecycle.canary import CanaryRouter, Decision
+from ragstack.lifecycle.history import VersionHistory
+from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable
+from ragstack.lifecycle.manager import (CO_RESIDENT, SEQUENTIAL, AcquireResult, LifecycleError, LifecycleSink,
+                                        ModelManager, ModelSpec)
+
+__all__ = ["MemoryBudget", "CanaryRouter", "Decision", "VersionHistory", "EngineLease", "EngineUnavailable",
+           "CO_RESIDENT", "SEQUENTIAL", "AcquireResult", "LifecycleError", "LifecycleSink", "ModelManager",
+           "ModelSpec"]

@@ -1,0 +1,83 @@
+"""The manager over HTTP (tritonclient): the CLI, the integration tests and the benchmark use this."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Optional
+
+import numpy as np
+
+from ragstack.lifecycle.leasing import EngineLease, acquire_lease, release_lease
+
+MANAGER = "model_manager"
+
+
+class ManagerClient:
+    def __init__(self, url: str, manager: str = MANAGER, timeout_s: float = 300.0, client=None):
+        import tritonclient.http as httpclient
+
+        self._http = httpclient
+        self.manager = manager
+        self.client = client or httpclient.InferenceServerClient(url, network_timeout=timeout_s,
+                                                                 connection_timeout=timeout_s)
+
+    def call(self, op: str, model: Optional[str] = None, payload: Optional[dict] = None) -> dict:
+        values = {"op": op, "payload": json.dumps(payload or {})}
+        if model:
+            values["model"] = model
+        inputs = []
+        for name, value in values.items():
+            t = self._http.InferInput(name, [1], "BYTES")
+            t.set_data_from_numpy(np.array([value.encode()], dtype=object))
+            inputs.append(t)
+        result = self.client.infer(self.manager, inputs)
+        return json.loads(result.as_numpy("result")[0])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def model(self, name: str) -> dict:
+        return self.status()["models"][name]
+
+    def acquire(self, model: str, timeout_s: float = 300.0) -> EngineLease:
+        return acquire_lease(self.call, model, timeout_s)
+
+    def release(self, lease: EngineLease, latency_s: Optional[float] = None) -> None:
+        release_lease(self.call, lease, latency_s)
+
+    @contextlib.contextmanager
+    def lease(self, model: str, timeout_s: float = 300.0):
+        lease = self.acquire(model, timeout_s)
+        t0 = time.monotonic()
+        try:
+            yield lease
+        except BaseException as e:
+            lease.mark_failed(f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            self.release(lease, time.monotonic() - t0)
+
+    def wait(self, predicate, timeout_s: float = 120.0, poll_s: float = 0.2) -> dict:
+        """Poll status until ``predicate(status)`` holds; returns that status (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"manager state not reached in {timeout_s:.0f} s: "
+                                   f"{json.dumps({k: v['state'] for k, v in status['models'].items()})}")
+            time.sleep(poll_s)
+
+    def wait_state(self, model: str, state: str, timeout_s: float = 120.0) -> dict:
+        return self.wait(lambda s: s["models"][model]["state"] == state, timeout_s)

@@ -1,0 +1,66 @@
+"""The client half of the lease protocol, shared by BLS models (bls_client) and HTTP clients (client).
+
+``call(op, model, payload) -> dict`` is whatever reaches the manager. Acquiring polls: the manager never
+blocks, it answers ``loading``/``waiting`` until the engine is resident, then ``ready`` with a lease.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+Call = Callable[[str, Optional[str], dict], dict]
+
+
+class EngineUnavailable(RuntimeError):
+    """The manager could not give the engine (it does not fit, it fails to load, or time ran out)."""
+
+
+@dataclasses.dataclass
+class EngineLease:
+    model: str
+    version: int = -1                  # -1: whichever version Triton serves
+    lease_id: Optional[str] = None
+    managed: bool = False              # False: no manager, or it does not manage this model
+    waited_s: float = 0.0              # time spent waiting for the engine to be loaded
+    ok: bool = True
+    error: Optional[str] = None
+
+    def request_kwargs(self) -> dict:
+        """Keyword arguments for ``pb.InferenceRequest`` so the request goes to the leased version."""
+        return {"model_version": self.version} if self.version > 0 else {}
+
+    def mark_failed(self, error: str) -> None:
+        """Report the request as failed on release without raising (e.g. a stream that ended in error)."""
+        self.ok, self.error = False, error
+
+
+def acquire_lease(call: Call, model: str, timeout_s: float = 300.0, poll_s: float = 0.005,
+                  max_poll_s: float = 0.05, sleep=time.sleep, clock=time.monotonic) -> EngineLease:
+    start = clock()
+    delay = poll_s
+    last = {}
+    while True:
+        last = call("acquire", model, {})
+        status = last.get("status")
+        if status == "ready":
+            return EngineLease(model, int(last.get("version", -1)), last["lease"], True, clock() - start)
+        if status == "unmanaged":
+            return EngineLease(model)
+        if status == "failed":
+            raise EngineUnavailable(f"{model}: {last.get('detail') or 'load failed'}")
+        if clock() - start > timeout_s:
+            raise EngineUnavailable(f"{model} not available after {timeout_s:.0f} s: {last.get('detail')}")
+        sleep(delay)
+        delay = min(max_poll_s, delay * 1.5)
+
+
+def release_lease(call: Call, lease: EngineLease, latency_s: Optional[float] = None) -> None:
+    if not lease.managed or lease.lease_id is None:
+        return
+    payload = {"lease": lease.lease_id, "ok": lease.ok}
+    if latency_s is not None:
+        payload["latency_ms"] = latency_s * 1000.0
+    if lease.error:
+        payload["error"] = lease.error[:2000]
+    call("release", lease.model, payload)
