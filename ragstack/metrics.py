@@ -24,17 +24,19 @@ FAMILIES = {
 }
 
 
-class StackMetrics:
-    def __init__(self, pb):
-        self._pb = pb
+class MetricRegistry:
+    """Families created once per process and kept referenced; one Metric per label set, made on first use
+    (thread-safe: execute threads and workers report at once)."""
+
+    def __init__(self, pb, families: dict):
         kinds = {"COUNTER": pb.MetricFamily.COUNTER, "GAUGE": pb.MetricFamily.GAUGE,
                  "HISTOGRAM": pb.MetricFamily.HISTOGRAM}
         self._families = {name: pb.MetricFamily(name=name, description=desc, kind=kinds[kind])
-                          for name, (kind, desc, _) in FAMILIES.items()}
+                          for name, (kind, desc, _) in families.items()}
         self._metrics = {}
         self._lock = threading.Lock()
 
-    def _metric(self, name: str, buckets=None, **labels):
+    def metric(self, name: str, buckets=None, **labels):
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
             metric = self._metrics.get(key)
@@ -45,19 +47,26 @@ class StackMetrics:
                 metric = self._metrics[key] = self._families[name].Metric(**kwargs)
         return metric
 
+
+class StackMetrics(MetricRegistry):
+    """The RAG endpoint's metrics (FAMILIES above)."""
+
+    def __init__(self, pb):
+        super().__init__(pb, FAMILIES)
+
     def request(self, task: str, outcome: str) -> None:
-        self._metric("llm_requests", task=task, outcome=outcome).increment(1)
+        self.metric("llm_requests", task=task, outcome=outcome).increment(1)
 
     def stages(self, timings_ms: dict) -> None:
         for stage, ms in timings_ms.items():
             if stage != "total" and ms > 0:
-                self._metric("llm_stage_latency_us", STAGE_BUCKETS, stage=stage).observe(ms * 1000.0)
+                self.metric("llm_stage_latency_us", STAGE_BUCKETS, stage=stage).observe(ms * 1000.0)
 
     def tokens(self, model: str, task: str, tokens_in: int, tokens_out: int, cost_usd: float) -> None:
-        self._metric("llm_tokens_in", model=model, task=task).increment(tokens_in)
-        self._metric("llm_tokens_out", model=model, task=task).increment(tokens_out)
+        self.metric("llm_tokens_in", model=model, task=task).increment(tokens_in)
+        self.metric("llm_tokens_out", model=model, task=task).increment(tokens_out)
         if cost_usd:
-            self._metric("llm_cost_usd", model=model, task=task).increment(cost_usd)
+            self.metric("llm_cost_usd", model=model, task=task).increment(cost_usd)
 
     def queue_delay(self, model: str, delay_us: float) -> None:
-        self._metric("llm_queue_delay_us", QUEUE_DELAY_BUCKETS, model=model).observe(delay_us)
+        self.metric("llm_queue_delay_us", QUEUE_DELAY_BUCKETS, model=model).observe(delay_us)

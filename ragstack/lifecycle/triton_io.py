@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -33,6 +32,7 @@ import numpy as np
 
 from ragstack import contracts
 from ragstack import triton_adapter as ta
+from ragstack.metrics import MetricRegistry
 from ragstack.lifecycle.budget import GiB, MemoryBudget, parse_bytes
 
 log = logging.getLogger("ragstack.lifecycle")
@@ -421,29 +421,13 @@ FAMILIES = {
 }
 
 
-class TritonSink:
+class TritonSink(MetricRegistry):
     """Metrics (pb.MetricFamily, referenced for the process's life) and events (ragstack.events.EventLog)."""
 
     def __init__(self, pb, events=None):
-        kinds = {"COUNTER": pb.MetricFamily.COUNTER, "GAUGE": pb.MetricFamily.GAUGE,
-                 "HISTOGRAM": pb.MetricFamily.HISTOGRAM}
-        self._families = {name: pb.MetricFamily(name=name, description=desc, kind=kinds[kind])
-                          for name, (kind, desc, _) in FAMILIES.items()}
-        self._metrics = {}
+        super().__init__(pb, FAMILIES)
         self._resident_models = set()
-        self._lock = threading.Lock()
         self.events = events
-
-    def _m(self, name: str, buckets=None, **labels):
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:            # the execute thread and the manager's worker both report
-            metric = self._metrics.get(key)
-            if metric is None:
-                kwargs = {"labels": {k: str(v) for k, v in labels.items()}}
-                if buckets is not None:
-                    kwargs["buckets"] = buckets
-                metric = self._metrics[key] = self._families[name].Metric(**kwargs)
-        return metric
 
     def _emit(self, event: str, **fields) -> None:
         if self.events is not None:
@@ -451,17 +435,17 @@ class TritonSink:
 
     # LifecycleSink
     def loaded(self, model, seconds, footprint_bytes, reason):
-        self._m("llm_model_load_seconds", model=model).set(seconds)
-        self._m("llm_model_load_duration_seconds", LOAD_BUCKETS, model=model).observe(seconds)
-        self._m("llm_model_loads_total", model=model, reason=reason).increment(1)
+        self.metric("llm_model_load_seconds", model=model).set(seconds)
+        self.metric("llm_model_load_duration_seconds", LOAD_BUCKETS, model=model).observe(seconds)
+        self.metric("llm_model_loads_total", model=model, reason=reason).increment(1)
 
     def unloaded(self, model, reason):
-        self._m("llm_model_unloads_total", model=model, reason=reason).increment(1)
+        self.metric("llm_model_unloads_total", model=model, reason=reason).increment(1)
         if reason == "evict":
-            self._m("llm_model_evictions_total", model=model).increment(1)
+            self.metric("llm_model_evictions_total", model=model).increment(1)
 
     def healed(self, model, seconds):
-        self._m("llm_model_heals_total", model=model).increment(1)
+        self.metric("llm_model_heals_total", model=model).increment(1)
         from ragstack.events import OBSERVABILITY_ALERT
 
         self._emit(OBSERVABILITY_ALERT, alert="model_stub_recovered", model=model,
@@ -470,7 +454,7 @@ class TritonSink:
     def alert(self, alert, **fields):
         from ragstack.events import OBSERVABILITY_ALERT
 
-        self._m("llm_lifecycle_alerts_total", alert=alert).increment(1)
+        self.metric("llm_lifecycle_alerts_total", alert=alert).increment(1)
         severity = "critical" if alert in ("model_stub_died", "rollback_failed") else "warning"
         self._emit(OBSERVABILITY_ALERT, alert=alert, severity=severity, **fields)
 
@@ -485,19 +469,19 @@ class TritonSink:
         self._emit(OBSERVABILITY_ALERT, alert="canary_promoted", severity="info", **fields)
 
     def request(self, model, version, ok, latency_s):
-        self._m("llm_model_version_requests_total", model=model, version=version,
+        self.metric("llm_model_version_requests_total", model=model, version=version,
                 outcome="ok" if ok else "error").increment(1)
         if latency_s is not None:
-            self._m("llm_model_version_latency_seconds", LATENCY_BUCKETS, model=model,
+            self.metric("llm_model_version_latency_seconds", LATENCY_BUCKETS, model=model,
                     version=version).observe(latency_s)
 
     def usage(self, used_bytes, budget: MemoryBudget, resident):
-        self._m("llm_models_resident").set(len(resident))
-        self._m("llm_memory_used_bytes", component=COMPONENT).set(used_bytes)
-        self._m("llm_memory_budget_bytes", component=COMPONENT).set(budget.total_bytes)
-        self._m("llm_memory_headroom_bytes", component=COMPONENT).set(budget.headroom(used_bytes))
+        self.metric("llm_models_resident").set(len(resident))
+        self.metric("llm_memory_used_bytes", component=COMPONENT).set(used_bytes)
+        self.metric("llm_memory_budget_bytes", component=COMPONENT).set(budget.total_bytes)
+        self.metric("llm_memory_headroom_bytes", component=COMPONENT).set(budget.headroom(used_bytes))
         for model in self._resident_models | set(resident):
-            self._m("llm_model_resident_bytes", model=model).set(resident.get(model, 0))
+            self.metric("llm_model_resident_bytes", model=model).set(resident.get(model, 0))
         self._resident_models |= set(resident)
 
 
