@@ -386,6 +386,14 @@ def paired_ratio(per: dict, a: str, b: str, work: str, max_other: float) -> dict
     clean = [(x, y) for x, y in pairs if other_fraction(x) < max_other and other_fraction(y) < max_other]
     out = {"clean_rounds": summary(clean), "all_rounds": summary(pairs),
            "clean_definition": f"other processes under {max_other:.0%} of the machine's CPU in both segments"}
+    if pairs:
+        # Work per CPU-second of this stack (benchmark process + Triton tree), all rounds: less sensitive to other
+        # people's load than wall time (though spin-waiting threads under contention still inflate CPU time).
+        def per_cpu(recs):
+            cpu = sum(r["cpu_s_benchmark_process"] + r["cpu_s_triton_tree"] for r in recs)
+            return sum(r[work] for r in recs) / cpu if cpu else float("nan")
+        out["all_rounds"]["per_cpu_second_ratio"] = round(per_cpu([x for x, _ in pairs]) /
+                                                          per_cpu([y for _, y in pairs]), 4)
     if clean:
         out["value"], out["basis"] = out["clean_rounds"]["ratio_of_totals"], f"{len(clean)} clean round(s)"
     else:

@@ -792,7 +792,7 @@ class ModelManager:
             else:
                 m.footprint = m.estimate(len(versions) or 1)
             m.slots = self._expected_slots(m, usage.slots) if usage is not None else frozenset()
-            self._log("load", m, why, seconds)
+            self._log("load", m, why, seconds, warmup_ms=warmup_ms)
             self.sink.loaded(m.name, seconds, m.footprint, why)
             if seconds > self.slow_load_s:
                 self.sink.alert("model_load_slow", model=m.name, seconds=round(seconds, 3),
@@ -939,9 +939,10 @@ class ModelManager:
                             window_s=self.oscillation_window_s, cooldown_s=self.cooldown_s,
                             hint="raise cooldown_s or the budget, or pin the model (spec 001 tuning playbook)")
 
-    def _log(self, action: str, m: _Model, detail: str, seconds: Optional[float] = None) -> None:
+    def _log(self, action: str, m: _Model, detail: str, seconds: Optional[float] = None, **extra) -> None:
         entry = {"t": round(self.clock() - self._t0, 3), "model": m.name, "action": action, "detail": detail}
         if seconds is not None:
             entry["seconds"] = round(seconds, 3)
+        entry.update({k: v for k, v in extra.items() if v is not None})
         self.transitions.append(entry)
         log.info("lifecycle %s %s %s", action, m.name, detail)
