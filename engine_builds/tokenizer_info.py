@@ -4,7 +4,8 @@ The ``tensorrtllm`` backend of TensorRT-LLM 1.0 (``triton_backend/inflight_batch
 the model parameter ``xgrammar_tokenizer_info_path`` as JSON and takes three keys from it:
 
 * ``encoded_vocab``: the token strings in vocabulary encoding (byte-level tokens as the tokenizer stores them),
-  index = token id;
+  index = token id; control tokens other than the stop ids are written empty, which xgrammar treats as special
+  (never emitted by a grammar) -- otherwise ``<|im_start|>`` could appear inside a guided JSON string;
 * ``tokenizer_str``: the fast tokenizer's serialised JSON, from which the runtime's xgrammar detects the vocabulary
   type (raw, byte-fallback, byte-level) and whether a prefix space is added;
 * ``stop_token_ids``: the ids that end a guided generation.
@@ -22,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ragstack.generation import guided
 from ragstack.manifest import TOKENIZER_INFO_FILE
 
 KEYS = ("encoded_vocab", "tokenizer_str", "stop_token_ids")
@@ -35,14 +37,12 @@ def tokenizer_info(tokenizer, stop_token_ids: Optional[list] = None) -> dict:
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: the TensorRT-LLM runtime needs "
                          "its tokenizer_str (tokenizer.json) to detect the vocabulary type")
-    vocab = tokenizer.get_vocab()
-    encoded_vocab = [""] * (max(vocab.values()) + 1)
-    for token, index in vocab.items():
-        encoded_vocab[index] = token
     if stop_token_ids is None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token: give the stop token ids")
         stop_token_ids = [tokenizer.eos_token_id]
+    # Control tokens other than the stop ids go in empty, so the runtime never lets a grammar emit them as text.
+    encoded_vocab = guided.encoded_vocab(tokenizer, guided.control_token_ids(tokenizer, keep=stop_token_ids))
     tokenizer_str = tokenizer.backend_tokenizer.to_str()
 
     # What the runtime will detect from tokenizer_str, against what xgrammar finds for the tokenizer itself.

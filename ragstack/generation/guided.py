@@ -49,6 +49,40 @@ def _xgrammar_message(exc: BaseException) -> str:
     return _XGRAMMAR_LOCATION.sub("", text)
 
 
+def control_token_ids(tokenizer, keep: Sequence[int] = ()) -> set:
+    """The tokenizer's control tokens (special added tokens such as ``<|im_start|>``, ``<|endoftext|>``,
+    ``<think>``) other than ``keep`` (the stop ids)."""
+    ids = {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
+    return (ids | set(tokenizer.all_special_ids)) - set(keep)
+
+
+def encoded_vocab(tokenizer, blank: Sequence[int] = ()) -> list:
+    """Token strings in vocabulary encoding, index = token id, with ``blank`` ids emptied.
+
+    xgrammar classifies an empty token as special and never lets a grammar emit it. Without that, control
+    tokens count as their literal text (``<|im_start|>`` as 12 characters of a JSON string) and the detokenizer,
+    which skips special tokens, returns text that breaks the schema the grammar enforced (seen: a
+    ``minLength: 200`` string decoded to 176 characters)."""
+    vocab = tokenizer.get_vocab()
+    out = [""] * (max(vocab.values()) + 1)
+    for token, index in vocab.items():
+        out[index] = token
+    for index in blank:
+        out[index] = ""
+    return out
+
+
+def tokenizer_info(tokenizer, vocab_size: Optional[int] = None, stop_token_ids: Optional[Sequence[int]] = None):
+    """xgrammar's ``TokenizerInfo`` for a Hugging Face tokenizer with its control tokens masked out (see
+    :func:`encoded_vocab`); vocabulary type and prefix-space handling as xgrammar detects them."""
+    xgr = _import_xgrammar()
+    kw = {"stop_token_ids": list(stop_token_ids)} if stop_token_ids is not None else {}
+    base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, **kw)
+    vocab = encoded_vocab(tokenizer, control_token_ids(tokenizer, keep=base.stop_token_ids))
+    return xgr.TokenizerInfo(vocab, base.vocab_type, vocab_size=base.vocab_size, stop_token_ids=base.stop_token_ids,
+                             add_prefix_space=base.add_prefix_space)
+
+
 class GuideCompiler:
     """Compiles guides for one tokenizer and one logits width, with a bounded LRU of compiled grammars.
 
@@ -69,7 +103,7 @@ class GuideCompiler:
         except ImportError as exc:
             self.unavailable = f"guided decoding is not available on this server (xgrammar: {exc})"
             return
-        self._tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+        self._tokenizer_info = tokenizer_info(tokenizer, vocab_size=self.vocab_size)
         # xgrammar's own cache is unbounded by entry count; ours is bounded and keyed by the raw guide text.
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
 

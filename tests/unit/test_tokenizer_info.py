@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from engine_builds.build import main as build_main  # noqa: E402
 from engine_builds.tokenizer_info import (KEYS, read_tokenizer_info, runtime_tokenizer_info,  # noqa: E402
                                           tokenizer_info, write_tokenizer_info)
+from ragstack.generation.guided import control_token_ids  # noqa: E402
+from ragstack.generation.guided import tokenizer_info as guided_tokenizer_info  # noqa: E402
 from ragstack.manifest import read_manifest, sha256_file, update_manifest  # noqa: E402
 
 GENERATE = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny" / "generate"
@@ -42,15 +44,18 @@ def test_the_file_holds_exactly_what_the_backend_reads(info_file, tokenizer):
     assert sorted(data) == sorted(KEYS)
     assert read_tokenizer_info(info_file) == data
     vocab = tokenizer.get_vocab()
+    control = control_token_ids(tokenizer, keep=[tokenizer.eos_token_id])
+    assert control and tokenizer.convert_tokens_to_ids("<|im_start|>") in control
     assert len(data["encoded_vocab"]) == max(vocab.values()) + 1
-    assert all(data["encoded_vocab"][i] == token for token, i in vocab.items())
+    assert all(data["encoded_vocab"][i] == ("" if i in control else token) for token, i in vocab.items())
     assert json.loads(data["tokenizer_str"]) == json.loads(tokenizer.backend_tokenizer.to_str())
     assert data["stop_token_ids"] == [tokenizer.eos_token_id]
 
 
-def test_runtime_view_equals_xgrammar_from_huggingface(info_file, tokenizer, vocab_size):
+def test_runtime_view_equals_the_reference_engines(info_file, tokenizer, vocab_size):
+    """The TensorRT-LLM runtime's view of the file is the TokenizerInfo the reference generate engine builds."""
     runtime = runtime_tokenizer_info(read_tokenizer_info(info_file), vocab_size)
-    expected = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    expected = guided_tokenizer_info(tokenizer, vocab_size=vocab_size)
     assert runtime.vocab_size == expected.vocab_size == vocab_size
     assert runtime.vocab_type == expected.vocab_type == xgrammar.VocabType.BYTE_LEVEL
     assert runtime.add_prefix_space == expected.add_prefix_space
@@ -65,7 +70,7 @@ def test_a_guide_compiles_to_the_same_token_masks(info_file, tokenizer, vocab_si
     import torch
 
     runtime = runtime_tokenizer_info(read_tokenizer_info(info_file), vocab_size)
-    expected = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    expected = guided_tokenizer_info(tokenizer, vocab_size=vocab_size)
     matchers = [xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(i).compile_json_schema(
         json.dumps(SCHEMA), any_whitespace=False)) for i in (runtime, expected)]
     text = json.dumps({"answer": "yes", "n": 3})          # xgrammar's default separators: ', ' and ': '
@@ -79,6 +84,25 @@ def test_a_guide_compiles_to_the_same_token_masks(info_file, tokenizer, vocab_si
         assert torch.equal(masks[0], masks[1])
         assert all(m.accept_token(token) for m in matchers)
     assert all(m.is_terminated() for m in matchers)
+
+
+def test_control_tokens_are_never_text_inside_a_guided_string(info_file, tokenizer, vocab_size):
+    """xgrammar from_huggingface would let <|im_start|> stand for 12 characters of a string; the detokenizer
+    skips it, so the text would break the schema (a minLength string came out short)."""
+    runtime = runtime_tokenizer_info(read_tokenizer_info(info_file), vocab_size)
+    plain = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    schema = json.dumps({"type": "string", "minLength": 1, "maxLength": 64})
+    control = sorted(control_token_ids(tokenizer, keep=[tokenizer.eos_token_id]))
+    allowed = {}
+    for name, info in (("file", runtime), ("from_huggingface", plain)):
+        matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_json_schema(schema))
+        assert matcher.accept_token(tokenizer.convert_tokens_to_ids('"'))     # inside the string now
+        bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        matcher.fill_next_token_bitmask(bitmask)
+        bits = xgrammar.testing._get_masked_tokens_from_bitmask(bitmask, vocab_size)  # the rejected ids
+        allowed[name] = [i for i in control if i not in set(bits)]
+    assert allowed["file"] == []
+    assert allowed["from_huggingface"], "xgrammar changed: control tokens are masked without our help"
 
 
 def test_stop_ids_can_be_given(tokenizer):
