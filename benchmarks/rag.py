@@ -269,7 +269,8 @@ class InProcessRag:
             return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
 
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=count_tokens, prompt_limit=prompt_limit)
+                           count_tokens=count_tokens, prompt_limit=prompt_limit,
+                           count_texts=self.gen_tok.count_texts)
 
     def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:
         from ragstack import rag

@@ -1,6 +1,7 @@
 """Prompt building and detokenization for the generate engine (runs inside the BLS models, no torch)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +23,24 @@ class GeneratorTokenizer:
     def prompt_ids(self, prompt: str, system: Optional[str] = None, raw: bool = False) -> list:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt is empty")
+        # Cached: the RAG orchestrator counts a prompt's tokens to fit its contexts, then sends the same
+        # prompt, and the same chunks come back across queries.
+        return list(self._prompt_ids(prompt, system, raw))
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one tokenizer per model instance, kept for its life
+    def _prompt_ids(self, prompt: str, system: Optional[str], raw: bool) -> tuple:
         if raw:
             text = prompt
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": prompt}]
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_texts(self, texts: list) -> list:
+        """Tokens of each text alone (no template, no special tokens), in one batched tokenizer call."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] \
+            if texts else []
 
     def check_budget(self, n_prompt: int, max_tokens: int) -> None:
         limit_in = self.spec.max_input_len or self.spec.max_seq_len

@@ -34,17 +34,24 @@ class Deployment:
     ensemble_step: Optional[str] = None   # platform "ensemble": the one model it runs, tensors mapped by name
 
 
-# Batching presets of spec 002: embed [4,8,16] with 2-5 ms, rerank [2,4,8] with ~5 ms.
+# Batching presets of spec 002: embed [4,8,16] with 2-5 ms, rerank [2,4,8] with ~5 ms (the GPU profile).
 EMBED_BATCHING = Batching((4, 8, 16), 3000)
 RERANK_BATCHING = Batching((2, 4, 8), 5000)
+# The CPU reference profile does not wait for company: a batch of 16 buys only 1.14x over one request on the
+# 2-core machine (results/engines.json), so a 3-5 ms window would only add latency (it was most of the tiny
+# profile's orchestration overhead). Requests that queue while the one instance is busy still run together.
+CPU_EMBED_BATCHING = Batching((4, 8, 16), 0)
+CPU_RERANK_BATCHING = Batching((2, 4, 8), 0)
+NO_WAIT = Batching((), 0)
 
 REFERENCE = (
-    Deployment(C.EMBED, batching=EMBED_BATCHING,
+    Deployment(C.EMBED, batching=CPU_EMBED_BATCHING,
                parameters=(("engine_dir", "embed"), ("num_threads", "2"))),
-    Deployment(C.RERANK, batching=RERANK_BATCHING,
+    Deployment(C.RERANK, batching=CPU_RERANK_BATCHING,
                parameters=(("engine_dir", "rerank"), ("num_threads", "2"))),
-    # One instance owns the in-flight batcher; execute() only enqueues, so it never blocks the next request.
-    Deployment(C.GENERATE, batching=Batching((), 1000),
+    # One instance owns the in-flight batcher; execute() only enqueues, so it never blocks the next request
+    # and a queue window would only delay it (requests join the running batch at the next step anyway).
+    Deployment(C.GENERATE, batching=NO_WAIT,
                parameters=(("engine_dir", "generate"), ("num_threads", "2"))),
 )
 
@@ -58,10 +65,11 @@ BLS = (
     # One process owns the store: every read and write goes through it, so they never disagree.
     Deployment(C.VECTOR_INDEX, parameters=(("index_dir", "index"),)),
     Deployment(C.INGEST, parameters=(("engine_dir", "embed"),)),
-    # Requests of a batch run on threads inside execute(); two instances keep one slow batch from
-    # holding the next (the engines are shared: their own batchers merge the concurrent calls).
-    Deployment(C.RAG_ORCHESTRATOR, batching=Batching((), 2000), instances=2, parameters=_ORCHESTRATOR_PARAMS),
-    Deployment(C.RAG_STREAM_ORCHESTRATOR, batching=Batching((), 1000), parameters=_ORCHESTRATOR_PARAMS),
+    # Requests of a batch run on threads and answer through their response senders; execute() returns once
+    # each has started its generation, and a second instance takes a new batch while the first is still in
+    # its embed/search/rerank stages (the engines are shared: their own batchers merge the concurrent calls).
+    Deployment(C.RAG_ORCHESTRATOR, batching=NO_WAIT, instances=2, parameters=_ORCHESTRATOR_PARAMS),
+    Deployment(C.RAG_STREAM_ORCHESTRATOR, batching=NO_WAIT, parameters=_ORCHESTRATOR_PARAMS),
     Deployment(C.RAG, ensemble_step=C.RAG_ORCHESTRATOR.name),
     Deployment(C.RAG_STREAM, ensemble_step=C.RAG_STREAM_ORCHESTRATOR.name),
 )
@@ -103,6 +111,7 @@ def to_proto(dep: Deployment):
     if dep.batching is not None:
         if c.max_batch_size == 0:
             raise ValueError(f"{c.name}: dynamic batching needs max_batch_size > 0")
+        cfg.dynamic_batching.SetInParent()     # present even with no preferred sizes and no delay
         cfg.dynamic_batching.preferred_batch_size.extend(dep.batching.preferred)
         cfg.dynamic_batching.max_queue_delay_microseconds = dep.batching.delay_us
     if not dep.ensemble_step:

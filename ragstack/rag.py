@@ -7,6 +7,7 @@ answer, how citations are checked, what is timed — is one piece of code whiche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Callable, Optional
@@ -91,10 +92,24 @@ def parse_schema(text: Optional[str]) -> Optional[dict]:
     import jsonschema
 
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        _validator(json.dumps(schema, sort_keys=True))
     except jsonschema.SchemaError as e:
         raise InvalidInput(f"schema is not a valid JSON Schema: {e.message}") from None
     return schema
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(canonical_schema: str):
+    """A checked validator per schema (canonical JSON text), for the draft its ``$schema`` names (2020-12 by
+    default). Checking a schema against its meta-schema costs about a millisecond; requests mostly reuse a
+    handful of schemas (the answer schema per context count and max_tokens, callers' own), so it is done once
+    per schema."""
+    import jsonschema
+
+    schema = json.loads(canonical_schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def validate_request(req: RagRequest) -> RagRequest:
@@ -170,10 +185,9 @@ def check_answer(text: str, schema: dict, finish_reason: str, context_ids: list)
         if finish_reason == "length":
             raise InvalidInput("the answer hit max_tokens before its JSON was complete; raise max_tokens") from None
         raise RuntimeError(f"guided generation returned text that is not JSON: {text[:200]!r}") from None
-    try:
-        jsonschema.validate(answer, schema)
-    except jsonschema.ValidationError as e:
-        raise RuntimeError(f"guided generation returned JSON that breaks the schema: {e.message}") from None
+    error = jsonschema.exceptions.best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(answer))
+    if error is not None:
+        raise RuntimeError(f"guided generation returned JSON that breaks the schema: {error.message}")
     cited = answer.get("citations", []) if isinstance(answer, dict) else []
     unknown = [c for c in cited if c not in context_ids] if isinstance(cited, list) else []
     if unknown:
@@ -190,6 +204,7 @@ class Engines:
     generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
     count_tokens: Callable         # (system, user) -> prompt tokens as the generator will see them
     prompt_limit: Optional[Callable] = None   # (max_tokens) -> the generate engine's own prompt limit
+    count_texts: Optional[Callable] = None    # ([text]) -> [tokens of each text alone], one batched call
 
 
 @dataclasses.dataclass
@@ -236,13 +251,22 @@ def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy
     query) raises the policy's BudgetError, flagged token_budget_overrun."""
     system, bare = build_prompt(task, query, [])
     fixed = engines.count_tokens(system, bare)
-    sizes = [engines.count_tokens("", f"[{c.id}] {c.text}\n\n") for c in contexts]
+    blocks = [f"[{c.id}] {c.text}\n\n" for c in contexts]
+    if engines.count_texts is not None:
+        sizes = engines.count_texts(blocks)
+    else:
+        sizes = [engines.count_tokens("", b) for b in blocks]
     engine_limit = engines.prompt_limit(max_tokens) if engines.prompt_limit else None
     keep = policy.trim_contexts(sizes, fixed, max_tokens, engine_limit)
-    contexts = contexts[:keep]
-    prompt_tokens = engines.count_tokens(*build_prompt(task, query, contexts))
+    prompt_tokens = engines.count_tokens(*build_prompt(task, query, contexts[:keep]))
+    # A block's tokens alone can differ by a token or so from what it adds to the whole prompt (merges at
+    # its edges): the exact count decides, dropping the lowest-ranked context while the prompt is over.
+    room = policy.prompt_budget(max_tokens, engine_limit)
+    while keep > 0 and prompt_tokens > room:
+        keep -= 1
+        prompt_tokens = engines.count_tokens(*build_prompt(task, query, contexts[:keep]))
     policy.check_token_budget(prompt_tokens, max_tokens)
-    return contexts, prompt_tokens
+    return contexts[:keep], prompt_tokens
 
 
 def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Optional[dict] = None,

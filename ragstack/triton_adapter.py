@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -259,9 +259,14 @@ def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None) 
     return _response_arrays(pb, response, outputs)
 
 
-def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None):
-    """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs."""
-    for response in _bls_request(pb, model, inputs, outputs, hop).exec(decoupled=True):
+def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
+               on_started: Optional[Callable] = None):
+    """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs.
+    ``on_started()`` is called when ``exec`` returns, which the Python backend does at the first response."""
+    responses = _bls_request(pb, model, inputs, outputs, hop).exec(decoupled=True)
+    if on_started is not None:
+        on_started()
+    for response in responses:
         arrays = _response_arrays(pb, response, outputs)
         if arrays:
             yield arrays

@@ -86,11 +86,17 @@ def test_metrics_move_by_the_right_amounts(server, http, identity):
     result = ask(("http", http), identity)
     with pytest.raises(InferenceServerException):
         ask(("http", http), {})
-    after = scrape(server)
     usage = result["usage"]
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)
+    # A served request's metrics are recorded just after its response is sent, its request count last.
+    deadline = time.time() + 10
+    while True:
+        after = scrape(server)
+        if delta("llm_requests", task="answer", outcome="ok") >= 1 or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert delta("llm_requests", task="answer", outcome="ok") == 1
     assert delta("llm_requests", outcome="identity_rejected") == 1
     assert delta("llm_tokens_in", task="answer") == usage["tokens_in"]

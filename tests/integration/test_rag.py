@@ -191,3 +191,32 @@ def test_non_utf8_query_and_unsatisfiable_schema(client, corpus):
         ask(client, task="generate_json", schema=json.dumps(impossible))
     assert is_invalid_arg(err.value), err.value
     check_answer(ask(client, top_n=1), 1)                            # and the endpoint keeps serving
+
+
+def test_long_answers_do_not_hold_back_short_ones(server, corpus):
+    """A request is answered as soon as it is done (response senders), and an orchestrator instance takes new
+    requests once its current ones are generating: with both instances' requests busy on long generations,
+    short queries sent after them still return first."""
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    essay = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 600, "maxLength": 600}},
+             "required": ["essay"], "additionalProperties": False}
+    digit = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["n"], "additionalProperties": False}
+
+    def timed(kw):
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            result = ask(("grpc", c), documents=["Shifts last a week."], task="generate_json", **kw)
+            return time.perf_counter(), result
+    with ThreadPoolExecutor(6) as pool:
+        longs = [pool.submit(timed, dict(query=f"Write about shifts ({i})", schema=json.dumps(essay),
+                                         max_tokens=512)) for i in range(2)]
+        time.sleep(0.15)
+        shorts = [pool.submit(timed, dict(query=f"How many weeks ({i})?", schema=json.dumps(digit), max_tokens=16))
+                  for i in range(3)]
+        long_results, short_results = [f.result() for f in longs], [f.result() for f in shorts]
+    assert all(len(r["answer"]["essay"]) == 600 for _, r in long_results)      # the whole string, decoded
+    assert all(0 <= r["answer"]["n"] <= 9 for _, r in short_results)
+    assert max(done for done, _ in short_results) < min(done for done, _ in long_results)

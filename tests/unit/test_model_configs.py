@@ -28,11 +28,22 @@ def test_config_parses_as_model_config(path):
 
 
 def test_dynamic_batching_presets_of_spec_002():
+    gpu = {d.contract.name: parse(render(d)) for d in PROFILES["trtllm"]}
+    assert list(gpu["embed"].dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert 2000 <= gpu["embed"].dynamic_batching.max_queue_delay_microseconds <= 5000
+    assert list(gpu["rerank"].dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert gpu["rerank"].dynamic_batching.max_queue_delay_microseconds == 5000
+
+
+def test_cpu_profile_batches_without_a_queue_window():
+    """Same preferred sizes, no waiting: on the CPU a window only adds latency (see model_config.py)."""
     ref = {d.contract.name: parse(render(d)) for d in PROFILES["reference"]}
+    orchestrator = parse(render(next(d for d in BLS if d.contract.name == "rag_orchestrator")))
     assert list(ref["embed"].dynamic_batching.preferred_batch_size) == [4, 8, 16]
-    assert 2000 <= ref["embed"].dynamic_batching.max_queue_delay_microseconds <= 5000
     assert list(ref["rerank"].dynamic_batching.preferred_batch_size) == [2, 4, 8]
-    assert ref["rerank"].dynamic_batching.max_queue_delay_microseconds == 5000
+    for cfg in (ref["embed"], ref["rerank"], ref["generate"], orchestrator):
+        assert cfg.HasField("dynamic_batching"), cfg.name
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 0, cfg.name
 
 
 def test_batching_needs_a_batch_dimension():
