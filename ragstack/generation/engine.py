@@ -43,6 +43,7 @@ from ragstack.generation.request import (KV_BLOCK_TOKENS, NO_END_ID, GenerationR
 from ragstack.generation.sampling import make_generator, sample_token
 
 log = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.05   # how often a running request's is_cancelled() is asked (the first time: at once)
 
 OnUpdate = Callable[[list[int], bool, Optional[GenerationResult]], None]
 
@@ -88,6 +89,7 @@ class _Sequence:
         self.end_id = end_id
         self.on_update = on_update
         self.is_cancelled = is_cancelled
+        self.next_cancel_poll = float("-inf")  # time.monotonic() of the next is_cancelled() call
         self.guide: Optional[GuideState] = None
         self.generator: Optional[torch.Generator] = None
         self.generated: list[int] = []
@@ -149,12 +151,13 @@ class InflightBatchingEngine:
     its own process, so this is the instance's share of the cores. ``device`` ("cpu", "cuda", "cuda:1", ...) and
     ``dtype`` (a torch dtype or "float32" / "bfloat16" / "float16") place the model; ``model`` injects an
     already built causal LM (for one built in memory) instead of loading the folder's weights, which still
-    supplies ``engine.json`` and the tokenizer.
+    supplies ``engine.json`` and the tokenizer. A running request's ``is_cancelled`` is asked at most every
+    ``cancel_poll_s`` seconds (0: at every step).
     """
 
     def __init__(self, model_dir, max_batch_size: int = 8, num_threads: Optional[int] = None, *,
                  device: Union[str, torch.device] = "cpu", dtype: Union[str, torch.dtype, None] = "float32",
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, cancel_poll_s: float = CANCEL_POLL_S):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         model_dir = Path(model_dir)
@@ -173,6 +176,7 @@ class InflightBatchingEngine:
             raise ValueError(f"{model_dir}: sliding-window attention layers are not supported by this engine")
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_batch_size = max_batch_size
+        self.cancel_poll_s = float(cancel_poll_s)
         self.max_seq_len = int(self.spec.max_seq_len)
         self.max_input_len = int(self.spec.max_input_len or self.spec.max_seq_len)
         self.guides = GuideCompiler(self.tokenizer, self.vocab_size)
@@ -296,9 +300,17 @@ class InflightBatchingEngine:
         self._cache = self._cache_mask = None
 
     def _poll_cancelled(self, sequence: _Sequence) -> bool:
+        """Cancellation through the handle is seen at once; the caller's ``is_cancelled`` (an IPC round trip in
+        Triton's Python backend) is asked at most every ``cancel_poll_s`` per request, not at every step."""
         try:
-            if sequence.handle.cancel_requested or sequence.is_cancelled():
+            if sequence.handle.cancel_requested:
                 sequence.finish("cancelled")
+            else:
+                now = time.monotonic()
+                if now >= sequence.next_cancel_poll:
+                    sequence.next_cancel_poll = now + self.cancel_poll_s
+                    if sequence.is_cancelled():
+                        sequence.finish("cancelled")
         except Exception as exc:
             sequence.finish("error", f"is_cancelled failed: {exc!r}")
         return sequence.finished

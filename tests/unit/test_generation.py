@@ -5,6 +5,7 @@ import json
 import math
 import re
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -36,7 +37,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    eng = InflightBatchingEngine(model_dir, max_batch_size=8)
+    eng = InflightBatchingEngine(model_dir, max_batch_size=8, cancel_poll_s=0.0)   # exact cancellation steps
     yield eng
     eng.shutdown()
 
@@ -375,6 +376,26 @@ def test_guided_greedy_stays_in_grammar(engine, prompts):
 
 
 # ---- cancellation and failures ------------------------------------------------------------------------------
+
+def test_is_cancelled_is_polled_at_most_every_cancel_poll_s(model_dir, prompts):
+    """In Triton is_cancelled() is an IPC round trip: by default it is not asked at every step."""
+    eng = InflightBatchingEngine(model_dir, max_batch_size=2, cancel_poll_s=0.2)
+    try:
+        calls = []
+
+        def is_cancelled():
+            calls.append(time.monotonic())
+            return len(calls) >= 3
+        t0 = time.monotonic()
+        budget = eng.max_seq_len - len(prompts[0])
+        result = eng.submit(greedy(prompts[0], budget, end_id=NO_END), lambda *a: None,
+                            is_cancelled=is_cancelled).wait(WAIT)
+        assert result.finish_reason == "cancelled" and len(calls) == 3
+        assert result.num_output_tokens > 3                       # many steps ran between the polls
+        assert all(b - a >= 0.19 for a, b in zip(calls, calls[1:])) and calls[0] - t0 < 0.2
+    finally:
+        eng.shutdown()
+
 
 def test_cancellation_mid_generation(engine, prompts):
     cancelled = threading.Event()
