@@ -24,9 +24,36 @@ FAMILIES = {
 }
 
 
+class _Serialized:
+    """A Python-backend Metric whose calls hold the registry's lock. Each call is an IPC round trip to the
+    server, and tritonserver 2.51 crashes (SIGSEGV in libtriton_python) when threads of one stub make them at
+    once: seen after ~40-120 identity-rejected requests from two clients, each counted on its own thread."""
+
+    __slots__ = ("_metric", "_lock")
+
+    def __init__(self, metric, lock):
+        self._metric, self._lock = metric, lock
+
+    def increment(self, value):
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value):
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value):
+        with self._lock:
+            self._metric.observe(value)
+
+    def value(self):
+        with self._lock:
+            return self._metric.value()
+
+
 class MetricRegistry:
-    """Families created once per process and kept referenced; one Metric per label set, made on first use
-    (thread-safe: execute threads and workers report at once)."""
+    """Families created once per process and kept referenced; one Metric per label set, made on first use.
+    Thread-safe: execute threads and workers report at once, and every metric call is serialized."""
 
     def __init__(self, pb, families: dict):
         kinds = {"COUNTER": pb.MetricFamily.COUNTER, "GAUGE": pb.MetricFamily.GAUGE,
@@ -34,7 +61,7 @@ class MetricRegistry:
         self._families = {name: pb.MetricFamily(name=name, description=desc, kind=kinds[kind])
                           for name, (kind, desc, _) in families.items()}
         self._metrics = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def metric(self, name: str, buckets=None, **labels):
         key = (name, tuple(sorted(labels.items())))
@@ -44,7 +71,7 @@ class MetricRegistry:
                 kwargs = {"labels": {k: str(v) for k, v in labels.items()}}
                 if buckets is not None:
                     kwargs["buckets"] = buckets
-                metric = self._metrics[key] = self._families[name].Metric(**kwargs)
+                metric = self._metrics[key] = _Serialized(self._families[name].Metric(**kwargs), self._lock)
         return metric
 
 

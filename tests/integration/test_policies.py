@@ -135,3 +135,29 @@ def test_stages_are_traced_as_child_spans(http, identity, data_dir, corpus):
     assert orchestrator.model == "rag_orchestrator"
     assert stages == {"embed", "search", "rerank", "generate"}
     assert all(s.duration_ms is not None and s.duration_ms >= 0 for _, s in walk(roots[-1]))
+
+
+def test_a_burst_of_rejected_requests_leaves_the_server_up(server, http, identity):
+    """Counting outcomes from several threads at once once crashed tritonserver (SIGSEGV in the Python backend's
+    metrics IPC after ~40-120 requests); metric calls are serialized now."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    errors = []
+
+    def burst():
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            for _ in range(60):
+                try:
+                    ask(("grpc", c), {})
+                except InferenceServerException as e:
+                    errors.append(is_invalid_arg(e))
+    threads = [threading.Thread(target=burst) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 180 and all(errors)
+    assert server.proc.poll() is None
+    assert ask(("http", http), identity)["usage"]["finish_reason"] == "stop"
