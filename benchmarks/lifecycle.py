@@ -50,7 +50,7 @@ EMBED_CHUNK, RERANK_CHUNK = 32, 16
 TARGET_HIDDEN = 0.8
 # The previous phase of generate is the rerank of every query's candidates (long); of rerank, the embedding of
 # the queries and the search (short): a batch of 64 queries still embeds in about a second.
-DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64]}
+DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64, 256]}
 
 
 class Pipeline:
