@@ -71,8 +71,8 @@ class MetricRegistry:
                 kwargs = {"labels": {k: str(v) for k, v in labels.items()}}
                 if buckets is not None:
                     kwargs["buckets"] = buckets
-                metric = self._metrics[key] = _Serialized(self._families[name].Metric(**kwargs), self._lock)
-        return metric
+                metric = self._metrics[key] = self._families[name].Metric(**kwargs)
+        return _Serialized(metric, self._lock)
 
 
 class StackMetrics(MetricRegistry):
