@@ -6,7 +6,6 @@ code drives the reference engines and the TensorRT / TensorRT-LLM ones.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -15,13 +14,13 @@ from ragstack import contracts
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
 from ragstack.errors import InvalidInput
+from ragstack.polling import Throttled
 from ragstack.trtllm_io import GUIDE_TYPES, finish_reason, generate_inputs, output_tokens
 
 ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens", "arrival_time_ns",
                   "first_scheduled_time_ns"]
 EMBED_BATCH = contracts.EMBED.max_batch_size
 RERANK_BATCH = contracts.RERANK.max_batch_size
-CANCEL_POLL_S = 0.05
 
 
 def _stage(timer, name):
@@ -70,14 +69,10 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
                              guide_type=guide_type, guide=guide)
     detok = tokenizer.detokenizer()
     n_in, n_out, queue_delay_us = len(ids), 0, None
-    next_poll = 0.0
+    cancelled = Throttled(is_cancelled)   # an IPC round trip: asked every CANCEL_POLL_S, not at every token
     for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop, on_started):
-        now = time.monotonic()
-        if now >= next_poll:                # an IPC round trip: asked every CANCEL_POLL_S, not at every token
-            next_poll = now + CANCEL_POLL_S
-            if is_cancelled():
-                return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in,
-                        "num_output_tokens": n_out}
+        if cancelled():
+            return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in, "num_output_tokens": n_out}
         delta = detok.push(output_tokens(arrays))
         n_out = max(n_out, int(arrays["num_output_tokens"].reshape(-1)[0]), len(detok.ids))
         if on_delta is not None and delta:

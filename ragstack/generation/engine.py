@@ -41,9 +41,9 @@ from ragstack.generation.guided import GuideCompiler, GuideState
 from ragstack.generation.request import (KV_BLOCK_TOKENS, NO_END_ID, GenerationRequest, GenerationResult,
                                          validate_request)
 from ragstack.generation.sampling import make_generator, sample_token
+from ragstack.polling import CANCEL_POLL_S, Throttled
 
 log = logging.getLogger(__name__)
-CANCEL_POLL_S = 0.05   # how often a running request's is_cancelled() is asked (the first time: at once)
 
 OnUpdate = Callable[[list[int], bool, Optional[GenerationResult]], None]
 
@@ -89,7 +89,6 @@ class _Sequence:
         self.end_id = end_id
         self.on_update = on_update
         self.is_cancelled = is_cancelled
-        self.next_cancel_poll = float("-inf")  # time.monotonic() of the next is_cancelled() call
         self.guide: Optional[GuideState] = None
         self.generator: Optional[torch.Generator] = None
         self.generated: list[int] = []
@@ -203,13 +202,13 @@ class InflightBatchingEngine:
         ``on_update(new_token_ids, done, result)`` runs on the engine thread: when streaming, once per generated
         token (the last call has ``done=True`` and the result, possibly with no new token); otherwise once, at
         the end, with all generated ids. ``new_token_ids`` never include the input ids or a final end id.
-        ``is_cancelled`` is polled between steps.
+        ``is_cancelled`` is polled between steps, at most every ``cancel_poll_s`` seconds.
         """
         compiled = validate_request(request, vocab_size=self.vocab_size, max_input_len=self.max_input_len,
                                     max_seq_len=self.max_seq_len, guides=self.guides)
         end_id = self.spec.end_id if request.end_id is None else int(request.end_id)
         handle = GenerationHandle(next(self._ids))
-        sequence = _Sequence(handle, request, compiled, end_id, on_update, is_cancelled)
+        sequence = _Sequence(handle, request, compiled, end_id, on_update, Throttled(is_cancelled, self.cancel_poll_s))
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the generation engine is shut down")
@@ -300,17 +299,11 @@ class InflightBatchingEngine:
         self._cache = self._cache_mask = None
 
     def _poll_cancelled(self, sequence: _Sequence) -> bool:
-        """Cancellation through the handle is seen at once; the caller's ``is_cancelled`` (an IPC round trip in
-        Triton's Python backend) is asked at most every ``cancel_poll_s`` per request, not at every step."""
+        """Cancellation through the handle is seen at once; the caller's ``is_cancelled`` is throttled (see
+        :meth:`submit`)."""
         try:
-            if sequence.handle.cancel_requested:
+            if sequence.handle.cancel_requested or sequence.is_cancelled():
                 sequence.finish("cancelled")
-            else:
-                now = time.monotonic()
-                if now >= sequence.next_cancel_poll:
-                    sequence.next_cancel_poll = now + self.cancel_poll_s
-                    if sequence.is_cancelled():
-                        sequence.finish("cancelled")
         except Exception as exc:
             sequence.finish("error", f"is_cancelled failed: {exc!r}")
         return sequence.finished
