@@ -261,15 +261,8 @@ class InProcessRag:
                     "finish_reason": finish_reason(res.num_output_tokens, max_tokens),
                     "queue_delay_us": (res.first_scheduled_time_ns - res.arrival_time_ns) / 1000.0}
 
-        def count_tokens(system, user):
-            return len(self.gen_tok.prompt_ids(user, system or None))
-
-        def prompt_limit(max_tokens):
-            spec = self.gen_tok.spec
-            return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
-
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=count_tokens, prompt_limit=prompt_limit,
+                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
                            count_texts=self.gen_tok.count_texts)
 
     def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:

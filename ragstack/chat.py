@@ -37,6 +37,15 @@ class GeneratorTokenizer:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def count_prompt(self, system: Optional[str], user: str) -> int:
+        """Prompt tokens as the generate engine will see them (chat template applied)."""
+        return len(self.prompt_ids(user, system or None))
+
+    def prompt_limit(self, max_tokens: int) -> int:
+        """The most prompt tokens the engine takes beside ``max_tokens`` completion tokens."""
+        spec = self.spec
+        return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
+
     def count_texts(self, texts: list) -> list:
         """Tokens of each text alone (no template, no special tokens), in one batched tokenizer call."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] \

@@ -216,13 +216,6 @@ class OrchestratorModel:
                                 guide=json.dumps(schema), on_delta=on_delta, is_cancelled=request.is_cancelled,
                                 timer=timer, hop=hop, on_started=gate.set)
 
-        def count_tokens(system, user):
-            return len(self.gen_tok.prompt_ids(user, system or None))
-
-        def prompt_limit(max_tokens):
-            spec = self.gen_tok.spec
-            return min(spec.max_input_len or spec.max_seq_len, spec.max_seq_len - max_tokens)
-
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=count_tokens, prompt_limit=prompt_limit,
+                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
                            count_texts=self.gen_tok.count_texts)
