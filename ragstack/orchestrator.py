@@ -4,7 +4,7 @@ The model.py files subclass :class:`OrchestratorModel` and set ``pb``. It wires 
 :mod:`ragstack.rag` to the engines through BLS and runs every request of an ``execute`` batch on its own
 thread, so a batch is served concurrently (TensorRT-LLM's own BLS model handles a batch one request after
 another). Every request is answered through its response sender (the Python backend allows that in the
-default, non-decoupled mode since 24.06), so a request never waits for the slowest of its batch, and
+default, non-decoupled mode since 24.07), so a request never waits for the slowest of its batch, and
 ``execute`` returns as soon as each request of the batch has *started* its last engine call (the
 generation): the instance then takes the next batch while the generations run. Holding ``execute`` until
 then keeps Triton's trace of each request alive for its child requests (tritonserver 2.51 crashes on a
