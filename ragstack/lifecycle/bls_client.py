@@ -20,7 +20,7 @@ import numpy as np
 
 from ragstack import triton_adapter as ta
 from ragstack.errors import InvalidInput
-from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable, acquire_lease, release_lease
+from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable, acquire_lease, holding, release_lease
 from ragstack.lifecycle.manager import DEAD_STUB_MARKERS
 
 log = logging.getLogger("ragstack.lifecycle")
@@ -78,17 +78,14 @@ def engine_lease(pb, model: str, *, timeout_s: float = 300.0):
         log.error("model_manager did not answer (%s): calling %s without a lease", e, model)
         _mark_unavailable(manager)
         lease = EngineLease(model)
-    t0 = time.monotonic()
-    try:
-        yield lease
-    except BaseException as e:
-        lease.mark_failed(f"{type(e).__name__}: {e}")
-        raise
-    finally:
+
+    def release(held, latency_s):
         try:
-            release_lease(call, lease, time.monotonic() - t0)
+            release_lease(call, held, latency_s)
         except Exception as e:  # noqa: BLE001 - the lease expires on its own (lease_ttl_s)
-            log.error("releasing %s on %s failed: %s", lease.lease_id, model, e)
+            log.error("releasing %s on %s failed: %s", held.lease_id, model, e)
+    with holding(lease, release):
+        yield lease
 
 
 def is_dead_stub_error(exc: BaseException) -> bool:

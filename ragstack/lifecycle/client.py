@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ragstack.lifecycle.leasing import EngineLease, acquire_lease, release_lease
+from ragstack.lifecycle.leasing import EngineLease, acquire_lease, holding, release_lease
 
 MANAGER = "model_manager"
 
@@ -57,15 +57,8 @@ class ManagerClient:
 
     @contextlib.contextmanager
     def lease(self, model: str, timeout_s: float = 300.0):
-        lease = self.acquire(model, timeout_s)
-        t0 = time.monotonic()
-        try:
+        with holding(self.acquire(model, timeout_s), self.release) as lease:
             yield lease
-        except BaseException as e:
-            lease.mark_failed(f"{type(e).__name__}: {e}")
-            raise
-        finally:
-            self.release(lease, time.monotonic() - t0)
 
     def wait(self, predicate, timeout_s: float = 120.0, poll_s: float = 0.2) -> dict:
         """Poll status until ``predicate(status)`` holds; returns that status (TimeoutError otherwise)."""

@@ -5,6 +5,7 @@ blocks, it answers ``loading``/``waiting`` until the engine is resident, then ``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Optional
@@ -64,3 +65,17 @@ def release_lease(call: Call, lease: EngineLease, latency_s: Optional[float] = N
     if lease.error:
         payload["error"] = lease.error[:2000]
     call("release", lease.model, payload)
+
+
+@contextlib.contextmanager
+def holding(lease: EngineLease, release: Callable[[EngineLease, float], None], clock=time.monotonic):
+    """Hold ``lease`` for a ``with`` block: an exception in the block marks the request failed (and is re-raised),
+    and ``release(lease, latency_s)`` reports the outcome whatever happened."""
+    t0 = clock()
+    try:
+        yield lease
+    except BaseException as e:
+        lease.mark_failed(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        release(lease, clock() - t0)
