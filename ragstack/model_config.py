@@ -178,4 +178,4 @@ PROFILES["trtllm"] = TRTLLM
 BLS = BLS + (Deployment(C.MODEL_MANAGER, parameters=(  # one instance: the one lifecycle authority
     ("managed_models", "embed rerank generate"), ("mode", "co_resident"), ("memory_budget", "auto"),
     ("safety_buffer", "0.15"), ("cooldown_s", "10"), ("memory_metric", "rss"), ("load_api", "grpc"),
-    ("history_path", "lifecycle/versions.json"))),)
+    ("parallel_loads", "2"), ("history_path", "lifecycle/versions.json"))),)

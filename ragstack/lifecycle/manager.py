@@ -29,8 +29,12 @@ The rules
   version the current one replaced (:class:`VersionHistory`).
 
 Never blocking: ``acquire`` answers at once (``ready`` with a lease, or ``loading``/``waiting``); the one worker
-(:meth:`run_once`, driven by :meth:`start`'s thread in production) performs one transition at a time, so the
-accounting never races with itself.
+(:meth:`run_once`, driven by :meth:`start`'s thread in production) plans every transition under the lock, so the
+accounting never races with itself. It performs them one at a time, except loads: with ``parallel_loads`` > 1
+(a loader that takes concurrent calls: Triton's repository API loads models in parallel), up to that many
+loads and reloads run on their own threads while the worker goes on planning. That is what lets a sequential
+batch that starts cold load its first phase and pre-warm the next at the same time, instead of one after the
+other; the budget counts a loading model at its footprint from the moment the load is planned.
 """
 from __future__ import annotations
 
@@ -173,6 +177,16 @@ class _Model:
         return per * max(1, n_versions)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadJob:
+    """A planned load (demand, pre-warm or heal): what the worker may run on a thread of its own."""
+    model: str
+    run: Callable[[], object]
+
+    def __call__(self):
+        return self.run()
+
+
 class ModelManager:
     def __init__(self, models: Iterable, *, budget: MemoryBudget, loader, probe=None,
                  sink: Optional[LifecycleSink] = None, history: Optional[VersionHistory] = None,
@@ -180,7 +194,7 @@ class ModelManager:
                  phases: Optional[tuple] = None, cooldown_s: float = 10.0, lease_ttl_s: float = 600.0,
                  demand_ttl_s: float = 30.0, retry_after_s: float = 5.0, slow_load_s: float = 30.0,
                  oscillation_window_s: float = 120.0, oscillation_loads: int = 3, tick_s: float = 0.5,
-                 reconcile_s: float = 5.0, warmup_on_load: bool = True):
+                 reconcile_s: float = 5.0, warmup_on_load: bool = True, parallel_loads: int = 1):
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         specs = [m if isinstance(m, ModelSpec) else ModelSpec(str(m), 0) for m in models]
@@ -194,6 +208,10 @@ class ModelManager:
         self.retry_after_s, self.slow_load_s = retry_after_s, slow_load_s
         self.oscillation_window_s, self.oscillation_loads = oscillation_window_s, oscillation_loads
         self.tick_s, self.reconcile_s, self.warmup_on_load = tick_s, reconcile_s, warmup_on_load
+        self._check_parallel_loads(parallel_loads)
+        self.parallel_loads = int(parallel_loads)
+        self._loads_running = 0                   # loads (and heals) running on their own threads
+        self._warmup_lock = threading.Lock()      # warm-ups (BLS requests) one at a time
         self.mode, self.cyclic = CO_RESIDENT, True
         self.phases = tuple(phases) if phases else tuple(p for p in DEFAULT_PHASES if p in self._models)
         self.set_mode(mode, phases)
@@ -316,16 +334,24 @@ class ModelManager:
     def configure(self, *, budget: Optional[MemoryBudget] = None, **settings) -> None:
         """Change the budget or a timing setting (cooldown_s, lease_ttl_s, ...) while running."""
         allowed = {"cooldown_s", "lease_ttl_s", "demand_ttl_s", "retry_after_s", "slow_load_s",
-                   "oscillation_window_s", "oscillation_loads", "tick_s"}
+                   "oscillation_window_s", "oscillation_loads", "tick_s", "parallel_loads"}
         unknown = set(settings) - allowed
         if unknown:
             raise LifecycleError(f"unknown settings {sorted(unknown)}; expected some of {sorted(allowed)}")
+        if "parallel_loads" in settings:
+            self._check_parallel_loads(settings["parallel_loads"])
         with self._lock:
             if budget is not None:
                 self.budget = budget
             for key, value in settings.items():
                 setattr(self, key, type(getattr(self, key))(value))
             self._wakeup.notify_all()
+
+    def _check_parallel_loads(self, value) -> None:
+        if int(value) < 1:
+            raise LifecycleError(f"parallel_loads must be 1 or more, got {value}")
+        if int(value) > 1 and not getattr(self.loader, "concurrent_loads", True):
+            raise LifecycleError(f"{type(self.loader).__name__} loads one model at a time: parallel_loads must be 1")
 
     def on_stub_dead(self, model: str, detail: str = "") -> None:
         """A stub of ``model`` died: requests wait while it is unloaded and reloaded."""
@@ -429,6 +455,7 @@ class ModelManager:
                 "cyclic": self.cyclic,
                 "budget": self.budget.to_dict(), "used_bytes": used,
                 "headroom_bytes": self.budget.headroom(used), "cooldown_s": self.cooldown_s,
+                "parallel_loads": self.parallel_loads, "loads_running": self._loads_running,
                 "leases": len(self._leases),
                 "models": {m.name: self._model_status(m, now) for m in self._models.values()},
                 "transitions": list(self.transitions)[-100:],
@@ -602,7 +629,7 @@ class ModelManager:
                     return
             try:
                 self.tick()
-                while self.run_once():
+                while self.run_once(background=True):
                     self.tick()
             except Exception:  # noqa: BLE001 - the worker must survive anything one transition throws
                 log.exception("model manager worker")
@@ -618,22 +645,45 @@ class ModelManager:
             n += 1
         return n
 
-    def run_once(self) -> bool:
-        """Plan and perform one transition; False when nothing can be done now."""
+    def run_once(self, background: bool = False) -> bool:
+        """Plan one transition and perform it; False when nothing can be done now. ``background`` (the worker
+        thread) starts a load on a thread of its own when ``parallel_loads`` > 1, and returns at once."""
         with self._lock:
             action = self._plan(self.clock())
-        if action is None:
-            return False
-        action()
+            if action is None:
+                return False
+            threaded = background and self.parallel_loads > 1 and isinstance(action, _LoadJob)
+            if threaded:
+                self._loads_running += 1
+        if not threaded:
+            action()
+            return True
+        threading.Thread(target=self._run_load_job, args=(action,), name=f"model-load-{action.model}",
+                         daemon=True).start()
         return True
+
+    def _run_load_job(self, job: "_LoadJob") -> None:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - _load reports its own failures; anything else must not kill the count
+            log.exception("model manager load of %s", job.model)
+        finally:
+            with self._lock:
+                self._loads_running -= 1
+                self._wakeup.notify_all()
 
     # ------------------------------------------------------------------------------------------- planning
     def _plan(self, now: float) -> Optional[Callable[[], None]]:
         models = list(self._models.values())
+        loads_open = self._loads_running < self.parallel_loads
+        # With loads on their own threads the planner can see transitions in flight. Memory being unloaded
+        # still counts as used until it is gone, so no eviction is planned against it (it would evict more
+        # than needed): such plans wait for the unloads to finish.
+        unloading = any(m.state == UNLOADING for m in models)
         for m in models:                                    # 1. heal dead stubs
-            if m.state == DEAD and not m.busy:
+            if m.state == DEAD and not m.busy and loads_open:
                 m.busy = True
-                return lambda m=m: self._heal(m)
+                return _LoadJob(m.name, lambda m=m: self._heal(m))
         for m in models:                                    # 2. version changes (canary, promote, rollback)
             if m.job is not None and not m.busy and m.state not in (LOADING, UNLOADING):
                 action = self._plan_version_job(m, now)
@@ -643,11 +693,13 @@ class ModelManager:
                            and not m.busy and m.job is None), key=lambda m: m.demand_since)
         prewarms = [m for m in models if m.prewarm_until >= now and m.state in (UNLOADED, FAILED)
                     and not m.busy and m.demand_since is None and m.job is None]
-        for m in demanded + prewarms:                       # 3. loads: demanded first, then pre-warms
+        for m in (demanded + prewarms) if loads_open else ():   # 3. loads: demanded first, then pre-warms
             if m.state == FAILED and now - m.failed_at < self.retry_after_s:
                 continue
             need = m.estimate(len(m.versions) or 1)
             victims, reason = self._pick_victims(need, {m.name}, now)
+            if victims and unloading:
+                continue
             if victims is None:
                 m.blocked = reason
                 if reason and reason.startswith("too big"):
@@ -657,7 +709,7 @@ class ModelManager:
             m.blocked = None
             self._mark(victims, m, now)
             why = "demand" if m.demand_since is not None else "prewarm"
-            return lambda m=m, v=victims, why=why: self._evict_then_load(v, m, m.versions, why)
+            return _LoadJob(m.name, lambda m=m, v=victims, why=why: self._evict_then_load(v, m, m.versions, why))
         for m in models:                                    # 4. wanted unloads (sequential, operator)
             if m.unload_wanted and m.state == READY and m.refcount == 0 and not m.busy and m.job is None:
                 if m.unload_wanted != "explicit" and now - (m.loaded_at or now) < self.cooldown_s:
@@ -666,8 +718,8 @@ class ModelManager:
                 reason = m.unload_wanted
                 m.unload_wanted = None
                 return lambda m=m, reason=reason: self._unload(m, reason)
-        used = self.used_bytes()                            # 5. back under the watermark
-        if used > self.budget.watermark_bytes:
+        used = self.used_bytes()                            # 5. back under the watermark (once settled)
+        if used > self.budget.watermark_bytes and not any(m.state in (LOADING, UNLOADING) for m in models):
             victims, _ = self._pick_victims(used - self.budget.watermark_bytes, set(), now, free_first=False)
             if victims:
                 self._mark(victims, None, now)
@@ -734,6 +786,8 @@ class ModelManager:
             return None
         extra = m.estimate(len(job.versions))   # Triton brings up the new configuration before retiring the old
         victims, reason = self._pick_victims(extra, {m.name}, now)
+        if victims and any(x.state == UNLOADING for x in self._models.values()):
+            return None                         # planned against memory still being freed (see _plan)
         if victims is None:
             m.blocked = f"{job.kind}: {reason}"
             return None
@@ -891,12 +945,13 @@ class ModelManager:
         warm = getattr(self.loader, "warmup", None)
         if warm is None:
             return True, 0.0, None
-        t0 = self.clock()
-        try:
-            warm(model, version)
-            return True, round((self.clock() - t0) * 1000, 3), None
-        except Exception as e:  # noqa: BLE001
-            return False, round((self.clock() - t0) * 1000, 3), f"{type(e).__name__}: {e}"
+        with self._warmup_lock:
+            t0 = self.clock()
+            try:
+                warm(model, version)
+                return True, round((self.clock() - t0) * 1000, 3), None
+            except Exception as e:  # noqa: BLE001
+                return False, round((self.clock() - t0) * 1000, 3), f"{type(e).__name__}: {e}"
 
     # ------------------------------------------------------------------------------------------- helpers
     def _get(self, model: str) -> _Model:
@@ -913,14 +968,18 @@ class ModelManager:
         return m.versions[0] if len(m.versions) == 1 else -1
 
     def _on_use(self, m: _Model, now: float) -> None:
-        """Sequential mode: pre-warm the next phase, retire the phases outside the window."""
+        """Sequential mode: pre-warm the next phase, retire the phases outside the window. Wakes the worker
+        when that gives it something to do: a pre-warm that waits for the next tick starts up to ``tick_s``
+        late (or later, behind a reconcile), which is all the overlap a short phase has."""
         if self.mode != SEQUENTIAL or m.name not in self.phases:
             return
         i = self.phases.index(m.name)
         nxt = self.phases[(i + 1) % len(self.phases)] if self.cyclic or i + 1 < len(self.phases) else None
+        wake = False
         if nxt is not None:
             n = self._models[nxt]
             if n.state in (UNLOADED, FAILED) and n.demand_since is None:
+                wake = wake or n.prewarm_until < now
                 n.prewarm_until = now + self.demand_ttl_s
             n.unload_wanted = None if n.unload_wanted == SEQUENTIAL else n.unload_wanted
         for name in self.phases:
@@ -929,6 +988,9 @@ class ModelManager:
                 if other.demand_since is None and other.refcount == 0 and other.unload_wanted is None:
                     other.unload_wanted = SEQUENTIAL
                     other.prewarm_until = float("-inf")
+                    wake = True
+        if wake:
+            self._wakeup.notify_all()
 
     def _check_oscillation(self, m: _Model, now: float) -> None:
         m.load_times.append(now)

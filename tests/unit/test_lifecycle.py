@@ -1,5 +1,7 @@
 """Model lifecycle core (ragstack.lifecycle) with a fake clock, loader and probe: no Triton, no sleeping."""
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -294,6 +296,171 @@ def test_sequential_mode_prewarms_the_next_phase_and_retires_the_rest():
     assert mgr.acquire("generate").status == ACQ_READY
     mgr.run_pending()                                     # cyclic: embed comes back for the next query
     assert resident(mgr) == {"generate", "embed"}
+
+
+def test_using_a_phase_wakes_the_worker_to_prewarm_the_next_at_once():
+    """The worker sleeps tick_s between rounds: acquiring a resident phase must wake it, or the next phase's
+    pre-warm starts up to a tick late (here a minute; 0.5 s by default, as long as a short phase)."""
+    started = threading.Event()
+
+    class EventLoader:
+        def load(self, model, versions):
+            if model == "rerank":
+                started.set()
+
+        def unload(self, model):
+            pass
+
+        def warmup(self, model, version):
+            pass
+
+    mgr = ModelManager([ModelSpec(m, 300 * MB) for m in ("embed", "rerank", "generate")],
+                       budget=MemoryBudget(1000 * MB, 0.2), loader=EventLoader(), mode=SEQUENTIAL, cooldown_s=0,
+                       tick_s=60.0)
+    mgr.adopt("embed")
+    mgr.start()
+    try:
+        time.sleep(0.2)                                   # the worker's first round is over; it sleeps now
+        assert not started.is_set()
+        lease = mgr.acquire("embed").lease
+        assert started.wait(5.0), "the pre-warm of rerank waited for the worker's next tick"
+        mgr.release(lease.id)
+    finally:
+        mgr.stop()
+
+
+class GateLoader:
+    """Loads that block until released: shows which loads are in flight at the same time (real threads)."""
+
+    def __init__(self, concurrent=True):
+        self.concurrent_loads = concurrent
+        self.lock = threading.Lock()
+        self.in_flight, self.most_at_once, self.order = set(), 0, []
+        self.gates = {}
+
+    def gate(self, model):
+        with self.lock:
+            return self.gates.setdefault(model, threading.Event())
+
+    def load(self, model, versions):
+        with self.lock:
+            self.in_flight.add(model)
+            self.order.append(model)
+            self.most_at_once = max(self.most_at_once, len(self.in_flight))
+        try:
+            assert self.gate(model).wait(10.0), f"{model}'s load was never released"
+        finally:
+            with self.lock:
+                self.in_flight.discard(model)
+
+    def unload(self, model):
+        with self.lock:
+            self.order.append(f"unload {model}")
+        assert self.gate(f"unload {model}").wait(10.0), f"{model}'s unload was never released"
+
+    def warmup(self, model, version):
+        pass
+
+    def wait_in_flight(self, models, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if set(models) <= self.in_flight:
+                    return True
+            time.sleep(0.01)
+        return False
+
+
+def _threaded(loader, total=1000 * MB, **kw):
+    mgr = ModelManager([ModelSpec(m, 300 * MB) for m in ("embed", "rerank", "generate")],
+                       budget=MemoryBudget(total, 0.2), loader=loader, mode=SEQUENTIAL, cooldown_s=0, **kw)
+    mgr.set_mode(SEQUENTIAL, cyclic=False)
+    return mgr.start()
+
+
+def test_a_cold_batch_loads_its_first_phase_and_prewarms_the_next_in_parallel():
+    loader = GateLoader()
+    mgr = _threaded(loader, parallel_loads=2)
+    try:
+        assert mgr.acquire("embed").status != ACQ_READY
+        assert loader.wait_in_flight({"embed", "rerank"}), f"in flight: {loader.in_flight}"
+        assert mgr.status()["loads_running"] == 2
+        loader.gate("rerank").set()                       # the pre-warm may finish first: nothing waits on it
+        loader.gate("embed").set()
+        deadline = time.monotonic() + 5
+        while resident(mgr) != {"embed", "rerank"} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident(mgr) == {"embed", "rerank"} and mgr.status()["loads_running"] == 0
+        assert mgr.acquire("embed").status == ACQ_READY
+    finally:
+        for m in ("embed", "rerank", "generate"):
+            loader.gate(m).set()
+        mgr.stop()
+
+
+@pytest.mark.parametrize("setting", ["one_at_a_time", "budget_for_one"])
+def test_loads_stay_serial_with_one_load_slot_or_room_for_one_engine(setting):
+    loader = GateLoader()
+    mgr = _threaded(loader, parallel_loads=1) if setting == "one_at_a_time" else \
+        _threaded(loader, parallel_loads=2, total=400 * MB)
+    try:
+        mgr.acquire("embed")
+        assert loader.wait_in_flight({"embed"})
+        time.sleep(0.3)
+        assert loader.order == ["embed"] and loader.most_at_once == 1
+        loader.gate("embed").set()
+        if setting == "one_at_a_time":
+            assert loader.wait_in_flight({"rerank"})      # the pre-warm follows the load, as before
+            loader.gate("rerank").set()
+        else:
+            time.sleep(0.3)                               # embed is demanded and fills the budget: no pre-warm
+            assert loader.order == ["embed"]
+        assert loader.most_at_once == 1
+    finally:
+        for m in ("embed", "rerank", "generate"):
+            loader.gate(m).set()
+        mgr.stop()
+
+
+def test_memory_still_being_unloaded_is_not_evicted_for_twice():
+    """A load evicts the LRU idle model and runs on its own thread; while that unload is in flight the worker
+    goes on planning, and must not see the budget over its watermark and evict a second model."""
+    loader = GateLoader()
+    mgr = ModelManager([ModelSpec(m, 300 * MB) for m in ("embed", "rerank", "generate")],
+                       budget=MemoryBudget(800 * MB, 0.2), loader=loader, cooldown_s=0, parallel_loads=2)
+    for m in ("embed", "rerank"):                         # room for two: embed is the LRU one
+        mgr.adopt(m)
+    mgr.start()
+    try:
+        mgr.acquire("generate")
+        deadline = time.monotonic() + 5
+        while "unload embed" not in loader.order and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)                                   # rounds of the worker while embed is unloading
+        assert loader.order == ["unload embed"]
+        loader.gate("unload embed").set()
+        assert loader.wait_in_flight({"generate"})
+        loader.gate("generate").set()
+        deadline = time.monotonic() + 5
+        while resident(mgr) != {"rerank", "generate"} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident(mgr) == {"rerank", "generate"}
+        assert [x for x in loader.order if x.startswith("unload")] == ["unload embed"]
+    finally:
+        for g in ("embed", "rerank", "generate", "unload embed", "unload rerank", "unload generate"):
+            loader.gate(g).set()
+        mgr.stop()
+
+
+def test_parallel_loads_need_a_loader_that_takes_concurrent_loads():
+    with pytest.raises(LifecycleError, match="parallel_loads"):
+        ModelManager([ModelSpec("embed", MB)], budget=MemoryBudget(1000 * MB, 0.2),
+                     loader=GateLoader(concurrent=False), parallel_loads=2)
+    mgr = ModelManager([ModelSpec("embed", MB)], budget=MemoryBudget(1000 * MB, 0.2), loader=GateLoader())
+    with pytest.raises(LifecycleError, match="1 or more"):
+        mgr.configure(parallel_loads=0)
+    mgr.configure(parallel_loads=3)
+    assert mgr.status()["parallel_loads"] == 3
 
 
 def test_a_batch_pipeline_does_not_prewarm_past_its_last_phase():
