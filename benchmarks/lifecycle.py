@@ -11,7 +11,11 @@ request to X, from asking the manager for X to X's response:
 * **pre-warmed**: sequential mode; X not loaded when the previous phase starts: acquiring the previous phase's
   engine makes the manager start loading X, the previous phase runs (its batch on its engine, plus the CPU
   work: tokenisation and the search), then the request to X is made;
-* **resident**: X loaded.
+* **resident**: X loaded;
+* **pre-warmed, cold start**: sequential mode, neither X nor the previous phase's engine loaded when the batch
+  arrives (a batch pipeline whose last batch ended on another engine): acquiring the previous engine demands its
+  load and pre-warms X. Measured twice, with the manager's ``parallel_loads`` at 2 (both loads run at once) and
+  at 1 (X's load waits for the previous engine's): the ratio of the two is measured side by side in each run.
 
 ``hidden = (cold - prewarmed) / (cold - resident)``: the share of X's load time the request no longer sees
 (target >= 0.8). The previous phase's duration with and without a concurrent load is reported too: on this
@@ -50,7 +54,8 @@ EMBED_CHUNK, RERANK_CHUNK = 32, 16
 TARGET_HIDDEN = 0.8
 # The previous phase of generate is the rerank of every query's candidates (long); of rerank, the embedding of
 # the queries and the search (short): a batch of 64 queries still embeds in about a second.
-DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64, 256]}
+DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64, 256, 1024]}
+COLD_START_PARALLEL = (2, 1)
 
 
 class Pipeline:
@@ -188,7 +193,8 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
     """Latency of one request to ``target``: per batch size of the previous phase, cold, pre-warmed and resident
     measured back to back in each run (the machine is shared: a run's three see about the same background)."""
     previous = {"rerank": "embed", "generate": "rerank"}[target]
-    queries_all = eval_questions() * 16
+    questions = eval_questions()
+    queries_all = questions * -(-max(max(batches), 4) // len(questions))       # repeated to the largest batch
     small = queries_all[:4]
     small_pairs = p.phase_embed_search(small, candidates)
     p.mc.call("set_mode", payload={"mode": "co_resident"})
@@ -232,6 +238,26 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
             covered = timeline_hidden(p.mc.status()["transitions"], target, asked)
             res = timed(p.request, target, small_pairs, small)   # resident, under the same background load
             hidden = (cold - pre) / (cold - res) if cold > res else None
+            cold_start = {}
+            for parallel in COLD_START_PARALLEL:
+                # pre-warmed from a cold start: the previous engine unloaded too, its load demanded by the phase
+                p.mc.call("configure", payload={"parallel_loads": parallel})
+                p.mc.call("set_mode", payload={"mode": "co_resident"})
+                p.unload(previous)
+                p.unload(target)
+                p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+                cs_phase = timed(previous_phase)
+                cs_asked = p.mc.status()["clock_s"]
+                cs_pre = timed(p.request, target, small_pairs, small)
+                cs_model = p.mc.model(target)
+                cs_hidden = (cold - cs_pre) / (cold - res) if cold > res else None
+                cold_start[f"parallel_loads_{parallel}"] = {
+                    "prewarmed_s": round(cs_pre, 4), "previous_phase_s": round(cs_phase, 3),
+                    "previous_load_s": round(p.mc.model(previous)["load_seconds"], 3),
+                    "prewarm_load_s": round(cs_model["load_seconds"], 3),
+                    "hidden_fraction": None if cs_hidden is None else round(cs_hidden, 4),
+                    "hidden_fraction_timeline": timeline_hidden(p.mc.status()["transitions"], target, cs_asked)}
+            p.mc.call("configure", payload={"parallel_loads": COLD_START_PARALLEL[0]})
             runs.append({"cold_s": round(cold, 4), "prewarmed_s": round(pre, 4), "resident_s": round(res, 4),
                          "previous_phase_s": round(phase, 3),
                          "cold_load_s": round(cold_model["load_seconds"], 3),
@@ -239,14 +265,29 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
                          "prewarm_load_s": round(pre_model["load_seconds"], 3),
                          "prewarm_warmup_ms": pre_model["warmup_ms"],
                          "hidden_fraction": None if hidden is None else round(hidden, 4),
-                         "hidden_fraction_timeline": covered})
+                         "hidden_fraction_timeline": covered, "cold_start": cold_start})
             progress(f"{target}, {n}-query {previous} phase of {phase:.2f} s: cold {cold:.2f} s (load "
                      f"{cold_model['load_seconds']:.2f} s), pre-warmed {pre:.2f} s (load "
-                     f"{pre_model['load_seconds']:.2f} s): hidden {hidden if hidden is None else round(hidden, 3)}")
+                     f"{pre_model['load_seconds']:.2f} s): hidden {hidden if hidden is None else round(hidden, 3)}; "
+                     "cold start: " + ", ".join(f"{k} {v['prewarmed_s']:.2f} s (hidden {v['hidden_fraction']})"
+                                                for k, v in cold_start.items()))
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
         covered = [r["hidden_fraction_timeline"] for r in runs if r["hidden_fraction_timeline"] is not None]
         pair_hidden = [r["hidden_fraction"] for r in runs if r["hidden_fraction"] is not None]
         hidden = statistics.median(pair_hidden) if pair_hidden else None
+        cold_start = {}
+        for key in (f"parallel_loads_{n}" for n in COLD_START_PARALLEL):
+            cs = [r["cold_start"][key] for r in runs]
+            cs_hidden = [c["hidden_fraction"] for c in cs if c["hidden_fraction"] is not None]
+            cs_timeline = [c["hidden_fraction_timeline"] for c in cs if c["hidden_fraction_timeline"] is not None]
+            cold_start[key] = {
+                "prewarmed_latency_s": round(statistics.median(c["prewarmed_s"] for c in cs), 4),
+                "previous_phase_s": round(statistics.median(c["previous_phase_s"] for c in cs), 3),
+                "hidden_fraction": (round(max(0.0, min(1.0, statistics.median(cs_hidden))), 4)
+                                    if cs_hidden else None),
+                "hidden_fraction_timeline": round(statistics.median(cs_timeline), 4) if cs_timeline else None}
+        par, ser = (cold_start[f"parallel_loads_{n}"]["prewarmed_latency_s"] for n in COLD_START_PARALLEL)
+        cold_start["serial_over_parallel_latency"] = round(ser / par, 3) if par > 0 else None
         by_batch[str(n)] = {
             "queries": n, "previous_phase_work": (f"{n * candidates} (query, document) pairs" if previous == "rerank"
                                                   else f"{n} queries embedded + exact search"),
@@ -257,9 +298,11 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
             "load_s": round(med("cold_load_s"), 3),
             "hidden_fraction": None if hidden is None else round(max(0.0, min(1.0, hidden)), 4),
             "hidden_fraction_timeline": round(statistics.median(covered), 4) if covered else None,
+            "cold_start": cold_start,
             "runs": runs,
         }
-        progress(f"{target}, {n}-query batch: hidden {by_batch[str(n)]['hidden_fraction']}")
+        progress(f"{target}, {n}-query batch: hidden {by_batch[str(n)]['hidden_fraction']}; cold start: hidden "
+                 + ", ".join(f"{k} {v['hidden_fraction']}" for k, v in cold_start.items() if isinstance(v, dict)))
     p.mc.call("set_mode", payload={"mode": "co_resident"})
     return {
         "previous_phase": previous,
@@ -310,10 +353,17 @@ def main() -> int:
         summary.setdefault("hidden_fraction_timeline", {})[t] = {n: b["hidden_fraction_timeline"]
                                                                   for n, b in batches.items()}
         summary["previous_phase_s"][t] = {n: b["previous_phase_s"]["with_prewarm"] for n, b in batches.items()}
+        for key in (f"parallel_loads_{n}" for n in COLD_START_PARALLEL):
+            summary.setdefault(f"hidden_fraction_cold_start_{key}", {})[t] = {
+                n: b["cold_start"][key]["hidden_fraction"] for n, b in batches.items()}
         summary["load_s"][t] = {n: b["load_s"] for n, b in batches.items()}
         met = [int(n) for n, b in batches.items() if b["hidden_fraction"] is not None
                and b["hidden_fraction"] >= TARGET_HIDDEN]
         summary["smallest_batch_meeting_target"][t] = min(met) if met else None
+        key = f"parallel_loads_{COLD_START_PARALLEL[0]}"
+        met = [int(n) for n, b in batches.items() if b["cold_start"][key]["hidden_fraction"] is not None
+               and b["cold_start"][key]["hidden_fraction"] >= TARGET_HIDDEN]
+        summary.setdefault(f"smallest_batch_meeting_target_cold_start_{key}", {})[t] = min(met) if met else None
     out = {
         "benchmark": "lifecycle",
         "started": started,
@@ -334,6 +384,10 @@ def main() -> int:
             "hidden_fraction_timeline": "from the manager's transition log: the share of the load + warm-up that "
                                         "was over when the request was made (median over runs); insensitive to "
                                         "the background load of the shared machine",
+            "cold_start": "sequential mode, the previous phase's engine unloaded too: the phase demands its load, "
+                          "which pre-warms the target; with parallel_loads 2 the two loads run together, with 1 "
+                          "the target's load waits; hidden_fraction as above, against the same run's cold and "
+                          "resident latencies",
         },
         "targets": results,
         "footprints_bytes": {m: v["footprint_bytes"] for m, v in status["models"].items()},
