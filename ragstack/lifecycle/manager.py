@@ -156,6 +156,7 @@ class _Model:
     unload_wanted: Optional[str] = None
     suspect: bool = False                     # a request failed on a dead stub: no leases until checked
     busy: bool = False
+    loading_for: Optional[str] = None         # why the load in flight began: demand | prewarm | heal
     blocked: Optional[str] = None
     load_times: deque = dataclasses.field(default_factory=lambda: deque(maxlen=64))
     last_oscillation_alert: float = float("-inf")
@@ -463,7 +464,7 @@ class ModelManager:
 
     def _model_status(self, m: _Model, now: float) -> dict:
         return {
-            "state": m.state, "refcount": m.refcount, "footprint_bytes": m.footprint, "measured": m.measured,
+            "state": m.state, "loading_for": m.loading_for, "refcount": m.refcount, "footprint_bytes": m.footprint, "measured": m.measured,
             "footprint_source": m.footprint_source,
             "seed_bytes": m.spec.seed_bytes, "load_seconds": m.load_seconds, "warmup_ms": m.warmup_ms,
             "loads": m.loads,
@@ -691,8 +692,12 @@ class ModelManager:
                     return action
         demanded = sorted((m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
                            and not m.busy and m.job is None), key=lambda m: m.demand_since)
+        # Pre-warms do not chain: while a pre-warm's load is in flight the next one waits for it. A cold batch
+        # loads its first phase (demanded) and pre-warms the second together; but once a request waits for a
+        # pre-warm that has not finished, a third load beside it only slows the load that request waits for.
+        prewarm_in_flight = any(m.state == LOADING and m.loading_for == "prewarm" for m in models)
         prewarms = [m for m in models if m.prewarm_until >= now and m.state in (UNLOADED, FAILED)
-                    and not m.busy and m.demand_since is None and m.job is None]
+                    and not m.busy and m.demand_since is None and m.job is None and not prewarm_in_flight]
         for m in (demanded + prewarms) if loads_open else ():   # 3. loads: demanded first, then pre-warms
             if m.state == FAILED and now - m.failed_at < self.retry_after_s:
                 continue
@@ -709,6 +714,7 @@ class ModelManager:
             m.blocked = None
             self._mark(victims, m, now)
             why = "demand" if m.demand_since is not None else "prewarm"
+            m.loading_for = why
             return _LoadJob(m.name, lambda m=m, v=victims, why=why: self._evict_then_load(v, m, m.versions, why))
         for m in models:                                    # 4. wanted unloads (sequential, operator)
             if m.unload_wanted and m.state == READY and m.refcount == 0 and not m.busy and m.job is None:
@@ -818,6 +824,7 @@ class ModelManager:
             with self._lock:
                 now = self.clock()
                 m.state, m.busy, m.error, m.failed_at = FAILED, False, f"{type(e).__name__}: {e}", now
+                m.loading_for = None
                 self._log("load_failed", m, m.error)
                 self.sink.alert("model_load_failed", model=m.name, error=m.error)
                 self._wakeup.notify_all()
@@ -836,6 +843,7 @@ class ModelManager:
             m.versions = tuple(versions)
             m.state, m.busy, m.error, m.blocked = READY, False, None, None
             m.loaded_at, m.last_used, m.load_seconds, m.warmup_ms = now, now, seconds, warmup_ms
+            m.loading_for = None
             m.prewarm_until = float("-inf")
             m.loads += 1
             size = measured if measured else (usage.bytes if usage is not None and usage.bytes > 0 else None)

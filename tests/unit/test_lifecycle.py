@@ -398,6 +398,36 @@ def test_a_cold_batch_loads_its_first_phase_and_prewarms_the_next_in_parallel():
         mgr.stop()
 
 
+def test_prewarms_do_not_chain_while_a_request_waits_for_one():
+    """embed resident and in use pre-warms rerank; a request for rerank arrives before that load is over. The
+    pre-warm of generate (rerank's next phase) waits for rerank's load instead of slowing it down."""
+    loader = GateLoader()
+    mgr = ModelManager([ModelSpec(m, 300 * MB) for m in ("embed", "rerank", "generate")],
+                       budget=MemoryBudget(1000 * MB, 0.2), loader=loader, mode=SEQUENTIAL, cooldown_s=0,
+                       parallel_loads=2)
+    mgr.set_mode(SEQUENTIAL, cyclic=False)
+    mgr.adopt("embed")
+    mgr.start()
+    try:
+        lease = mgr.acquire("embed").lease
+        assert loader.wait_in_flight({"rerank"})
+        assert mgr.status()["models"]["rerank"]["loading_for"] == "prewarm"
+        mgr.release(lease.id)
+        assert mgr.acquire("rerank").status != ACQ_READY  # the request now waits for the pre-warm
+        loader.gate("unload embed").set()                 # embed is retired meanwhile (sequential mode)
+        time.sleep(0.3)
+        assert [x for x in loader.order if not x.startswith("unload")] == ["rerank"]
+        assert loader.most_at_once == 1
+        loader.gate("rerank").set()
+        assert loader.wait_in_flight({"generate"})        # then generate's pre-warm goes
+        loader.gate("generate").set()
+        assert loader.most_at_once == 1
+    finally:
+        for g in ("embed", "rerank", "generate", "unload embed", "unload rerank", "unload generate"):
+            loader.gate(g).set()
+        mgr.stop()
+
+
 @pytest.mark.parametrize("setting", ["one_at_a_time", "budget_for_one"])
 def test_loads_stay_serial_with_one_load_slot_or_room_for_one_engine(setting):
     loader = GateLoader()
@@ -783,7 +813,7 @@ def test_triton_sink_exports_the_catalogued_metrics_and_logs_events(tmp_path):
     # the alert rules read these names, kinds and labels (monitoring/metrics.json)
     catalogue = {x["name"]: x for x in json.loads((ROOT / "monitoring" / "metrics.json").read_text())["metrics"]}
     from ragstack.lifecycle.triton_io import FAMILIES
-    for name in ("llm_model_load_seconds", "llm_memory_used_bytes", "llm_memory_budget_bytes"):
+    for name in ("llm_model_load_seconds", "llm_memory_used_bytes", "llm_memory_budget_bytes", "llm_lifecycle_alerts_total"):
         kind, _, labels = FAMILIES[name]
         assert catalogue[name]["kind"] == kind.lower() and catalogue[name]["labels"] == list(labels)
     logged = read_events(tmp_path / "events.jsonl")
