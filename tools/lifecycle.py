@@ -4,7 +4,7 @@
   tools/lifecycle.py [--url 127.0.0.1:8000] status [--json]
   tools/lifecycle.py prewarm MODEL | unload MODEL | heal MODEL [--force] | history MODEL
   tools/lifecycle.py set-mode co_resident|sequential [--phases embed rerank generate] [--no-cyclic]
-  tools/lifecycle.py configure [--budget 12G] [--safety-buffer 0.15] [--cooldown 10]
+  tools/lifecycle.py configure [--budget 12G] [--safety-buffer 0.15] [--cooldown 10] [--parallel-loads 2]
   tools/lifecycle.py canary start MODEL --version N [--share 0.1] [--min-requests 50] [--promote-after 200]
                                         [--max-error-rate 0.02] [--max-latency-ratio R] [--engine-dir DIR]
                                         [--wait]
@@ -38,7 +38,7 @@ def _mib(n) -> str:
 def print_status(st: dict) -> None:
     b = st["budget"]
     print(f"mode {st['mode']} (phases {' -> '.join(st['phases'])}), cooldown {st['cooldown_s']:g} s, "
-          f"{st['leases']} lease(s)")
+          f"{st['leases']} lease(s), loads {st['loads_running']} running of {st['parallel_loads']} at once")
     print(f"memory {_mib(st['used_bytes'])} used of {_mib(b['total_bytes'])} (high-watermark "
           f"{_mib(b['watermark_bytes'])}, safety buffer {b['safety_buffer']:.0%}), headroom "
           f"{_mib(st['headroom_bytes'])}")
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     c.add_argument("--budget", help="bytes, or 512M / 12G")
     c.add_argument("--safety-buffer", type=float)
     c.add_argument("--cooldown", type=float)
+    c.add_argument("--parallel-loads", type=int, help="loads that may run at the same time (1: one after another)")
     can = sub.add_parser("canary").add_subparsers(dest="canary_cmd", required=True)
     cs = can.add_parser("start")
     cs.add_argument("model")
@@ -132,7 +133,8 @@ def run(mc: ManagerClient, args) -> int:
         out = mc.call("set_mode", payload=payload)
     elif args.cmd == "configure":
         payload = {k: v for k, v in (("budget_bytes", args.budget), ("safety_buffer", args.safety_buffer),
-                                     ("cooldown_s", args.cooldown)) if v is not None}
+                                     ("cooldown_s", args.cooldown), ("parallel_loads", args.parallel_loads))
+                   if v is not None}
         out = mc.call("configure", payload=payload)
     elif args.cmd == "canary" and args.canary_cmd == "start":
         payload = {"version": args.version, "share": args.share, "min_requests": args.min_requests,
