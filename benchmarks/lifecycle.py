@@ -21,9 +21,14 @@ request to X, from asking the manager for X to X's response:
 (target >= 0.8). The previous phase's duration with and without a concurrent load is reported too: on this
 2-core CPU machine the load (a Python stub importing torch) competes with the phase for the CPU.
 
+Then a whole batch (embed + search, rerank, one answer) from nothing loaded: its wall time in co-resident mode
+(each phase waits for its own load), in sequential mode with parallel_loads 2 and 1, and with every engine
+resident: the share of the three loads the batch does not wait for.
+
 Writes results/lifecycle.json. Progress goes to stderr.
 
   .venv/bin/python benchmarks/lifecycle.py [--models demo|tiny] [--batches N ...] [--candidates 16] [--reps 2]
+                                           [--pipeline-batches N ...]
 
 The pre-warmed latency is measured after previous phases over batches of several sizes: the overlap a pre-warm
 gets is the previous phase's duration, so the hidden share grows with it and reaches ~100 % once the phase
@@ -313,6 +318,61 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
     }
 
 
+PIPELINE_CASES = ("resident", "cold", "sequential_parallel_loads_2", "sequential_parallel_loads_1")
+
+
+def measure_pipeline(p: Pipeline, batches, candidates: int, reps: int) -> dict:
+    """A whole batch through the three phases (embed + search n queries, rerank their candidates, answer one
+    prompt), its wall time from the batch's arrival, in four cases measured back to back in each run:
+    every engine resident; every engine unloaded in co-resident mode (each phase waits for its own load); and
+    every engine unloaded in sequential mode (each phase pre-warms the next) with parallel_loads 2 and 1.
+    ``hidden`` = (cold - sequential) / (cold - resident): the share of the three loads the batch does not wait for."""
+    questions = eval_questions()
+    queries_all = questions * -(-max(batches) // len(questions))
+    by_batch = {}
+    for n in batches:
+        queries = queries_all[:n]
+        pairs = p.phase_embed_search(queries, candidates)
+        runs = []
+        for _ in range(reps):
+            wait_idle(0.35, 30)
+            run = {}
+            for case in PIPELINE_CASES:
+                p.mc.call("set_mode", payload={"mode": "co_resident"})
+                for model in ("embed", "rerank", "generate"):
+                    if case == "resident":
+                        p.ensure(model)
+                    else:
+                        p.unload(model)
+                if case.startswith("sequential"):
+                    p.mc.call("configure", payload={"parallel_loads": int(case.rsplit("_", 1)[1])})
+                    p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+                stages = {"embed_search_s": timed(p.phase_embed_search, queries, candidates),
+                          "rerank_s": timed(p.phase_rerank, pairs),
+                          "generate_s": timed(p.generate, f"Answer from the context: {queries[0]}")}
+                run[case] = {k: round(v, 3) for k, v in stages.items()}
+                run[case]["total_s"] = round(sum(stages.values()), 3)
+            p.mc.call("configure", payload={"parallel_loads": 2})
+            for case in PIPELINE_CASES[2:]:
+                cold, res, seq = (run[c]["total_s"] for c in ("cold", "resident", case))
+                run[case]["hidden_fraction"] = round((cold - seq) / (cold - res), 4) if cold > res else None
+            runs.append(run)
+            progress(f"pipeline, {n} queries: " + ", ".join(f"{c} {run[c]['total_s']:.1f} s" for c in PIPELINE_CASES)
+                     + "; hidden " + ", ".join(f"{c[-1]} loads at once {run[c]['hidden_fraction']}"
+                                               for c in PIPELINE_CASES[2:]))
+        med = {c: {k: round(statistics.median(r[c][k] for r in runs), 3) for k in runs[0][c]
+                   if k != "hidden_fraction"} for c in PIPELINE_CASES}
+        for c in PIPELINE_CASES[2:]:
+            hs = [r[c]["hidden_fraction"] for r in runs if r[c]["hidden_fraction"] is not None]
+            med[c]["hidden_fraction"] = round(max(0.0, min(1.0, statistics.median(hs))), 4) if hs else None
+        by_batch[str(n)] = {"queries": n, "pairs_reranked": n * candidates, "median": med,
+                            "parallel_over_serial_speedup": round(med[PIPELINE_CASES[3]]["total_s"]
+                                                                  / med[PIPELINE_CASES[2]]["total_s"], 3),
+                            "runs": runs}
+    p.mc.call("set_mode", payload={"mode": "co_resident"})
+    return {"cases": list(PIPELINE_CASES), "by_batch": by_batch}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=("demo", "tiny"), default="demo")
@@ -323,6 +383,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--targets", nargs="+", default=["rerank", "generate"])
+    ap.add_argument("--pipeline-batches", type=int, nargs="*", default=[8, 64],
+                    help="queries per batch of the whole-pipeline measurement (none: skip it)")
     ap.add_argument("--out", type=Path, default=RESULTS / "lifecycle.json")
     args = ap.parse_args()
 
@@ -342,6 +404,8 @@ def main() -> int:
         p.index_corpus()
         results = {t: measure_target(p, t, args.batches or DEFAULT_BATCHES[t], args.candidates, args.reps)
                    for t in args.targets}
+        pipeline = (measure_pipeline(p, args.pipeline_batches, args.candidates, args.reps)
+                    if args.pipeline_batches else None)
         status = p.mc.status()
     finally:
         server.stop()
@@ -371,6 +435,7 @@ def main() -> int:
         "models": args.models,
         "model_set": str(models.relative_to(ROOT)),
         "setup": {"batches": {t: args.batches or DEFAULT_BATCHES[t] for t in args.targets},
+                  "pipeline_batches": args.pipeline_batches,
                   "candidates_per_query": args.candidates, "reps": args.reps,
                   "generate_max_tokens": args.max_tokens, "corpus_paragraphs": len(p.docs),
                   "protocol": "manager lease ops over HTTP; embed/rerank over HTTP, generate over a gRPC stream"},
@@ -390,9 +455,16 @@ def main() -> int:
                           "resident latencies",
         },
         "targets": results,
+        "pipeline": pipeline,
         "footprints_bytes": {m: v["footprint_bytes"] for m, v in status["models"].items()},
         "summary": summary,
     }
+    if pipeline is not None:
+        summary["pipeline_hidden_fraction"] = {c: {n: b["median"][c]["hidden_fraction"]
+                                                   for n, b in pipeline["by_batch"].items()}
+                                               for c in PIPELINE_CASES[2:]}
+        summary["pipeline_total_s"] = {c: {n: b["median"][c]["total_s"] for n, b in pipeline["by_batch"].items()}
+                                       for c in PIPELINE_CASES}
     write_json(args.out, out)
     print(json.dumps(out["summary"]))
     return 0
