@@ -464,8 +464,8 @@ class ModelManager:
 
     def _model_status(self, m: _Model, now: float) -> dict:
         return {
-            "state": m.state, "loading_for": m.loading_for, "refcount": m.refcount, "footprint_bytes": m.footprint, "measured": m.measured,
-            "footprint_source": m.footprint_source,
+            "state": m.state, "loading_for": m.loading_for, "refcount": m.refcount,
+            "footprint_bytes": m.footprint, "measured": m.measured, "footprint_source": m.footprint_source,
             "seed_bytes": m.spec.seed_bytes, "load_seconds": m.load_seconds, "warmup_ms": m.warmup_ms,
             "loads": m.loads,
             "unloads": m.unloads, "evictions": m.evictions, "heals": m.heals, "versions": list(m.versions),
@@ -683,7 +683,7 @@ class ModelManager:
         unloading = any(m.state == UNLOADING for m in models)
         for m in models:                                    # 1. heal dead stubs
             if m.state == DEAD and not m.busy and loads_open:
-                m.busy = True
+                m.busy, m.loading_for = True, "heal"
                 return _LoadJob(m.name, lambda m=m: self._heal(m))
         for m in models:                                    # 2. version changes (canary, promote, rollback)
             if m.job is not None and not m.busy and m.state not in (LOADING, UNLOADING):
