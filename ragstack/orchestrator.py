@@ -99,14 +99,15 @@ class OrchestratorModel:
         out through ``sender`` with the final flag. ``gate`` is set once no more child requests will start."""
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        requested = ta.requested_outputs(request)
         try:
             on_delta = None
             if self.decoupled:
                 def on_delta(text):
-                    sender.send(pb.InferenceResponse(output_tensors=self._outputs({"answer": text})))
+                    sender.send(pb.InferenceResponse(output_tensors=self._outputs({"answer": text}, requested)))
             task, result = self._run(request, gate, on_delta)
             gate.set()
-            response = pb.InferenceResponse(output_tensors=self._outputs(result.outputs()))
+            response = pb.InferenceResponse(output_tensors=self._outputs(result.outputs(), requested))
         except Exception as e:  # noqa: BLE001 - every failure is this request's error response
             gate.set()
             sender.send(ta.error_response(pb, e), flags=final)
@@ -167,8 +168,9 @@ class OrchestratorModel:
                                  threshold_us=self.policy.thresholds.max_queue_delay_us, task=task)
         self.metrics.request(task, "ok")
 
-    def _outputs(self, values: dict) -> list:
-        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()})
+    def _outputs(self, values: dict, requested=None) -> list:
+        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()
+                                              if requested is None or k in requested}, requested)
 
     # ---------------------------------------------------------------------------------------- pipeline
     def _parse(self, request) -> rag.RagRequest:

@@ -115,10 +115,29 @@ def input_scalar(pb, request, contract: Contract, name: str, default=None):
     return arr.reshape(-1)[0].item()
 
 
-def output_tensors(pb, contract: Contract, values: dict) -> list:
-    """pb.Tensor objects for the given {name: value}, cast to the contract's dtype."""
+def requested_outputs(request) -> Optional[frozenset]:
+    """The output names the caller asked for (None: all of them, as Triton fills the list when none is named)."""
+    try:
+        names = request.requested_output_names()
+    except Exception:  # noqa: BLE001 - an older backend, or a fake request: send everything
+        return None
+    return frozenset(names) if names else None
+
+
+def output_tensors(pb, contract: Contract, values: dict, requested: Optional[frozenset] = None) -> list:
+    """pb.Tensor objects for the given {name: value}, cast to the contract's dtype; only the ``requested`` ones
+    when given (see :func:`requested_outputs`).
+
+    Sending only what was asked for is not an optimisation: the Python backend of Triton 2.51 (24.10) drops the
+    outputs a caller did not request *without holding the GIL*, so their numpy arrays are freed while other
+    threads of the stub run Python. In a stub that answers from several threads (the orchestrator, the
+    generate engine's batcher) that corrupts reference counts and, in the end, aborts the whole server
+    (``Reference count error detected ... dtype 5``, ``double free``; fixed upstream in python_backend #390).
+    """
     tensors = []
     for name, value in values.items():
+        if requested is not None and name not in requested:
+            continue
         spec = contract.output(name)
         arr = np.asarray(value, dtype=spec.np_dtype) if spec.dtype != "TYPE_STRING" else \
             np.asarray([v.encode("utf-8") if isinstance(v, str) else v for v in np.asarray(value).reshape(-1)],

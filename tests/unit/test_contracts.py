@@ -179,3 +179,37 @@ def test_both_profiles_declare_the_same_engine_tensors():
                 assert a_type == b_type and _compatible(a_dims, b_dims), (model, kind, name)
         assert ref.max_batch_size == prod.max_batch_size
         assert ref.model_transaction_policy.decoupled == prod.model_transaction_policy.decoupled
+
+
+class _Pb:
+    """Just enough of triton_python_backend_utils for the adapter's response builders."""
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+
+class _Request:
+    def __init__(self, names):
+        self.names = names
+
+    def requested_output_names(self):
+        return self.names
+
+
+def test_responses_carry_only_the_requested_outputs():
+    """Triton 2.51's Python backend drops unrequested outputs without the GIL (a threaded stub then corrupts
+    numpy reference counts and aborts the server), so the builders must not send them in the first place."""
+    from ragstack import contracts
+    from ragstack import triton_adapter as ta
+    from ragstack.trtllm_io import generate_outputs
+
+    values = generate_outputs([5, 6, 7], num_input_tokens=4, num_output_tokens=3)
+    assert {"batch_index", "num_input_tokens"} <= set(values)
+    requested = ta.requested_outputs(_Request(["output_ids", "sequence_length"]))
+    sent = ta.output_tensors(_Pb, contracts.GENERATE, values, requested)
+    assert [t.name for t in sent] == ["output_ids", "sequence_length"]
+    assert sent[0].array.dtype == np.int32 and sent[0].array.tolist() == [[[5, 6, 7]]]
+    # no names (Triton fills the list with every output when a client names none) or no API: everything
+    for request in (_Request([]), object()):
+        assert ta.requested_outputs(request) is None
+    assert len(ta.output_tensors(_Pb, contracts.GENERATE, values, None)) == len(values)

@@ -46,5 +46,6 @@ class TritonPythonModel:
             rows = embeddings[start:start + len(x)]
             start += len(x)
             outputs = {"embedding": rows, "num_tokens": np.asarray(lengths, dtype=np.int32).reshape(-1, 1)}
-            responses[i] = pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, outputs))
+            responses[i] = pb.InferenceResponse(
+                output_tensors=ta.output_tensors(pb, C, outputs, ta.requested_outputs(requests[i])))
         return responses

@@ -48,23 +48,25 @@ class TritonPythonModel:
             return ta.input_scalar(pb, request, C, name, default)
 
         stream = bool(get("stream", False))
+        requested = ta.requested_outputs(request)
         result = bls.generate(
             pb, self.tokenizer, ta.input_string(pb, request, C, "prompt"),
             system=ta.input_string(pb, request, C, "system"), raw=bool(get("raw_prompt", False)),
             max_tokens=int(get("max_tokens", DEFAULT_MAX_TOKENS)), temperature=float(get("temperature", 1.0)),
             top_p=float(get("top_p", 1.0)), top_k=int(get("top_k", 0)), seed=get("seed"),
             guide_type=ta.input_string(pb, request, C, "guide_type"), guide=ta.input_string(pb, request, C, "guide"),
-            on_delta=(lambda text: sender.send(_response({"text": [text]}))) if stream else None,
+            on_delta=(lambda text: sender.send(_response({"text": [text]}, requested))) if stream else None,
             is_cancelled=request.is_cancelled, hop=ta.Hop.of(request, trace=False))
         if result["finish_reason"] == "cancelled":
             sender.send(flags=FINAL)
             return
         final = {"text": [result["text"] if not stream else ""], "finish_reason": [result["finish_reason"]],
                  "num_input_tokens": [result["num_input_tokens"]], "num_output_tokens": [result["num_output_tokens"]]}
-        sender.send(_response(final), flags=FINAL)
+        sender.send(_response(final, requested), flags=FINAL)
 
 
-def _response(values):
+def _response(values, requested):
+    """Only the outputs the caller asked for (this stub answers from pool threads: see ta.output_tensors)."""
     return pb.InferenceResponse(output_tensors=ta.output_tensors(
         pb, C, {k: np.asarray(v, dtype=np.object_ if k in ("text", "finish_reason") else np.int32)
-                for k, v in values.items()}))
+                for k, v in values.items()}, requested))

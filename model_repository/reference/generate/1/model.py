@@ -37,7 +37,8 @@ class TritonPythonModel:
                 self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
                 req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
-                self.engine.submit(req, on_update=_Responder(sender, req), is_cancelled=request.is_cancelled)
+                self.engine.submit(req, on_update=_Responder(sender, req, ta.requested_outputs(request)),
+                                   is_cancelled=request.is_cancelled)
             except Exception as e:  # noqa: BLE001 - bad input ends this request only
                 sender.send(ta.error_response(pb, e), flags=FINAL)
         return None
@@ -56,9 +57,10 @@ class TritonPythonModel:
 class _Responder:
     """Called by the batcher's thread with each step's tokens; turns them into TRT-LLM shaped responses."""
 
-    def __init__(self, sender, req):
+    def __init__(self, sender, req, requested):
         self.sender = sender
         self.req = req
+        self.requested = requested      # only these go out: see ta.output_tensors (the batcher is a thread)
 
     def __call__(self, new_tokens, done, result):
         if done and result is not None and result.finish_reason == "error":
@@ -77,5 +79,5 @@ class _Responder:
         n_in = result.num_input_tokens if result is not None else len(self.req.input_ids)
         n_out = result.num_output_tokens if result is not None else 0
         outputs = generate_outputs(tokens, num_input_tokens=n_in, num_output_tokens=n_out, perf=perf)
-        response = pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, outputs))
+        response = pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, outputs, self.requested))
         self.sender.send(response, flags=FINAL if done else 0)
