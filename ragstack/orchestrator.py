@@ -88,18 +88,19 @@ class OrchestratorModel:
         gates = []
         for request in requests:
             gate = threading.Event()
-            self.pool.submit(self._serve, request, request.get_response_sender(), gate)
+            # The request's accessors are asked here, on the stub's main thread (see ta.requested_outputs).
+            self.pool.submit(self._serve, request, request.get_response_sender(), gate,
+                             ta.requested_outputs(request))
             gates.append(gate)
         for gate in gates:
             gate.wait()
         return None
 
-    def _serve(self, request, sender, gate: threading.Event):
+    def _serve(self, request, sender, gate: threading.Event, requested=None):
         """One request, on a pool thread: the answer (streamed as deltas when decoupled), or its error, goes
         out through ``sender`` with the final flag. ``gate`` is set once no more child requests will start."""
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        requested = ta.requested_outputs(request)
         try:
             on_delta = None
             if self.decoupled:

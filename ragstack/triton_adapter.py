@@ -116,7 +116,9 @@ def input_scalar(pb, request, contract: Contract, name: str, default=None):
 
 
 def requested_outputs(request) -> Optional[frozenset]:
-    """The output names the caller asked for (None: all of them, as Triton fills the list when none is named)."""
+    """The output names the caller asked for (None: all of them, as Triton fills the list when none is named).
+    Asked in ``execute``, on the stub's main thread, and handed to the worker that answers: a threaded stub's
+    workers touch the request object as little as they can (the 24.10 Python backend is not thread-safe)."""
     try:
         names = request.requested_output_names()
     except Exception:  # noqa: BLE001 - an older backend, or a fake request: send everything

@@ -31,24 +31,23 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self._serve, request, request.get_response_sender())
+            self.pool.submit(self._serve, request, request.get_response_sender(), ta.requested_outputs(request))
         return None
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _serve(self, request, sender):
+    def _serve(self, request, sender, requested):
         try:
-            self._generate(request, sender)
+            self._generate(request, sender, requested)
         except Exception as e:  # noqa: BLE001 - bad input or an engine error ends this request only
             sender.send(ta.error_response(pb, e), flags=FINAL)
 
-    def _generate(self, request, sender):
+    def _generate(self, request, sender, requested):
         def get(name, default=None):
             return ta.input_scalar(pb, request, C, name, default)
 
         stream = bool(get("stream", False))
-        requested = ta.requested_outputs(request)
         result = bls.generate(
             pb, self.tokenizer, ta.input_string(pb, request, C, "prompt"),
             system=ta.input_string(pb, request, C, "system"), raw=bool(get("raw_prompt", False)),
