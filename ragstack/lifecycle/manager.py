@@ -687,7 +687,7 @@ class ModelManager:
                 return _LoadJob(m.name, lambda m=m: self._heal(m))
         for m in models:                                    # 2. version changes (canary, promote, rollback)
             if m.job is not None and not m.busy and m.state not in (LOADING, UNLOADING):
-                action = self._plan_version_job(m, now)
+                action = self._plan_version_job(m, now, unloading)
                 if action is not None:
                     return action
         demanded = sorted((m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
@@ -782,7 +782,7 @@ class ModelManager:
                 window.update({name, self.phases[(i + 1) % len(self.phases)]})
         return window
 
-    def _plan_version_job(self, m: _Model, now: float):
+    def _plan_version_job(self, m: _Model, now: float, unloading: bool):
         job = m.job
         removed = [v for v in m.versions if v not in job.versions]
         if any(m.version_refs.get(v, 0) > 0 for v in removed):
@@ -792,7 +792,7 @@ class ModelManager:
             return None
         extra = m.estimate(len(job.versions))   # Triton brings up the new configuration before retiring the old
         victims, reason = self._pick_victims(extra, {m.name}, now)
-        if victims and any(x.state == UNLOADING for x in self._models.values()):
+        if victims and unloading:
             return None                         # planned against memory still being freed (see _plan)
         if victims is None:
             m.blocked = f"{job.kind}: {reason}"
