@@ -170,8 +170,7 @@ class OrchestratorModel:
         self.metrics.request(task, "ok")
 
     def _outputs(self, values: dict, requested=None) -> list:
-        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()
-                                              if requested is None or k in requested}, requested)
+        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()}, requested)
 
     # ---------------------------------------------------------------------------------------- pipeline
     def _parse(self, request) -> rag.RagRequest:
