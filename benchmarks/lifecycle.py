@@ -194,12 +194,31 @@ def timeline_hidden(transitions: list, model: str, asked: float):
     return round(max(0.0, min(1.0, (asked - start) / (ready - start))), 4)
 
 
+def queries_for(n: int) -> list:
+    """The labelled questions, repeated until there are at least ``n`` of them."""
+    questions = eval_questions()
+    return questions * -(-n // len(questions))
+
+
+def clamped_median(values: list):
+    """The median of the hidden fractions of a batch's runs, clamped to [0, 1] (None when there are none)."""
+    return round(max(0.0, min(1.0, statistics.median(values))), 4) if values else None
+
+
+def start_cold_sequential(p: Pipeline, models, parallel_loads: int) -> None:
+    """``models`` unloaded, then sequential mode for a batch pipeline with ``parallel_loads`` loads at once."""
+    p.mc.call("configure", payload={"parallel_loads": parallel_loads})
+    p.mc.call("set_mode", payload={"mode": "co_resident"})
+    for model in models:
+        p.unload(model)
+    p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+
+
 def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int) -> dict:
     """Latency of one request to ``target``: per batch size of the previous phase, cold, pre-warmed and resident
     measured back to back in each run (the machine is shared: a run's three see about the same background)."""
     previous = {"rerank": "embed", "generate": "rerank"}[target]
-    questions = eval_questions()
-    queries_all = questions * -(-max(max(batches), 4) // len(questions))       # repeated to the largest batch
+    queries_all = queries_for(max(max(batches), 4))
     small = queries_all[:4]
     small_pairs = p.phase_embed_search(small, candidates)
     p.mc.call("set_mode", payload={"mode": "co_resident"})
@@ -246,11 +265,7 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
             cold_start = {}
             for parallel in COLD_START_PARALLEL:
                 # pre-warmed from a cold start: the previous engine unloaded too, its load demanded by the phase
-                p.mc.call("configure", payload={"parallel_loads": parallel})
-                p.mc.call("set_mode", payload={"mode": "co_resident"})
-                p.unload(previous)
-                p.unload(target)
-                p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+                start_cold_sequential(p, (previous, target), parallel)
                 cs_phase = timed(previous_phase)
                 cs_asked = p.mc.status()["clock_s"]
                 cs_pre = timed(p.request, target, small_pairs, small)
@@ -278,8 +293,7 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
                                                 for k, v in cold_start.items()))
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
         covered = [r["hidden_fraction_timeline"] for r in runs if r["hidden_fraction_timeline"] is not None]
-        pair_hidden = [r["hidden_fraction"] for r in runs if r["hidden_fraction"] is not None]
-        hidden = statistics.median(pair_hidden) if pair_hidden else None
+        hidden = clamped_median([r["hidden_fraction"] for r in runs if r["hidden_fraction"] is not None])
         cold_start = {}
         for key in (f"parallel_loads_{n}" for n in COLD_START_PARALLEL):
             cs = [r["cold_start"][key] for r in runs]
@@ -288,8 +302,7 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
             cold_start[key] = {
                 "prewarmed_latency_s": round(statistics.median(c["prewarmed_s"] for c in cs), 4),
                 "previous_phase_s": round(statistics.median(c["previous_phase_s"] for c in cs), 3),
-                "hidden_fraction": (round(max(0.0, min(1.0, statistics.median(cs_hidden))), 4)
-                                    if cs_hidden else None),
+                "hidden_fraction": clamped_median(cs_hidden),
                 "hidden_fraction_timeline": round(statistics.median(cs_timeline), 4) if cs_timeline else None}
         par, ser = (cold_start[f"parallel_loads_{n}"]["prewarmed_latency_s"] for n in COLD_START_PARALLEL)
         cold_start["serial_over_parallel_latency"] = round(ser / par, 3) if par > 0 else None
@@ -301,7 +314,7 @@ def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int
             "previous_phase_s": {"alone": [round(x, 3) for x in alone],
                                  "with_prewarm": round(med("previous_phase_s"), 3)},
             "load_s": round(med("cold_load_s"), 3),
-            "hidden_fraction": None if hidden is None else round(max(0.0, min(1.0, hidden)), 4),
+            "hidden_fraction": hidden,
             "hidden_fraction_timeline": round(statistics.median(covered), 4) if covered else None,
             "cold_start": cold_start,
             "runs": runs,
@@ -327,8 +340,7 @@ def measure_pipeline(p: Pipeline, batches, candidates: int, reps: int) -> dict:
     every engine resident; every engine unloaded in co-resident mode (each phase waits for its own load); and
     every engine unloaded in sequential mode (each phase pre-warms the next) with parallel_loads 2 and 1.
     ``hidden`` = (cold - sequential) / (cold - resident): the share of the three loads the batch does not wait for."""
-    questions = eval_questions()
-    queries_all = questions * -(-max(batches) // len(questions))
+    queries_all = queries_for(max(batches))
     by_batch = {}
     for n in batches:
         queries = queries_all[:n]
@@ -338,21 +350,22 @@ def measure_pipeline(p: Pipeline, batches, candidates: int, reps: int) -> dict:
             wait_idle(0.35, 30)
             run = {}
             for case in PIPELINE_CASES:
-                p.mc.call("set_mode", payload={"mode": "co_resident"})
-                for model in ("embed", "rerank", "generate"):
-                    if case == "resident":
-                        p.ensure(model)
-                    else:
-                        p.unload(model)
+                engines = ("embed", "rerank", "generate")
                 if case.startswith("sequential"):
-                    p.mc.call("configure", payload={"parallel_loads": int(case.rsplit("_", 1)[1])})
-                    p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+                    start_cold_sequential(p, engines, int(case.rsplit("_", 1)[1]))
+                else:
+                    p.mc.call("set_mode", payload={"mode": "co_resident"})
+                    for model in engines:
+                        if case == "resident":
+                            p.ensure(model)
+                        else:
+                            p.unload(model)
                 stages = {"embed_search_s": timed(p.phase_embed_search, queries, candidates),
                           "rerank_s": timed(p.phase_rerank, pairs),
                           "generate_s": timed(p.generate, f"Answer from the context: {queries[0]}")}
                 run[case] = {k: round(v, 3) for k, v in stages.items()}
                 run[case]["total_s"] = round(sum(stages.values()), 3)
-            p.mc.call("configure", payload={"parallel_loads": 2})
+            p.mc.call("configure", payload={"parallel_loads": COLD_START_PARALLEL[0]})
             for case in PIPELINE_CASES[2:]:
                 cold, res, seq = (run[c]["total_s"] for c in ("cold", "resident", case))
                 run[case]["hidden_fraction"] = round((cold - seq) / (cold - res), 4) if cold > res else None
@@ -363,8 +376,8 @@ def measure_pipeline(p: Pipeline, batches, candidates: int, reps: int) -> dict:
         med = {c: {k: round(statistics.median(r[c][k] for r in runs), 3) for k in runs[0][c]
                    if k != "hidden_fraction"} for c in PIPELINE_CASES}
         for c in PIPELINE_CASES[2:]:
-            hs = [r[c]["hidden_fraction"] for r in runs if r[c]["hidden_fraction"] is not None]
-            med[c]["hidden_fraction"] = round(max(0.0, min(1.0, statistics.median(hs))), 4) if hs else None
+            med[c]["hidden_fraction"] = clamped_median([r[c]["hidden_fraction"] for r in runs
+                                                        if r[c]["hidden_fraction"] is not None])
         by_batch[str(n)] = {"queries": n, "pairs_reranked": n * candidates, "median": med,
                             "parallel_over_serial_speedup": round(med[PIPELINE_CASES[3]]["total_s"]
                                                                   / med[PIPELINE_CASES[2]]["total_s"], 3),
