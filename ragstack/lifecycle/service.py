@@ -90,7 +90,7 @@ class ManagerService:
                                   float(p.pop("safety_buffer", current.safety_buffer)))
         self.manager.configure(budget=budget, **p)
         status = self.manager.status()
-        return {k: status[k] for k in ("budget", "used_bytes", "headroom_bytes", "cooldown_s")}
+        return {k: status[k] for k in ("budget", "used_bytes", "headroom_bytes", "cooldown_s", "parallel_loads")}
 
     def _canary_start(self, model, p):
         engine_dir = p.get("engine_dir")

@@ -746,8 +746,10 @@ def test_service_ops_round_trip():
     assert svc.handle("status", None, {})["models"]["embed"]["state"] == READY
     svc.handle("set_mode", None, {"mode": "sequential"})
     assert mgr.mode == SEQUENTIAL
-    svc.handle("configure", None, {"budget_bytes": 2000 * MB, "safety_buffer": 0.1, "cooldown_s": 3})
-    assert mgr.budget.total_bytes == 2000 * MB and mgr.cooldown_s == 3.0
+    out = svc.handle("configure", None, {"budget_bytes": 2000 * MB, "safety_buffer": 0.1, "cooldown_s": 3,
+                                         "parallel_loads": 2})
+    assert mgr.budget.total_bytes == 2000 * MB and mgr.cooldown_s == 3.0 and mgr.parallel_loads == 2
+    assert out["parallel_loads"] == 2 and out["cooldown_s"] == 3.0
     svc.handle("unload", "embed", {})
     mgr.run_pending()
     assert mgr.status()["models"]["embed"]["state"] == UNLOADED
