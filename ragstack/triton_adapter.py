@@ -7,6 +7,7 @@ a fake).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -459,9 +460,7 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
     :class:`Unavailable` within about ``STREAM_CHECK_S`` instead of waiting forever.
     """
     pids = STUB_PIDS.of(model)
-    request = _bls_request(pb, model, inputs, outputs, hop)
-    stream = _Stream(lambda: request.exec(decoupled=True), model)
-    del request
+    stream = _Stream(functools.partial(_bls_request(pb, model, inputs, outputs, hop).exec, decoupled=True), model)
     finished = False
     try:
         while True:

@@ -19,8 +19,8 @@ The rules
   cyclic): acquiring one phase pre-warms the next and retires the others, so at most two engines are resident
   and the next engine's load overlaps the CPU work in between.
 * **Self-healing.** The probe lists the live processes ("slots") of each model. A slot that disappears means a
-  dead stub (Triton 2.51 neither restarts it nor stops reporting the model ready): the model is unloaded and
-  reloaded at once, and requests for it wait for the reload instead of failing.
+  dead stub (Triton 2.51 neither restarts it nor stops reporting the model ready): the model is reloaded with
+  new instances at once, and requests for it wait for the reload instead of failing.
 * **Alerts.** A load over ``slow_load_s`` (30 s, spec 000) or ``oscillation_loads`` loads of one model within
   ``oscillation_window_s`` raise an alert through the observer.
 * **Canary.** ``canary_start`` loads a new version beside the current one; leases are routed between them by a
@@ -819,7 +819,9 @@ class ModelManager:
     def _load(self, m: _Model, versions: tuple, why: str) -> bool:
         t0 = self.clock()
         try:
-            measured = self.loader.load(m.name, tuple(versions))
+            reload = getattr(self.loader, "reload", None) if why == "heal" else None
+            measured = reload(m.name, tuple(versions)) if reload is not None else \
+                self.loader.load(m.name, tuple(versions))
         except Exception as e:  # noqa: BLE001 - a failed load is this model's state, not the worker's crash
             with self._lock:
                 now = self.clock()
@@ -882,11 +884,14 @@ class ModelManager:
             self._wakeup.notify_all()
 
     def _heal(self, m: _Model) -> None:
+        """Reload a model whose stub died: new instances replace the old ones, with no unload first where the
+        loader can (``reload``: Triton 2.51 cannot finish unloading a stub that died inside a BLS call)."""
         t0 = self.clock()
-        try:
-            self.loader.unload(m.name)
-        except Exception as e:  # noqa: BLE001
-            log.warning("unloading dead %s: %s", m.name, e)
+        if getattr(self.loader, "reload", None) is None:
+            try:
+                self.loader.unload(m.name)
+            except Exception as e:  # noqa: BLE001
+                log.warning("unloading dead %s: %s", m.name, e)
         with self._lock:
             m.state = LOADING
         if self._load(m, m.versions, "heal"):

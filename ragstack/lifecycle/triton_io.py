@@ -78,13 +78,21 @@ def read_config(model: str, repos: Iterable):
     return text_format.Parse((model_dir(model, repos) / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-def config_json(model: str, versions: Iterable, repos: Iterable) -> str:
-    """The model's own config with ``version_policy { specific { versions } }``: the load-time override."""
+RELOAD_PARAMETER = "reload_generation"
+
+
+def config_json(model: str, versions: Iterable, repos: Iterable, fresh: bool = False) -> str:
+    """The model's own config as a load-time override: with ``version_policy { specific { versions } }`` when
+    versions are given; with a new ``reload_generation`` parameter when ``fresh`` (see :meth:`_LoaderBase.reload`)."""
     from google.protobuf import json_format
 
     cfg = read_config(model, repos)
-    cfg.version_policy.Clear()
-    cfg.version_policy.specific.versions.extend(int(v) for v in versions)
+    versions = list(versions)
+    if versions:
+        cfg.version_policy.Clear()
+        cfg.version_policy.specific.versions.extend(int(v) for v in versions)
+    if fresh:
+        cfg.parameters[RELOAD_PARAMETER].string_value = str(time.time_ns())
     return json_format.MessageToJson(cfg, preserving_proto_field_name=True, indent=None)
 
 
@@ -206,16 +214,28 @@ class _LoaderBase:
         self.pb, self.repos, self.probe = pb, list(repos), probe
         self.unload_timeout_s = unload_timeout_s
 
-    def _config(self, model: str, versions) -> str:
-        return config_json(model, versions, self.repos) if versions else ""
+    def _config(self, model: str, versions, fresh: bool = False) -> str:
+        return config_json(model, versions, self.repos, fresh) if (versions or fresh) else ""
 
-    def load(self, model: str, versions) -> Optional[int]:
+    def load(self, model: str, versions, fresh: bool = False) -> Optional[int]:
         """Load, and return the device memory the load took (NVML delta) on a GPU; None on the CPU profile,
-        where the manager reads each model's stub processes instead."""
+        where the manager reads each model's stub processes instead. ``fresh``: see :meth:`reload`."""
         before = nvml_used_bytes()
-        self._load(model, versions)
+        self._load(model, versions, fresh)
         after = nvml_used_bytes() if before is not None else None
         return max(0, after - before) if after is not None else None
+
+    def reload(self, model: str, versions=()) -> Optional[int]:
+        """Replace a loaded model with new instances (the heal of a dead stub), *without* unloading it first.
+
+        Two facts of Triton 2.51 make this the only safe way: loading a model whose config has not changed is a
+        no-op (the dead instance would stay), so the override carries a new ``reload_generation`` parameter;
+        and unloading a model whose stub died during a BLS call never finishes (the Python backend waits
+        forever for the dead stub to acknowledge the call's response, and the instance's thread pool joins that
+        thread), so an unload-then-load would never reach the load. A reload swaps the new instances in as soon
+        as they are ready (ensembles over the model follow) and retires the old ones in the background.
+        """
+        return self.load(model, versions, fresh=True)
 
     def _wait_gone(self, model: str) -> None:
         """Unload returns before the stubs exit: wait until the memory is really free."""
@@ -238,8 +258,8 @@ class _LoaderBase:
 class InlineLoader(_LoaderBase):
     """``pb.load_model`` in the manager's own stub (holds its GIL during the load)."""
 
-    def _load(self, model: str, versions) -> None:
-        self.pb.load_model(model_name=model, config=self._config(model, versions))
+    def _load(self, model: str, versions, fresh: bool = False) -> None:
+        self.pb.load_model(model_name=model, config=self._config(model, versions, fresh))
         if not self.pb.is_model_ready(model_name=model):
             raise RuntimeError(f"{model} is not ready after load")
 
@@ -276,8 +296,9 @@ class HttpLoader(_LoaderBase):
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
-    def _load(self, model: str, versions) -> None:
-        body = {"parameters": {"config": self._config(model, versions)}} if versions else None
+    def _load(self, model: str, versions, fresh: bool = False) -> None:
+        config = self._config(model, versions, fresh)
+        body = {"parameters": {"config": config}} if config else None
         status, text = self._request("POST", f"/v2/repository/models/{model}/load", body, self.load_timeout_s)
         if status != 200:
             raise RuntimeError(_error_text(text) or f"HTTP {status}")
@@ -321,14 +342,21 @@ class GrpcLoader(_LoaderBase):
             if self._client is None:
                 import tritonclient.grpc as grpcclient
 
-                self._client = grpcclient.InferenceServerClient(self.url)
+                # The manager starts before the server listens: with gRPC's default reconnect backoff (up to
+                # 120 s) the first refused connection left every readiness call failing for minutes (seen: the
+                # stub watchdog adopted nothing under traffic). Reconnect within a second instead.
+                size = grpcclient.MAX_GRPC_MESSAGE_SIZE
+                self._client = grpcclient.InferenceServerClient(self.url, channel_args=[
+                    ("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)])
             return self._client
 
-    def _load(self, model: str, versions) -> None:
+    def _load(self, model: str, versions, fresh: bool = False) -> None:
         from tritonclient.utils import InferenceServerException
 
         try:
-            self._c().load_model(model, headers=self.headers, config=self._config(model, versions) or None,
+            self._c().load_model(model, headers=self.headers, config=self._config(model, versions, fresh) or None,
                                  client_timeout=self.load_timeout_s)
         except InferenceServerException as e:
             raise RuntimeError(e.message() or str(e)) from None
@@ -392,10 +420,10 @@ class HelperLoader(_LoaderBase):
             "payload": np.array([json.dumps(payload or {}).encode()], dtype=np.object_)}, ["result"])
         return json.loads(out["result"].reshape(-1)[0])
 
-    def _load(self, model: str, versions) -> None:
+    def _load(self, model: str, versions, fresh: bool = False) -> None:
         if not self.ensure_helper():
-            return self._inline._load(model, versions)
-        self._call("load", model, {"config": self._config(model, versions)})
+            return self._inline._load(model, versions, fresh)
+        self._call("load", model, {"config": self._config(model, versions, fresh)})
 
     def unload(self, model: str) -> None:
         if not self.ensure_helper():

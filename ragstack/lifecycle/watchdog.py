@@ -7,8 +7,10 @@ memory probe's view of each model's live stubs, the loader, the sink), and nothi
 never evicted and take no leases.
 
 A model is *watched* once it has been seen ready in Triton with live stubs (its slots are remembered). When a
-slot disappears while Triton still reports the model ready, the stub died: the model is unloaded (Triton then
-reports it not ready, so readiness tells the truth while it is down) and loaded again. A model that
+slot disappears while Triton still reports the model ready, the stub died: the model is reloaded with new
+instances (the loader's ``reload``: never an unload first, which Triton 2.51 cannot finish for a stub that died
+in a BLS call). Until the new instances are ready, requests that meet the dead instance fail at once with
+Triton's "Stub process ... is not healthy". A model that
 disappears because someone unloaded it (Triton reports it not ready) is simply forgotten until it is ready
 again. Pure logic: the probe, the loader, the sink and the clock are injected, so the unit tests drive it
 with fakes.
@@ -55,6 +57,7 @@ class StubWatchdog:
         self._forced: set = set()
         self._thread: Optional[threading.Thread] = None
         self._failed_at: Dict[str, float] = {}
+        self.last_error: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------ public
     def models(self) -> list:
@@ -62,7 +65,10 @@ class StubWatchdog:
 
     def status(self) -> dict:
         with self._lock:
-            return {name: w.to_dict() for name, w in self._models.items()}
+            out = {name: w.to_dict() for name, w in self._models.items()}
+        if self.last_error:
+            out["_last_error"] = self.last_error
+        return out
 
     def check(self, model: str, force: bool = False) -> str:
         """Have the watchdog's thread look at the stubs now (``force``: reload ``model`` even if its stubs look
@@ -86,7 +92,7 @@ class StubWatchdog:
             usage = snapshot.get(w.name)
             slots = usage.slots if usage is not None else frozenset()
             if w.state in (None, FAILED):
-                if slots and self._ready(w.name):
+                if slots and self._ready(w.name) is True:
                     if w.state == FAILED and self.clock() - self._failed_at.get(w.name, 0) < self.retry_after_s:
                         continue
                     with self._lock:
@@ -99,7 +105,10 @@ class StubWatchdog:
                     w.slots = slots          # instances added by a reload elsewhere: watch them too
                 continue
             missing = sorted(w.slots - slots, key=str)
-            if not self._ready(w.name):      # unloaded on purpose (repository API): not a death
+            ready = self._ready(w.name)
+            if ready is None:                # Triton could not be asked (busy): look again at the next tick
+                continue
+            if not ready:                    # unloaded on purpose (repository API): not a death
                 with self._lock:
                     w.state, w.slots = None, frozenset()
                 continue
@@ -129,11 +138,13 @@ class StubWatchdog:
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one bad look
                 log.exception("stub watchdog tick failed")
 
-    def _ready(self, model: str) -> bool:
+    def _ready(self, model: str) -> Optional[bool]:
+        """Triton's readiness of ``model``; None when it could not be asked (a timeout under load)."""
         try:
             return bool(self.loader.is_ready(model))
-        except Exception:  # noqa: BLE001 - cannot tell (server starting or stopping): not ready
-            return False
+        except Exception as e:  # noqa: BLE001 - cannot tell
+            self.last_error = f"readiness of {model}: {type(e).__name__}: {e}"
+            return None
 
     def _heal(self, w: Watched, detail: str) -> None:
         t0 = self.clock()
@@ -143,11 +154,7 @@ class StubWatchdog:
         if self.sink is not None:
             self.sink.alert("model_stub_died", model=w.name, detail=detail)
         try:
-            try:
-                self.loader.unload(w.name)
-            except Exception as e:  # noqa: BLE001 - a dead stub may fail its unload; the load still replaces it
-                log.warning("unloading dead %s: %s", w.name, e)
-            self.loader.load(w.name, ())
+            self.loader.reload(w.name)       # never unload first: see the loader's reload()
         except Exception as e:  # noqa: BLE001
             with self._lock:
                 w.state, w.error = FAILED, f"reload failed: {e}"

@@ -28,6 +28,13 @@ class FakeServer:
         self.ready.discard(model)
         self.slots[model] = set()
 
+    def reload(self, model):
+        self.calls.append(("reload", model))
+        if self.fail_load:
+            raise RuntimeError("initialize failed")
+        self.slots[model] = {self.next_slot}
+        self.next_slot += 1
+
     def load(self, model, versions):
         self.calls.append(("load", model))
         if self.fail_load:
@@ -76,12 +83,12 @@ def test_a_dead_stub_is_reloaded(server):
     wd.run_once()
     server.kill("rag_orchestrator", 2)                           # kill -9 of one instance's stub
     wd.run_once()
-    assert server.calls == [("unload", "rag_orchestrator"), ("load", "rag_orchestrator")]
+    assert server.calls == [("reload", "rag_orchestrator")]         # never an unload first
     assert wd.status()["rag_orchestrator"]["heals"] == 1
     assert wd.status()["rag_orchestrator"]["state"] == WATCHING
     assert sink.events == [("model_stub_died", "rag_orchestrator"), ("healed", "rag_orchestrator")]
     wd.run_once()                                                # the new stub is the one watched now
-    assert len(server.calls) == 2
+    assert len(server.calls) == 1
     server.kill("rag_orchestrator", 100)
     wd.run_once()
     assert wd.status()["rag_orchestrator"]["heals"] == 2
@@ -118,4 +125,18 @@ def test_forced_heal_runs_on_the_watchdog_thread_not_the_callers(server):
     assert wd.check("vector_index", force=True) == WATCHING    # answered at once
     assert server.calls == []
     wd.run_once()                                                # the watchdog's next look does it
-    assert server.calls == [("unload", "vector_index"), ("load", "vector_index")]
+    assert server.calls == [("reload", "vector_index")]
+
+
+def test_a_readiness_call_that_fails_is_not_taken_for_an_unload(server):
+    """Under load Triton's readiness call can time out: that must not make a death look deliberate."""
+    wd = watchdog(server)
+    wd.run_once()
+    server.kill("rag_orchestrator", 1)
+    ready = server.is_ready
+    server.is_ready = lambda model: (_ for _ in ()).throw(TimeoutError("deadline exceeded"))
+    wd.run_once()
+    assert server.calls == [] and wd.status()["rag_orchestrator"]["state"] == WATCHING
+    server.is_ready = ready
+    wd.run_once()
+    assert server.calls == [("reload", "rag_orchestrator")]
