@@ -61,7 +61,12 @@ def _one(arrays: dict, name: str, default=None):
     if arr.size != 1:
         raise InvalidInput(f"generate: input '{name}' must hold one value per request, got shape {list(arr.shape)}")
     value = arr.reshape(-1)[0]
-    return value.decode("utf-8", errors="strict") if isinstance(value, bytes) else value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"generate: input '{name}' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return value.item()
 
 
 def parse_generate_inputs(arrays: dict) -> dict:
