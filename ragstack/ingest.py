@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Callable, Optional
 
+from ragstack import json_input
 from ragstack.errors import InvalidInput
 
 log = logging.getLogger("ragstack.ingest")
@@ -60,12 +61,7 @@ def parse_documents(op: str, doc_ids: list, texts: Optional[list], metadata: Opt
             raise InvalidInput(f"document {doc_id!r} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
         meta = {}
         if metadata is not None and metadata[i].strip():
-            try:
-                meta = json.loads(metadata[i])
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"metadata for {doc_id!r} is not valid JSON: {e.msg}") from None
-            if not isinstance(meta, dict):
-                raise InvalidInput(f"metadata for {doc_id!r} must be a JSON object")
+            meta = json_input.loads(metadata[i], f"metadata for {doc_id!r}", expect=dict)
         docs.append(Document(doc_id, text, meta))
     return docs
 

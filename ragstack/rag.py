@@ -12,6 +12,7 @@ import json
 import time
 from typing import Callable, Optional
 
+from ragstack import json_input
 from ragstack.errors import InvalidInput
 
 TASKS = ("answer", "generate_json", "rank_candidates", "judge")
@@ -61,10 +62,7 @@ def parse_documents(values) -> list:
         doc = {"id": f"doc-{i + 1}", "text": value, "metadata": {}}
         stripped = value.strip()
         if stripped.startswith("{"):
-            try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"documents[{i}] looks like JSON but does not parse: {e.msg}") from None
+            obj = json_input.loads(stripped, f"documents[{i}] (text that starts with '{{')")
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise InvalidInput(f"documents[{i}] as JSON must be an object with a string 'text'")
             doc = {"id": str(obj.get("id") or doc["id"]), "text": obj["text"], "metadata": obj.get("metadata") or {}}
@@ -83,12 +81,7 @@ def parse_documents(values) -> list:
 def parse_schema(text: Optional[str]) -> Optional[dict]:
     if text is None or not text.strip():
         return None
-    try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidInput(f"schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(schema, dict):
-        raise InvalidInput("schema must be a JSON object (a JSON Schema)")
+    schema = json_input.loads(text, "schema", expect=dict)
     import jsonschema
 
     try:

@@ -158,21 +158,31 @@ def output_tensors(pb, contract: Contract, values: dict, requested: Optional[fro
 # likewise UNAVAILABLE.
 INVALID_MARK = "invalid input: "
 UNAVAILABLE_MARK = "unavailable: "
+# An error message travels in a gRPC status (trailing metadata: 16 KiB at most on the client, or the caller gets
+# RESOURCE_EXHAUSTED instead of the error) and in an ensemble's or a BLS parent's own message: messages that echo
+# a huge input are cut to this many characters.
+MAX_ERROR_CHARS = 2000
+
+
+def clip_message(msg: str, limit: int = MAX_ERROR_CHARS) -> str:
+    if len(msg) <= limit:
+        return msg
+    return f"{msg[:limit]}... [{len(msg) - limit} more characters]"
 
 
 def error_response(pb, exc: BaseException):
     """INVALID_ARG for bad input with its message; UNAVAILABLE when a model the request needs cannot serve it
     now; INTERNAL with a short message (no traceback) otherwise."""
     if isinstance(exc, InvalidInput):
-        msg = str(exc)
+        msg = clip_message(str(exc))
         return pb.InferenceResponse(error=pb.TritonError(msg if msg.startswith(INVALID_MARK) else INVALID_MARK + msg,
                                                          pb.TritonError.INVALID_ARG))
     if isinstance(exc, Unavailable):
-        msg = str(exc)
+        msg = clip_message(str(exc))
         return pb.InferenceResponse(error=pb.TritonError(
             msg if msg.startswith(UNAVAILABLE_MARK) else UNAVAILABLE_MARK + msg, pb.TritonError.UNAVAILABLE))
     log.exception("internal error")
-    return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(exc).__name__}: {exc}",
+    return pb.InferenceResponse(error=pb.TritonError(clip_message(f"internal error: {type(exc).__name__}: {exc}"),
                                                      pb.TritonError.INTERNAL))
 
 

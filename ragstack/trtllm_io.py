@@ -61,7 +61,12 @@ def _one(arrays: dict, name: str, default=None):
     if arr.size != 1:
         raise InvalidInput(f"generate: input '{name}' must hold one value per request, got shape {list(arr.shape)}")
     value = arr.reshape(-1)[0]
-    return value.decode("utf-8", errors="strict") if isinstance(value, bytes) else value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"generate: input '{name}' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return value.item()
 
 
 def parse_generate_inputs(arrays: dict) -> dict:
@@ -134,8 +139,11 @@ def generate_outputs(token_ids, *, num_input_tokens: int, num_output_tokens: int
 
 def output_tokens(outputs: dict) -> list:
     """The generated token ids of beam 0 from one response's output_ids / sequence_length."""
-    ids = np.asarray(outputs["output_ids"]).reshape(-1, np.asarray(outputs["output_ids"]).shape[-1])[0]
+    output_ids = np.asarray(outputs["output_ids"])
     n = int(np.asarray(outputs["sequence_length"]).reshape(-1)[0])
+    if output_ids.size == 0 or n <= 0:   # a streamed final response with no new token: [1, 1, 0]
+        return []
+    ids = output_ids.reshape(-1, output_ids.shape[-1])[0]
     return [int(t) for t in ids[:n]]
 
 

@@ -20,13 +20,28 @@ def _string(request, name, default=""):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+class BadRequest(ValueError):
+    """The request itself is wrong (unknown op, payload not a JSON object): INVALID_ARG, not INTERNAL."""
+
+
+def _payload(request) -> dict:
+    text = _string(request, "payload", "{}") or "{}"
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError) as e:   # self-contained: no ragstack.json_input here
+        raise BadRequest(f"payload is not JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("payload must be a JSON object")
+    return payload
+
+
 class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 op, model = _string(request, "op"), _string(request, "model")
-                payload = json.loads(_string(request, "payload", "{}") or "{}")
+                payload = _payload(request)
                 if op == "load":
                     pb.load_model(model_name=model, config=payload.get("config", ""))
                     if not pb.is_model_ready(model_name=model):
@@ -39,9 +54,12 @@ class TritonPythonModel:
                     result = {"ready": bool(pb.is_model_ready(model_name=model,
                                                               model_version=str(payload.get("version", ""))))}
                 else:
-                    raise ValueError(f"unknown op {op!r}")
+                    raise BadRequest(f"unknown op {op[:100]!r}; expected load, unload or ready")
                 out = np.array([json.dumps(result).encode()], dtype=np.object_)
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("result", out)]))
+            except (BadRequest, UnicodeDecodeError) as e:   # the same marker as ragstack.triton_adapter.INVALID_MARK
+                responses.append(pb.InferenceResponse(error=pb.TritonError(
+                    f"invalid input: model_manager_loader: {e}"[:2000], pb.TritonError.INVALID_ARG)))
             except Exception as e:  # noqa: BLE001 - the manager reads the message
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(e).__name__}: {e}")))
         return responses

@@ -15,7 +15,6 @@ device before it is applied.
 """
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
+from ragstack import json_input
 from ragstack.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -135,10 +135,7 @@ class GuideCompiler:
 
     def _compile_uncached(self, guide_type: str, guide: Optional[str]) -> xgrammar.CompiledGrammar:
         if guide_type == "json_schema":
-            try:
-                json.loads(guide)
-            except (ValueError, RecursionError) as exc:
-                raise InvalidInput(f"json_schema guide is not valid JSON: {exc}") from None
+            json_input.loads(guide, "json_schema guide")
         try:
             if guide_type == "json":
                 return self._compiler.compile_builtin_json_grammar()

@@ -18,6 +18,8 @@ import math
 from collections import deque
 from typing import Optional
 
+from ragstack.errors import InvalidInput
+
 PROMOTE = "promote"
 ROLLBACK = "rollback"
 CONTINUE = "continue"
@@ -70,13 +72,13 @@ class CanaryRouter:
                  promote_after: int = 200, max_error_rate: float = 0.02,
                  max_latency_ratio: Optional[float] = None):
         if stable == canary:
-            raise ValueError(f"{model}: canary version {canary} is the stable version")
+            raise InvalidInput(f"{model}: canary version {canary} is the stable version")
         if not 0.0 < share < 1.0:
-            raise ValueError(f"canary share must be in (0, 1), got {share}")
+            raise InvalidInput(f"canary share must be in (0, 1), got {share}")
         if min_requests < 1 or promote_after < min_requests:
-            raise ValueError(f"need 1 <= min_requests ({min_requests}) <= promote_after ({promote_after})")
+            raise InvalidInput(f"need 1 <= min_requests ({min_requests}) <= promote_after ({promote_after})")
         if not 0.0 <= max_error_rate < 1.0:
-            raise ValueError(f"max_error_rate must be in [0, 1), got {max_error_rate}")
+            raise InvalidInput(f"max_error_rate must be in [0, 1), got {max_error_rate}")
         self.model, self.stable, self.canary = model, int(stable), int(canary)
         self.share = float(share)
         self.min_requests, self.promote_after = int(min_requests), int(promote_after)

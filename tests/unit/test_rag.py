@@ -132,7 +132,7 @@ def test_bad_schemas(text, message):
     (['{"id": "a"}'], "string 'text'"),
     (['{"id": "a", "text": "x"}', '{"id": "a", "text": "y"}'], "duplicate ids"),
     (["x" * (rag.MAX_DOCUMENT_CHARS + 1)], "characters; the limit"),
-    (["{broken"], "does not parse"),
+    (["{broken"], r"documents\[0\].*is not valid JSON"),
 ])
 def test_bad_documents(docs, message):
     with pytest.raises(InvalidInput, match=message):

@@ -9,9 +9,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
+from ragstack import contracts, json_input
 from ragstack import triton_adapter as ta
-from ragstack.errors import InvalidInput
 from ragstack.lifecycle.triton_io import build_manager
 
 C = contracts.MODEL_MANAGER
@@ -26,10 +25,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 payload = ta.input_string(pb, request, C, "payload")
-                try:
-                    payload = json.loads(payload) if payload else {}
-                except json.JSONDecodeError as e:
-                    raise InvalidInput(f"model_manager: payload is not JSON ({e.msg})") from None
+                payload = json_input.loads(payload, "model_manager: payload", expect=dict) if payload else {}
                 result = self.service.handle(ta.input_string(pb, request, C, "op"),
                                              ta.input_string(pb, request, C, "model"), payload)
                 out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}

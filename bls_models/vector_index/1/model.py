@@ -4,7 +4,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts, index_ops
+from ragstack import contracts, index_ops, json_input
 from ragstack import triton_adapter as ta
 from ragstack.index import FlatFileStore
 
@@ -27,7 +27,8 @@ class TritonPythonModel:
                     query_vector=ta.input_array(pb, request, C, "query_vector"),
                     top_k=ta.input_scalar(pb, request, C, "top_k"),
                     vectors=ta.input_array(pb, request, C, "vectors"),
-                    payload=json.loads(payload) if payload else None)
+                    payload=None if payload is None else
+                    json_input.loads(payload, "vector_index: payload", expect=dict))
                 out = {"result": np.array([json.dumps(result)], dtype=np.object_)}
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))
             except Exception as e:  # noqa: BLE001
