@@ -97,8 +97,9 @@ def plot(result: dict, path: Path) -> None:
     if samples:
         t = [s["t"] for s in samples]
         groups = sorted({g for s in samples for g in s["groups"]})
-        for g in groups:
-            ax1.plot(t, [s["groups"].get(g, 0) / 2**20 for s in samples], label=g, lw=1)
+        cmap = plt.get_cmap("tab20")
+        for i, g in enumerate(groups):
+            ax1.plot(t, [s["groups"].get(g, 0) / 2**20 for s in samples], label=g, lw=1, color=cmap(i % 20))
         ax1.plot(t, [s["total"] / 2**20 for s in samples], label="total", color="black", lw=2)
         g = result["rss"]["growth"]
         if "warmup_t_s" in g:

@@ -19,9 +19,9 @@ Request kinds (each request ends in exactly one outcome class):
 
 Outcome classes: ``ok``, ``client_error``, ``cancelled``, ``server_error`` (5xx, INTERNAL, UNAVAILABLE, UNKNOWN, a
 "Stub process ... is not healthy" message, a traceback), ``hung`` (no answer within the client timeout) and
-``transport`` (connection refused/reset, a broken stream); ``frontend_500`` is Triton's own HTTP 500 on a body that
-is not JSON (see FRONTEND_500). A bad request that succeeds is ``ok`` on its kind and
-is listed under ``unexpected``; so is a good request refused as a client error.
+``transport`` (connection refused/reset, a broken stream); ``frontend_500`` is Triton's own HTTP 500 on a
+malformed request body (not JSON, or not the KServe request shape: see FRONTEND_500). A bad request that succeeds
+is ``ok`` on its kind and is listed under ``unexpected``; so is a good request refused as a client error.
 
 Every acknowledged ingest goes into a ledger; at the end every acknowledged, not-deleted document must still be in
 the index (``vector_index`` op ``get``) and every acknowledged delete must have stayed deleted.
@@ -45,10 +45,11 @@ import numpy as np
 
 TASKS = ("answer", "generate_json", "rank_candidates", "judge")
 OUTCOMES = ("ok", "client_error", "cancelled", "server_error", "hung", "transport", "frontend_500")
-# Triton 2.51's own HTTP frontend answers a request body it cannot parse as JSON with 500 "failed to parse the
-# request JSON buffer" before any model sees it. That is a server-class answer to a client mistake, but not one the
-# stack's models can change: it gets a class of its own (reported, not a criterion) unless strict_frontend is set.
-FRONTEND_500 = "failed to parse the request JSON buffer"
+# Triton 2.51's own HTTP frontend answers a body that is not a request document (not JSON: "failed to parse the
+# request JSON buffer"; JSON of the wrong shape: "Unable to parse 'inputs'") with 500, before any model sees it. A
+# server-class answer to a client mistake, but not one the stack's models can change: those malformed-body requests
+# get a class of their own (reported, not a criterion) unless strict_frontend is set.
+FRONTEND_500 = "Triton's HTTP frontend answers a malformed request body with 500 before any model sees it"
 STUB_NAME = "triton_python_backend_stub"
 INSTANCE_RE = re.compile(r"^(?P<model>.+)_(?P<group>\d+)_(?P<index>\d+)$")
 # Server-log lines that mean a stub (or the server) died or was found dead.
@@ -144,10 +145,12 @@ def percentiles(values: list) -> dict:
 
 
 # --------------------------------------------------------------------------------------- classification
-def classify_http(status: int, body: str, expected: str, strict_frontend: bool = False) -> str:
+def classify_http(status: int, body: str, expected: str, frontend: bool = False) -> str:
+    """``frontend``: the body was not a valid request document (not JSON, or not the KServe shape), so Triton's
+    HTTP frontend answers it before any model sees it; its 500 there is ``frontend_500``."""
     if 200 <= status < 300:
         return "ok"
-    if status == 500 and FRONTEND_500 in body and not strict_frontend:
+    if status == 500 and frontend:
         return "frontend_500"
     if any(m in body for m in ("not healthy", "Stub process")):
         return "server_error"
@@ -307,11 +310,12 @@ class Worker:
                     kind, expected = ("ingest_delete" if delete else "ingest_upsert"), "ok"
                 else:
                     kind, expected = self.rng.choices(kinds, weights)[0], "ok"
-                self.one(kind, expected)
+                if self.one(kind, expected) in ("server_error", "transport"):
+                    time.sleep(0.2)              # a broken server answers at once: no hot loop against it
         finally:
             self.close()
 
-    def one(self, kind: str, expected: str) -> None:
+    def one(self, kind: str, expected: str) -> str:
         with self.soak.recorder.lock:
             self.soak.recorder.in_flight += 1
         t0 = time.perf_counter()
@@ -325,6 +329,7 @@ class Worker:
         with self.soak.recorder.lock:
             self.soak.recorder.in_flight -= 1
         self.soak.recorder.record(kind, expected, outcome, latency, detail)
+        return outcome
 
     def send(self, kind: str, expected: str) -> tuple:
         if kind.startswith("rag_http_"):
@@ -339,7 +344,8 @@ class Worker:
         body = raw_body if raw_body is not None else {"inputs": _json_inputs(arrays or self.rag_arrays(task))}
         status, text = self.http_post("/v2/models/rag/infer", body,
                                       self.identity() if headers is None else headers)
-        outcome = classify_http(status, text, expected, self.cfg.strict_frontend)
+        outcome = classify_http(status, text, expected,
+                                frontend=raw_body is not None and not self.cfg.strict_frontend)
         if outcome == "ok":
             outs = {o["name"]: o["data"][0] for o in json.loads(text)["outputs"]}
             json.loads(outs["answer"])                       # the answer is JSON
@@ -471,7 +477,7 @@ class Worker:
             self.live_docs.pop(doc_id, None)
             return outcome, str(report)
         doc = report["documents"][0]
-        if doc.get("status") not in ("created", "updated", "unchanged"):
+        if doc.get("status") not in ("created", "replaced", "updated", "unchanged"):
             ledger.uncertain(doc_id)
             return "server_error", f"unexpected ingest report {doc}"
         ledger.acked_upsert(doc_id)
@@ -572,7 +578,7 @@ class Worker:
         ]
         if self.rng.random() < 0.2:
             status, text = self.http_post("/v2/models/rag/generate", b'{"query": ')
-            return (classify_http(status, text, expected, self.cfg.strict_frontend),
+            return (classify_http(status, text, expected, frontend=not self.cfg.strict_frontend),
                     f"truncated JSON: HTTP {status}: {text[:300]}")
         label, body = self.rng.choice(variants)
         status, text = self.http_post("/v2/models/rag/generate", body)
@@ -699,6 +705,8 @@ def process_table(server_pid: int) -> dict:
             return out
         for child in children:
             try:
+                if child.status() == psutil.STATUS_ZOMBIE:     # a zombie stub is a dead stub
+                    continue
                 cmd = child.cmdline()
                 if not any(STUB_NAME in c for c in cmd[:1]):
                     continue
@@ -724,6 +732,8 @@ def process_table(server_pid: int) -> dict:
         tree.add(p)
         todo.extend(c for c, pp in parents.items() if pp == p and c not in tree)
     for pid in tree:
+        if pid != server_pid and not pid_alive(pid):          # a zombie stub is a dead stub
+            continue
         try:
             rss = int((Path("/proc") / str(pid) / "statm").read_text().split()[1]) * page
             cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -929,6 +939,9 @@ class Soak:
                 if time.time() >= next_progress:
                     next_progress += cfg.progress_s
                     self.progress(self.progress_line())
+                if self.sampler.server_died_at is not None and not self.stop.is_set():
+                    self.progress(f"tritonserver is gone (at {self.sampler.server_died_at:.0f} s): stopping the clients")
+                    self.stop.set()
                 # in-flight requests may end up to one client timeout after the deadline
                 if time.time() > self.deadline + cfg.timeout_s + 60:
                     self.progress("clients still running one timeout after the deadline: giving up on them")
@@ -998,9 +1011,9 @@ class Soak:
             "wall_s": round(self.ended - self.t0, 1),
             "requests": n, "requests_per_s": round(n / max(self.ended - self.t0, 1e-9), 3),
             "bad_request_share": round(bad_n / n, 4) if n else None,
-            "notes": {"frontend_500": f"Triton's HTTP frontend answers an unparseable JSON body with 500 "
-                                      f"'{FRONTEND_500}' before any model sees it; counted apart "
-                                      f"(strict_frontend={cfg.strict_frontend} makes it a server error)"},
+            "notes": {"frontend_500": f"{FRONTEND_500} ('failed to parse the request JSON buffer', 'Unable to "
+                                      f"parse 'inputs''): counted apart, not a criterion (strict_frontend="
+                                      f"{cfg.strict_frontend}; true makes it a server error)"},
             "outcomes_total": {o: tot[o] for o in OUTCOMES},
             "by_kind": kinds,
             "unexpected": dict(rec.unexpected),
