@@ -940,7 +940,8 @@ class Soak:
                     next_progress += cfg.progress_s
                     self.progress(self.progress_line())
                 if self.sampler.server_died_at is not None and not self.stop.is_set():
-                    self.progress(f"tritonserver is gone (at {self.sampler.server_died_at:.0f} s): stopping the clients")
+                    self.progress(f"tritonserver is gone (at {self.sampler.server_died_at:.0f} s): "
+                                  "stopping the clients")
                     self.stop.set()
                 # in-flight requests may end up to one client timeout after the deadline
                 if time.time() > self.deadline + cfg.timeout_s + 60:
@@ -974,7 +975,8 @@ class Soak:
         kinds = {}
         for kind in sorted(rec.counts):
             kinds[kind] = {"outcomes": {o: rec.counts[kind][o] for o in OUTCOMES if rec.counts[kind][o]},
-                           "latency_all": percentiles(rec.latency[kind]), "latency_ok": percentiles(rec.latency_ok[kind])}
+                           "latency_all": percentiles(rec.latency[kind]),
+                           "latency_ok": percentiles(rec.latency_ok[kind])}
         tot = rec.totals()
         heals = {"metrics": None, "model_manager_status": self.manager_heals}
         if smp.heals_last is not None:
