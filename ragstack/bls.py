@@ -47,30 +47,33 @@ def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] =
 def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional[str] = None, raw: bool = False,
              max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: Optional[int] = None, guide_type: Optional[str] = None, guide: Optional[str] = None,
-             on_delta: Optional[Callable] = None, is_cancelled: Callable = lambda: False, timer=None,
-             hop: Optional[ta.Hop] = None, on_started: Optional[Callable] = None) -> dict:
+             on_delta: Optional[Callable] = None, is_cancelled: Optional[Callable] = None, timer=None,
+             hop: Optional[ta.Hop] = None, on_started: Optional[Callable] = None, stream: bool = False) -> dict:
     """Prompt text → `generate` engine → text. ``on_delta(text)`` (if given) streams the text as it decodes.
 
     Returns {text, finish_reason, num_input_tokens, num_output_tokens, queue_delay_us}; finish_reason is
     'length' when the token budget ran out, 'cancelled' when the caller went away, else 'stop'; queue_delay_us
     is the engine's wait before scheduling (from its perf metrics), None when it reports none.
-    ``on_started()`` (if given) is called once the generation has started. The engine then streams even when
-    the caller does not: the Python backend's decoupled BLS ``exec`` returns at the child's first response, so
-    a non-streamed request would only count as started when it has finished.
+    ``is_cancelled`` is the parent request's (None outside a request); besides telling when the caller went away
+    it is the barrier that ends the engine stream safely (see ``triton_adapter.bls_stream``).
+    ``on_started()`` (if given) is called once the generation has started. The engine streams when ``stream``,
+    ``on_delta`` or ``on_started`` is given (``stream`` alone: so that a cancelled caller is noticed between
+    tokens rather than at the end; ``on_started``: a non-streamed request only starts when it has finished).
     """
     if guide_type is not None and guide_type not in GUIDE_TYPES:
         raise InvalidInput(f"unknown guide_type {guide_type!r}; expected one of {', '.join(GUIDE_TYPES)}")
     with _stage(timer, "tokenize"):
         ids = tokenizer.prompt_ids(prompt, system, raw=raw)
     tokenizer.check_budget(len(ids), max_tokens)
-    streaming = on_delta is not None or on_started is not None
+    streaming = stream or on_delta is not None or on_started is not None
     inputs = generate_inputs(ids, max_tokens, tokenizer.end_id, tokenizer.pad_id, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, streaming=streaming,
                              guide_type=guide_type, guide=guide)
     detok = tokenizer.detokenizer()
     n_in, n_out, queue_delay_us = len(ids), 0, None
-    cancelled = Throttled(is_cancelled)   # an IPC round trip: asked every CANCEL_POLL_S, not at every token
-    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop, on_started):
+    # an IPC round trip: asked every CANCEL_POLL_S, not at every token
+    cancelled = Throttled(is_cancelled) if is_cancelled is not None else (lambda: False)
+    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop, on_started, barrier=is_cancelled):
         if cancelled():
             return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in, "num_output_tokens": n_out}
         delta = detok.push(output_tokens(arrays))

@@ -61,15 +61,19 @@ BLS = (
     Deployment(C.EMBED_TEXT, batching=Batching((), 2000), instances=2,
                parameters=(("engine_dir", "embed"),)),
     Deployment(C.RERANK_TEXT, instances=2, parameters=(("engine_dir", "rerank"),)),
-    Deployment(C.GENERATE_TEXT, parameters=(("engine_dir", "generate"),)),
+    # Decoupled, one request per execute(), which returns when the request is answered (see the orchestrator's
+    # note below): concurrency comes from the instances.
+    Deployment(C.GENERATE_TEXT, instances=2, parameters=(("engine_dir", "generate"),)),
     # One process owns the store: every read and write goes through it, so they never disagree.
     Deployment(C.VECTOR_INDEX, parameters=(("index_dir", "index"),)),
     Deployment(C.INGEST, parameters=(("engine_dir", "embed"),)),
-    # Requests of a batch run on threads and answer through their response senders; execute() returns once
-    # each has started its generation, and a second instance takes a new batch while the first is still in
-    # its embed/search/rerank stages (the engines are shared: their own batchers merge the concurrent calls).
-    Deployment(C.RAG_ORCHESTRATOR, batching=NO_WAIT, instances=2, parameters=_ORCHESTRATOR_PARAMS),
-    Deployment(C.RAG_STREAM_ORCHESTRATOR, batching=NO_WAIT, parameters=_ORCHESTRATOR_PARAMS),
+    # Requests of a batch run on threads and each answers through its response sender when it is done;
+    # execute() returns when all of the batch are answered, so that a stub that dies leaves no request without
+    # an answer (Triton fails those it still waits on). While an instance is busy with a batch, the next batch
+    # goes to another instance: three, so that two long generations do not hold back short queries (the
+    # engines are shared: their own batchers merge the concurrent calls).
+    Deployment(C.RAG_ORCHESTRATOR, batching=NO_WAIT, instances=3, parameters=_ORCHESTRATOR_PARAMS),
+    Deployment(C.RAG_STREAM_ORCHESTRATOR, batching=NO_WAIT, instances=2, parameters=_ORCHESTRATOR_PARAMS),
     Deployment(C.RAG, ensemble_step=C.RAG_ORCHESTRATOR.name),
     Deployment(C.RAG_STREAM, ensemble_step=C.RAG_STREAM_ORCHESTRATOR.name),
 )

@@ -5,10 +5,11 @@ The model.py files subclass :class:`OrchestratorModel` and set ``pb``. It wires 
 thread, so a batch is served concurrently (TensorRT-LLM's own BLS model handles a batch one request after
 another). Every request is answered through its response sender (the Python backend allows that in the
 default, non-decoupled mode since 24.07), so a request never waits for the slowest of its batch, and
-``execute`` returns as soon as each request of the batch has *started* its last engine call (the
-generation): the instance then takes the next batch while the generations run. Holding ``execute`` until
-then keeps Triton's trace of each request alive for its child requests (tritonserver 2.51 crashes on a
-child started with the trace of a released request). Non-decoupled: one response per request; decoupled:
+``execute`` returns once every request of the batch has been answered: a request in flight on a stub that
+dies then gets Triton's error within a second or two instead of waiting forever, and Triton's trace of each
+request outlives its child requests (tritonserver 2.51 crashes on a child started with the trace of a
+released request). Concurrency across batches comes from the instance count. Non-decoupled: one response
+per request; decoupled:
 answer text deltas stream as tokens arrive, then one final response with the answer, contexts and usage.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,20 +85,23 @@ class OrchestratorModel:
 
     # -------------------------------------------------------------------------------------------- Triton
     def execute(self, requests):
-        gates = []
+        served = []
         for request in requests:
-            gate = threading.Event()
             # The request's accessors are asked here, on the stub's main thread (see ta.requested_outputs).
-            self.pool.submit(self._serve, request, request.get_response_sender(), gate,
-                             ta.requested_outputs(request))
-            gates.append(gate)
-        for gate in gates:
-            gate.wait()
+            served.append(self.pool.submit(self._serve, request, request.get_response_sender(),
+                                           ta.requested_outputs(request)))
+        # execute() returns when every request of the batch has been answered. Each is answered through its
+        # sender as soon as it is done, so none waits for the slowest of its batch, but the instance takes its
+        # next batch only then: if this stub dies, Triton is still waiting on this execute() and answers every
+        # request that has no final response yet with an error within a second or two. A request answered
+        # after execute() returned would wait forever instead (Triton 2.51 cannot answer for a dead stub).
+        for future in served:
+            future.result()
         return None
 
-    def _serve(self, request, sender, gate: threading.Event, requested=None):
+    def _serve(self, request, sender, requested=None):
         """One request, on a pool thread: the answer (streamed as deltas when decoupled), or its error, goes
-        out through ``sender`` with the final flag. ``gate`` is set once no more child requests will start."""
+        out through ``sender`` with the final flag."""
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
@@ -106,11 +109,9 @@ class OrchestratorModel:
             if self.decoupled:
                 def on_delta(text):
                     sender.send(pb.InferenceResponse(output_tensors=self._outputs({"answer": text}, requested)))
-            task, result = self._run(request, gate, on_delta)
-            gate.set()
+            task, result = self._run(request, on_delta)
             response = pb.InferenceResponse(output_tensors=self._outputs(result.outputs(), requested))
         except Exception as e:  # noqa: BLE001 - every failure is this request's error response
-            gate.set()
             sender.send(ta.error_response(pb, e), flags=final)
             return
         sender.send(response, flags=final)
@@ -120,7 +121,7 @@ class OrchestratorModel:
         except Exception:  # noqa: BLE001 - the answer is out; a metrics failure must not hide it
             log.exception("recording the metrics of a served request failed")
 
-    def _run(self, request, gate: threading.Event, on_delta=None) -> tuple:
+    def _run(self, request, on_delta=None) -> tuple:
         """Policies first (identity, then the request's own checks), then the pipeline: ``(task, result)``.
         Failures are counted here, and budget breaches written as events; successes are counted by the
         caller once the response is out."""
@@ -134,7 +135,7 @@ class OrchestratorModel:
                     raise
             req = self._parse(request)
             task = req.task
-            result = rag.run(req, self._engines(request, gate), self.policy, on_delta=on_delta,
+            result = rag.run(req, self._engines(request), self.policy, on_delta=on_delta,
                              prices=self._prices(), on_alert=self._alert)
         except BudgetError as e:
             self.metrics.request(task, e.flag)
@@ -190,7 +191,7 @@ class OrchestratorModel:
             collection=string("collection"))
         return rag.validate_request(req)
 
-    def _engines(self, request, gate: threading.Event) -> rag.Engines:
+    def _engines(self, request) -> rag.Engines:
         pb = self.pb
         hop = ta.Hop.of(request)
 
@@ -216,7 +217,7 @@ class OrchestratorModel:
             return bls.generate(pb, self.gen_tok, user, system=system, max_tokens=max_tokens,
                                 temperature=policy.temperature, top_p=policy.top_p, guide_type="json_schema",
                                 guide=json.dumps(schema), on_delta=on_delta, is_cancelled=request.is_cancelled,
-                                timer=timer, hop=hop, on_started=gate.set)
+                                timer=timer, hop=hop, stream=True)
 
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
                            count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,

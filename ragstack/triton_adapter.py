@@ -6,16 +6,20 @@ a fake).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import queue
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from ragstack.contracts import Contract
-from ragstack.errors import InvalidInput
+from ragstack.errors import NOT_SERVING_MARKERS, InvalidInput, Unavailable  # noqa: F401 - re-exported
 
 log = logging.getLogger("ragstack")
 
@@ -149,29 +153,44 @@ def output_tensors(pb, contract: Contract, values: dict, requested: Optional[fro
 
 
 # Triton 2.51 hands a BLS parent every child error as INTERNAL, so the class travels in the message too:
-# every INVALID_ARG message starts with this marker, and a parent re-raises such a child error as InvalidInput.
+# every INVALID_ARG message starts with this marker, and a parent re-raises such a child error as InvalidInput;
+# likewise UNAVAILABLE.
 INVALID_MARK = "invalid input: "
+UNAVAILABLE_MARK = "unavailable: "
 
 
 def error_response(pb, exc: BaseException):
-    """INVALID_ARG for bad input with its message; INTERNAL with a short message (no traceback) otherwise."""
+    """INVALID_ARG for bad input with its message; UNAVAILABLE when a model the request needs cannot serve it
+    now; INTERNAL with a short message (no traceback) otherwise."""
     if isinstance(exc, InvalidInput):
         msg = str(exc)
         return pb.InferenceResponse(error=pb.TritonError(msg if msg.startswith(INVALID_MARK) else INVALID_MARK + msg,
                                                          pb.TritonError.INVALID_ARG))
+    if isinstance(exc, Unavailable):
+        msg = str(exc)
+        return pb.InferenceResponse(error=pb.TritonError(
+            msg if msg.startswith(UNAVAILABLE_MARK) else UNAVAILABLE_MARK + msg, pb.TritonError.UNAVAILABLE))
     log.exception("internal error")
     return pb.InferenceResponse(error=pb.TritonError(f"internal error: {type(exc).__name__}: {exc}",
                                                      pb.TritonError.INTERNAL))
 
 
-def raise_for_error(response) -> None:
-    """Turn a BLS child's error response into an exception that keeps INVALID_ARG as InvalidInput."""
+def child_error(model: str, msg: str) -> Exception:
+    """The exception a BLS parent raises for its child's error message: the class survives the hop."""
+    if msg.startswith(INVALID_MARK):
+        return InvalidInput(msg)
+    if msg.startswith(UNAVAILABLE_MARK):
+        return Unavailable(msg)
+    if any(marker in msg for marker in NOT_SERVING_MARKERS):
+        return Unavailable(f"model '{model}' cannot serve now ({msg.strip()}); retry shortly")
+    return RuntimeError(msg)
+
+
+def raise_for_error(response, model: str = "?") -> None:
+    """Turn a BLS child's error response into an exception that keeps INVALID_ARG / UNAVAILABLE."""
     if not response.has_error():
         return
-    msg = response.error().message()
-    if msg.startswith(INVALID_MARK):
-        raise InvalidInput(msg)
-    raise RuntimeError(msg)
+    raise child_error(model, response.error().message())
 
 
 def pad_to(arr: np.ndarray, length: int, side: str) -> np.ndarray:
@@ -264,8 +283,8 @@ def _bls_request(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = Non
                                requested_output_names=list(outputs), **(hop.kwargs() if hop else {}))
 
 
-def _response_arrays(pb, response, outputs) -> dict:
-    raise_for_error(response)
+def _response_arrays(pb, response, outputs, model: str = "?") -> dict:
+    raise_for_error(response, model)
     out = {}
     for name in outputs:
         t = pb.get_output_tensor_by_name(response, name)
@@ -276,18 +295,198 @@ def _response_arrays(pb, response, outputs) -> dict:
 
 def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None) -> dict:
     """One blocking BLS call: {input name: array} in, {output name: array} out; child errors re-raised."""
-    response = _bls_request(pb, model, inputs, outputs, hop).exec()
-    return _response_arrays(pb, response, outputs)
+    request = _bls_request(pb, model, inputs, outputs, hop)
+    try:
+        response = request.exec()
+    except Exception as e:  # noqa: BLE001 - the Python backend raises for a model it cannot reach
+        raise child_error(model, str(e)) from None
+    return _response_arrays(pb, response, outputs, model)
+
+
+# ------------------------------------------------------------------------ decoupled BLS streams and the GIL
+# A decoupled BLS call (``exec(decoupled=True)``) returns a ``ResponseIterator``. In the 24.10 Python backend the
+# stub keeps a second reference to it (``Stub::response_iterator_map_``), and the iterator keeps every response
+# it streamed, with their numpy arrays. When Python reads the final response, the iterator queues a cleanup
+# message; the stub's stub-to-parent thread then erases the map entry *without holding the GIL*. If Python has
+# already dropped its own reference, that erase destroys the iterator, its responses and their numpy arrays on a
+# C++ thread while other Python threads run: heap corruption that crashes the stub (or the server) later and
+# elsewhere (upstream python_backend fixed ``~PbTensor`` in 24.12; the pinned 2.51 server has 24.10).
+# So Python always holds the last reference until the cleanup has been processed:
+#  * a finished stream whose parent request is still in flight: one synchronous stub->parent round trip on the
+#    same FIFO queue as the cleanup (the parent request's ``is_cancelled()``), then the iterator is dropped here,
+#    on a Python thread with the GIL;
+#  * no parent to ask (the lifecycle manager's warm-up), or the round trip failed: the iterator is kept for
+#    ``HOLD_S`` seconds (the cleanup takes milliseconds) and dropped by a later call;
+#  * a stream abandoned before its final response (the caller went away, a consumer raised): a daemon thread
+#    reads it to the end (``next()`` releases the GIL while it waits), which also ends the map entry that would
+#    otherwise stay for the stub's lifetime (24.10 cannot cancel a BLS child), then holds it as above.
+HOLD_S = 30.0
+_held: "collections.deque" = collections.deque()        # (release after, iterator), oldest first
+_held_lock = threading.Lock()
+
+
+def _hold(iterator, clock: Callable[[], float] = time.monotonic) -> None:
+    """Keep ``iterator`` alive for ``HOLD_S`` seconds; drop the ones whose time is up (on this Python thread)."""
+    now = clock()
+    with _held_lock:
+        if iterator is not None:
+            _held.append((now + HOLD_S, iterator))
+        expired = []
+        while _held and _held[0][0] <= now:
+            expired.append(_held.popleft())
+    del expired                      # the last references, dropped here with the GIL held
+
+
+def held_streams() -> int:
+    """How many finished streams are being kept alive (tests, diagnostics)."""
+    with _held_lock:
+        return len(_held)
+
+
+def _release(iterator, barrier: Optional[Callable]) -> None:
+    """A finished stream's iterator: barrier then drop (``barrier`` given), else hold."""
+    if barrier is not None:
+        try:
+            barrier()
+        except Exception:  # noqa: BLE001 - the parent may be gone: fall back to holding
+            log.debug("stream barrier failed; holding the iterator instead", exc_info=True)
+        else:
+            del iterator             # the cleanup is processed: this is the last reference, GIL held
+            _hold(None)              # and let any held ones whose time is up go
+            return
+    _hold(iterator)
+
+
+class _StubPids:
+    """The live Python-backend stub PIDs of each model under this server, read from /proc (at most once every
+    ``refresh_s`` unless asked fresh). A C++ backend's model (the trtllm profile's generate) has none."""
+
+    def __init__(self, refresh_s: float = 1.0):
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._pids: dict = {}
+
+    def of(self, model: str, fresh: bool = False) -> frozenset:
+        with self._lock:
+            now = time.monotonic()
+            if fresh or now - self._at > self.refresh_s:
+                try:
+                    from ragstack.lifecycle.procmem import stub_processes
+
+                    pids: dict = {}
+                    for stub in stub_processes(os.getppid()):
+                        pids.setdefault(stub.model, set()).add(stub.pid)
+                    self._pids = {m: frozenset(v) for m, v in pids.items()}
+                except Exception:  # noqa: BLE001 - no /proc: no liveness watch
+                    self._pids = {}
+                self._at = now
+            return self._pids.get(model, frozenset())
+
+
+STUB_PIDS = _StubPids()
+# How long a stream waits for its child's next response before it checks that the child's stubs are alive.
+# A decoupled child answers from its own threads after its execute() returned, so when its stub dies nothing in
+# Triton 2.51 ever answers the requests it held: without this check the parent (and its client) would wait
+# forever.
+STREAM_CHECK_S = 1.0
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Stream:
+    """One decoupled BLS stream, read on its own daemon thread into a queue. The reader always reads to the end
+    (a stream abandoned by its consumer is drained, which ends the stub's map entry), and whoever sees the
+    stream finished last decides how the iterator is let go (see the comment above)."""
+
+    def __init__(self, start: Callable, model: str):
+        self.iterator = None
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._done = self._abandoned = False
+        threading.Thread(target=self._read, args=(start, model), name="bls-stream", daemon=True).start()
+
+    def _read(self, start: Callable, model: str) -> None:
+        try:
+            # exec() itself waits for the child's first response, so it runs here too, under the watch
+            try:
+                self.iterator = start()
+            except Exception as e:  # noqa: BLE001 - the Python backend raises for a model it cannot reach
+                raise child_error(model, str(e)) from None
+            for response in self.iterator:
+                self.queue.put(response)
+                del response
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            if not isinstance(e, (InvalidInput, Unavailable)):
+                e = child_error(model, str(e))
+            self.queue.put(_Failed(e))
+        with self._lock:
+            self._done = True
+            abandoned = self._abandoned
+        if abandoned:
+            iterator, self.iterator = self.iterator, None
+            _hold(iterator)
+        else:
+            self.queue.put(_END)
+
+    def abandon(self) -> None:
+        """The consumer stopped before the end: the reader lets the iterator go when it is done reading."""
+        with self._lock:
+            self._abandoned = True
+            done = self._done
+        if done:                     # the reader finished first: it left the iterator to us
+            iterator, self.iterator = self.iterator, None
+            _hold(iterator)
+
+    def finish(self, barrier: Optional[Callable]) -> None:
+        """The consumer read to the end (the reader is done): barrier, then let go."""
+        iterator, self.iterator = self.iterator, None
+        _release(iterator, barrier)
 
 
 def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
-               on_started: Optional[Callable] = None):
+               on_started: Optional[Callable] = None, barrier: Optional[Callable] = None):
     """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs.
-    ``on_started()`` is called when ``exec`` returns, which the Python backend does at the first response."""
-    responses = _bls_request(pb, model, inputs, outputs, hop).exec(decoupled=True)
-    if on_started is not None:
-        on_started()
-    for response in responses:
-        arrays = _response_arrays(pb, response, outputs)
-        if arrays:
-            yield arrays
+
+    ``on_started()`` is called at the first response (when the Python backend's ``exec`` returns).
+    ``barrier`` is the parent request's ``is_cancelled`` (unthrottled) while that request is in flight, None
+    where there is no parent request: see the comment above for why every stream ends through it.
+    If a stub of ``model`` that was alive when the call began dies before the stream ends, this raises
+    :class:`Unavailable` within about ``STREAM_CHECK_S`` instead of waiting forever.
+    """
+    pids = STUB_PIDS.of(model)
+    request = _bls_request(pb, model, inputs, outputs, hop)
+    stream = _Stream(lambda: request.exec(decoupled=True), model)
+    del request
+    finished = False
+    try:
+        while True:
+            try:
+                item = stream.queue.get(timeout=STREAM_CHECK_S)
+            except queue.Empty:
+                gone = pids - STUB_PIDS.of(model, fresh=True)
+                if gone:
+                    raise Unavailable(f"model '{model}' died while serving this request (stub process "
+                                      f"{', '.join(map(str, sorted(gone)))} exited); retry shortly") from None
+                continue
+            if on_started is not None:
+                on_started()
+                on_started = None
+            if item is _END:
+                break
+            if isinstance(item, _Failed):
+                raise item.exc
+            arrays = _response_arrays(pb, item, outputs, model)
+            del item
+            if arrays:
+                yield arrays
+        finished = True
+    finally:
+        if finished:
+            stream.finish(barrier)
+        else:                        # the consumer stopped early or raised, or the child died
+            stream.abandon()

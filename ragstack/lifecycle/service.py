@@ -19,7 +19,8 @@ canary_route    yes     {} -> {version}
 canary_report   yes     {version, ok, latency_ms?, error?} -> {decision}
 canary_status   yes     {}
 rollback        yes     {root_cause}
-heal            yes     {force?: bool}: check the model's stubs now (force: reload it regardless)
+heal            yes     {force?: bool}: check the model's stubs now (force: reload it regardless); engines and
+                        the watched Python models alike
 history         yes     {}
 ==============  ======  ====================================================================================
 """
@@ -39,9 +40,10 @@ NEEDS_MODEL = {"acquire", "release", "prewarm", "unload", "canary_start", "canar
 
 
 class ManagerService:
-    def __init__(self, manager: ModelManager, resolve_engine_dir: Optional[Callable] = None):
+    def __init__(self, manager: ModelManager, resolve_engine_dir: Optional[Callable] = None, watchdog=None):
         self.manager = manager
         self.resolve_engine_dir = resolve_engine_dir or (lambda model, value: value)
+        self.watchdog = watchdog          # StubWatchdog of the unbudgeted Python models, or None
 
     def handle(self, op: str, model: Optional[str], payload: Optional[dict]) -> dict:
         if op not in OPS:
@@ -74,7 +76,10 @@ class ManagerService:
         return {"model": model, "state": self.manager.unload(model)}
 
     def _status(self, model, p):
-        return self.manager.status()
+        status = self.manager.status()
+        if self.watchdog is not None:
+            status["watched"] = self.watchdog.status()
+        return status
 
     def _set_mode(self, model, p):
         cyclic = p.get("cyclic")
@@ -118,6 +123,8 @@ class ManagerService:
         return self.manager.rollback(model, str(p.get("root_cause", "")))
 
     def _heal(self, model, p):
+        if self.watchdog is not None and model in self.watchdog.models():
+            return {"model": model, "state": self.watchdog.check(model, force=bool(p.get("force")))}
         if p.get("force"):
             self.manager.on_stub_dead(model, "operator: forced heal")
         else:

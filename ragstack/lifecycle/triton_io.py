@@ -503,6 +503,7 @@ def build_manager(pb, args: dict):
     from ragstack.lifecycle.manager import ModelManager, ModelSpec
     from ragstack.lifecycle.procmem import ProcMemoryProbe
     from ragstack.lifecycle.service import ManagerService
+    from ragstack.lifecycle.watchdog import DEFAULT_WATCHED, StubWatchdog
     from ragstack.policy import RuntimePolicy
 
     params = ta.model_parameters(args)
@@ -553,5 +554,10 @@ def build_manager(pb, args: dict):
             path = Path(os.environ[ta.ENGINE_PATH_ENV]) / path
         return path
 
+    # Every other Python model of the server is watched for dead stubs and reloaded (never budgeted).
+    watched = [m for m in params.get("watched_models", " ".join(DEFAULT_WATCHED)).split() if m not in models]
+    watchdog = StubWatchdog(watched, probe=probe, loader=loader, sink=manager.sink,
+                            tick_s=float(params.get("tick_s", "0.5")))
     manager.start()        # its first ticks adopt the engines Triton loaded at start (once the server is up)
-    return manager, ManagerService(manager, resolve), events
+    watchdog.start()
+    return manager, ManagerService(manager, resolve, watchdog), events

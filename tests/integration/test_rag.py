@@ -194,9 +194,8 @@ def test_non_utf8_query_and_unsatisfiable_schema(client, corpus):
 
 
 def test_long_answers_do_not_hold_back_short_ones(server, corpus):
-    """A request is answered as soon as it is done (response senders), and an orchestrator instance takes new
-    requests once its current ones are generating: with both instances' requests busy on long generations,
-    short queries sent after them still return first."""
+    """A request is answered as soon as it is done (response senders), and while long generations hold
+    orchestrator instances, another instance takes the short queries sent after them: they return first."""
     import time
 
     import tritonclient.grpc as grpcclient

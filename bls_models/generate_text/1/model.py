@@ -1,7 +1,8 @@
 """generate_text: text in, text out over the `generate` engine (reference or TensorRT-LLM alike).
 
-Decoupled: each request runs on its own worker thread (a blocking BLS stream to `generate`), so requests are
-served concurrently and decode together in the engine's in-flight batch. With `stream` true, text deltas are
+Decoupled: each request runs on a worker thread (a blocking BLS stream to `generate`) and execute() returns when
+it is answered; the instances serve requests concurrently, and they decode together in the engine's in-flight
+batch. With `stream` true, text deltas are
 sent as tokens arrive; the final response carries finish_reason and token counts.
 """
 import os
@@ -30,8 +31,12 @@ class TritonPythonModel:
                                        thread_name_prefix="generate_text")
 
     def execute(self, requests):
-        for request in requests:
-            self.pool.submit(self._serve, request, request.get_response_sender(), ta.requested_outputs(request))
+        served = [self.pool.submit(self._serve, request, request.get_response_sender(), ta.requested_outputs(request))
+                  for request in requests]
+        # Return only when every request is answered: if this stub dies meanwhile, Triton (still waiting on this
+        # execute) fails the unanswered requests at once; one answered after execute() returned would hang.
+        for future in served:
+            future.result()
         return None
 
     def finalize(self):

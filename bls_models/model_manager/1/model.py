@@ -39,5 +39,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if self.service.watchdog is not None:
+            self.service.watchdog.stop()
         self.manager.stop()
         self.events.close()
