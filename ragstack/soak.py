@@ -783,7 +783,9 @@ def manager_heals(grpc_url: str) -> Optional[dict]:
         with grpcclient.InferenceServerClient(grpc_url) as client:
             res = client.infer("model_manager", _grpc_inputs({"op": _bytes(["status"])}), client_timeout=30)
             status = json.loads(res.as_numpy("result").reshape(-1)[0])
-        return {m: v.get("heals", 0) for m, v in status.get("models", {}).items()}
+        out = {m: v.get("heals", 0) for m, v in status.get("models", {}).items()}            # budgeted engines
+        out.update({m: v.get("heals", 0) for m, v in (status.get("watched") or {}).items()})  # other Python models
+        return out
     except Exception:  # noqa: BLE001
         return None
 
