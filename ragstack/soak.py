@@ -58,7 +58,11 @@ DEATH_LOG_RE = re.compile(r"not healthy|unhealthy|Segmentation fault|double free
                           r"Stub process .* (?:exited|died|killed)", re.I)
 UNLOAD_LOG_RE = re.compile(r"successfully unloaded '([^']+)'")
 SERVER_ERROR_MARKERS = ("not healthy", "Traceback", "internal error", "Stub process", "RecursionError",
-                        "JSONDecodeError")
+                        "JSONDecodeError", "has no available versions", "unknown model")
+# Messages that mean the server could not serve a model it has (dead stub; a model being reloaded: "Request for
+# unknown model: 'rag' has no available versions"). No soak request names a model the server lacks, so these are
+# server errors whatever status code carries them.
+UNAVAILABLE_MARKERS = ("not healthy", "Stub process", "has no available versions", "unknown model")
 GRPC_CLIENT_CODES = {"INVALID_ARGUMENT", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION", "ALREADY_EXISTS",
                      "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED"}
 GRPC_CANCEL_CODES = {"CANCELLED", "DEADLINE_EXCEEDED"}
@@ -152,7 +156,7 @@ def classify_http(status: int, body: str, expected: str, frontend: bool = False)
         return "ok"
     if status == 500 and frontend:
         return "frontend_500"
-    if any(m in body for m in ("not healthy", "Stub process")):
+    if any(m in body for m in UNAVAILABLE_MARKERS):
         return "server_error"
     if 400 <= status < 500:
         return "client_error"
@@ -179,7 +183,7 @@ def classify_exception(exc: BaseException, expected: str) -> str:
         status = str(exc.status() or "")
         msg = str(exc.message() if hasattr(exc, "message") else exc) or str(exc)
         code = status.replace("StatusCode.", "")
-        if any(m in msg for m in ("not healthy", "Stub process")):
+        if any(m in msg for m in UNAVAILABLE_MARKERS):
             return "server_error"
         if code in GRPC_CANCEL_CODES:
             if expected == "cancelled":
@@ -240,6 +244,8 @@ class Worker:
         self.live_docs: dict = {}      # doc_id -> text (acknowledged, not deleted)
         self.n_docs = 0
         self._grpc = None
+        self.current: Optional[tuple] = None   # (kind, expected, start) of the request in flight
+        self.abandoned = False
 
     # --------------------------------------------------------------------------------- plumbing
     def grpc(self):
@@ -319,6 +325,7 @@ class Worker:
         with self.soak.recorder.lock:
             self.soak.recorder.in_flight += 1
         t0 = time.perf_counter()
+        self.current = (kind, expected, t0)
         try:
             outcome, detail = self.send(kind, expected)
         except Exception as e:  # noqa: BLE001 - every failure is an outcome
@@ -328,8 +335,19 @@ class Worker:
             outcome, detail = "hung", f"took {latency:.1f}s (> {self.cfg.timeout_s}s): {detail}"
         with self.soak.recorder.lock:
             self.soak.recorder.in_flight -= 1
-        self.soak.recorder.record(kind, expected, outcome, latency, detail)
+            self.current, abandoned = None, self.abandoned
+        if not abandoned:                      # else it was recorded as hung when the run gave up on it
+            self.soak.recorder.record(kind, expected, outcome, latency, detail)
         return outcome
+
+    def abandon(self) -> None:
+        """The run gives up on this client: its request in flight (if any) is recorded as hung."""
+        with self.soak.recorder.lock:
+            current, self.abandoned = self.current, True
+        if current is not None:
+            kind, expected, t0 = current
+            self.soak.recorder.record(kind, expected, "hung", time.perf_counter() - t0,
+                                      "still running when the run gave up on it")
 
     def send(self, kind: str, expected: str) -> tuple:
         if kind.startswith("rag_http_"):
@@ -368,6 +386,7 @@ class Worker:
                             headers=self.identity(True) if headers is None else headers)
         n = 0
         deadline = time.perf_counter() + self.cfg.timeout_s
+        final = False
         try:
             client.async_stream_infer("rag_stream", _grpc_inputs(arrays), enable_empty_final_response=True)
             while True:
@@ -384,13 +403,16 @@ class Worker:
                 if response.outputs:
                     n += 1
                 if response.parameters["triton_final_response"].bool_param:
+                    final = True
                     return "ok", f"{n} responses"
                 if cancel_after is not None and n >= cancel_after:
                     client.stop_stream(cancel_requests=True)
                     return "cancelled", f"cancelled after {n} responses"
         finally:
             try:
-                client.stop_stream()
+                # without cancel_requests, stop_stream waits for the server to end the stream: forever, on a
+                # stream the server never finishes
+                client.stop_stream(cancel_requests=not final)
                 client.close()
             except Exception:  # noqa: BLE001
                 pass
@@ -891,7 +913,7 @@ class Sampler:
         groups, procs = collections.Counter(), collections.Counter()
         for pid, (group, label, rss) in table.items():
             groups[group] += rss
-            procs[label] += rss
+            procs[label if group == "tritonserver" else f"{label}/{pid}"] += rss   # a restarted stub: a new series
         self.samples.append({"t": round(t, 1), "total": sum(groups.values()), "groups": dict(groups),
                              "procs": dict(procs), "n_stubs": len(table) - 1})
 
@@ -961,7 +983,12 @@ class Soak:
                     self.stop.set()
                 # in-flight requests may end up to one client timeout after the deadline
                 if time.time() > self.deadline + cfg.timeout_s + 60:
-                    self.progress("clients still running one timeout after the deadline: giving up on them")
+                    self.progress("clients still running one timeout after the deadline: giving up on them "
+                                  "(their requests count as hung)")
+                    self.stop.set()
+                    for w, th in zip(workers, threads):
+                        if th.is_alive():
+                            w.abandon()
                     break
         except KeyboardInterrupt:
             self.progress("interrupted: stopping the clients")

@@ -29,6 +29,9 @@ def test_grpc_codes_map_to_classes():
     assert classify_exception(exc("DEADLINE_EXCEEDED"), "cancelled") == "cancelled"
     assert classify_exception(exc("DEADLINE_EXCEEDED"), "ok") == "hung"        # the full client timeout ran out
     assert classify_exception(exc("INVALID_ARGUMENT", "Stub process 'x_0_0' is not healthy"), "ok") == "server_error"
+    # a model being reloaded (a heal) is not the client's fault
+    assert classify_exception(exc("NOT_FOUND", "Request for unknown model: 'rag' has no available versions"),
+                              "ok") == "server_error"
     # stream errors carry a message only
     assert classify_exception(InferenceServerException("invalid input: query is empty"), "ok") == "client_error"
     assert classify_exception(InferenceServerException("Traceback (most recent call last)"), "ok") == "server_error"
