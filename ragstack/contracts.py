@@ -144,12 +144,20 @@ GENERATE = Contract(
         Tensor("first_scheduled_time_ns", "TYPE_INT64", (1,)),
         Tensor("first_token_time_ns", "TYPE_INT64", (1,)),
         Tensor("last_token_time_ns", "TYPE_INT64", (1,)),
+        # Speculative-decoding figures: with return_perf_metrics the v1.0.0 backend adds them to every response,
+        # speculative or not, and Triton core rejects a response carrying an output the config does not declare.
+        Tensor("acceptance_rate", "TYPE_FP32", (1,)),
+        Tensor("total_accepted_draft_tokens", "TYPE_INT32", (1,)),
+        Tensor("total_draft_tokens", "TYPE_INT32", (1,)),
         Tensor("num_input_tokens", "TYPE_INT32", (1,)),
         Tensor("num_output_tokens", "TYPE_INT32", (1,)),
     ),
 )
+# Everything the backend adds to a response when the request sets return_perf_metrics (tests/unit/test_contracts.py
+# holds the list documented for the pinned backend version and compares).
 PERF_METRIC_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
-                       "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+                       "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
+                       "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens")
 
 # ------------------------------------------------------------------------------- BLS (text-level) models
 EMBED_TEXT = Contract(
