@@ -59,11 +59,35 @@ def _dtype(name):
 ])
 def test_plans_have_the_spec_002_batching_presets(model, preferred, delays, max_batch):
     cfg = _config("trtllm", model)
-    assert cfg.platform == "tensorrt_plan" and not cfg.backend
     assert cfg.max_batch_size == max_batch
     assert list(cfg.dynamic_batching.preferred_batch_size) == preferred
     assert delays[0] <= cfg.dynamic_batching.max_queue_delay_microseconds <= delays[1]
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(cfg.instance_group[0].KIND_GPU, 1)]
+
+
+# The backends the tritonserver:<yy.mm>-trtllm-python-py3 image ships: tensorrtllm_backend's build.sh builds it with
+# --backend=ensemble --backend=tensorrtllm --backend=python (and its docs/build.md says so; server issue #7346):
+# no TensorRT (tensorrt_plan) backend. With LOAD_MODELS=* one model that cannot load stops the server.
+TRTLLM_IMAGE_BACKENDS = {"python", "tensorrtllm"}
+TRTLLM_IMAGE_PLATFORMS = {"ensemble"}
+
+
+@pytest.mark.parametrize("model", ["embed", "rerank", "generate"])
+def test_every_trtllm_model_has_a_backend_the_trtllm_image_ships(model):
+    cfg = _config("trtllm", model)
+    assert (cfg.backend in TRTLLM_IMAGE_BACKENDS and not cfg.platform) or cfg.platform in TRTLLM_IMAGE_PLATFORMS, \
+        (cfg.backend, cfg.platform)
+
+
+@pytest.mark.parametrize("model, contract, output", [("embed", contracts.EMBED, "embedding"),
+                                                      ("rerank", contracts.RERANK, "score")])
+def test_plans_are_served_by_python_models_on_the_tensorrt_runtime(model, contract, output):
+    cfg = _config("trtllm", model)
+    assert cfg.backend == "python"
+    source = (ROOT / "model_repository" / "trtllm" / model / "1" / "model.py").read_text()
+    assert "TritonPlanModel" in source and f"contracts.{contract.name.upper()}, \"{output}\"" in source
+    assert PurePosixPath(repository.CONTAINER_ENGINES / _params(cfg)["engine_dir"] / _params(cfg)["plan_file"]) == \
+        repository.CONTAINER_ENGINES / model / "model.plan"
 
 
 def test_generate_is_the_tensorrtllm_backend_with_the_spec_004_parameters():
@@ -107,10 +131,11 @@ def test_engine_and_tokenizer_paths_agree_everywhere():
     assert targets_[env["RAG_DATA_PATH"]]["type"] == "volume"                    # the index outlives the container
 
 
-def test_version_folders_link_to_the_mounted_plans():
+def test_version_folders_hold_the_plan_models_and_no_stale_links():
     assert repository.check(ROOT) == []
-    for link, target in repository.plan_links(ROOT).items():
-        assert PurePosixPath(link.readlink()) == target and target.is_relative_to(repository.CONTAINER_ENGINES)
+    for model_py, target in repository.plan_links(ROOT).items():
+        assert model_py.is_file() and not (model_py.parent / "model.plan").exists()
+        assert target.is_relative_to(repository.CONTAINER_ENGINES)
 
 
 # -------------------------------------------------------------------------------------- Dockerfile
