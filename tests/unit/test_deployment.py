@@ -1,6 +1,7 @@
 """The production deployment: both profiles' configs parse as Triton's ModelConfig, the trtllm profile has the
 spec 002 / spec 004 settings, its paths agree with the launcher, the image and compose, and the Dockerfile and
 compose file pass their linters."""
+import json
 import re
 import shutil
 import subprocess
@@ -162,18 +163,26 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_builds_from_the_pinned_container_and_serves_the_trtllm_profile():
     text = DOCKERFILE.read_text()
     assert re.findall(r"^FROM (\S+)", text, re.M) == [contracts.TRTLLM_CONTAINER]
-    assert re.search(r'^ENTRYPOINT \["/opt/ragstack/tools/serve_triton.sh"\]', text, re.M)
+    # Through NVIDIA's entrypoint (CUDA forward compatibility on data-centre GPUs with older drivers), exec form.
+    entry = re.findall(r"^ENTRYPOINT (.+)$", text, re.M)
+    assert len(entry) == 1 and json.loads(entry[0]) == ["/opt/nvidia/nvidia_entrypoint.sh",
+                                                        "/opt/ragstack/tools/serve_triton.sh"]
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for item in source.split():
             assert (ROOT / item).exists(), item
     assert "/v2/health/ready" in text
 
 
-def test_the_image_installs_the_bls_requirements_from_requirements_txt_and_not_torch():
-    pattern = re.search(r"grep -E '([^']+)' requirements.txt", DOCKERFILE.read_text()).group(1)
-    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if re.match(pattern, line)]
-    names = {re.split(r"[<>=!~ ]", line)[0] for line in lines}
-    assert names == {"transformers", "tokenizers", "jsonschema", "numpy"}
+def test_the_image_installs_the_python_models_requirements_file_and_not_torch():
+    text = DOCKERFILE.read_text()
+    assert "COPY requirements-triton-models.txt" in text
+    assert re.search(r"install --no-cache-dir \\\s+-r requirements-triton-models.txt", text)
+    assert "--system-site-packages" in text          # the plan models use the container's tensorrt and torch
+    names = {re.split(r"[<>=!~ \[]", line)[0].lower() for line in
+             (ROOT / "requirements-triton-models.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert not names & {"torch", "tensorrt", "tensorrt-llm", "tensorrt_llm"}
+    assert {"transformers", "tokenizers", "jinja2", "jsonschema", "numpy", "tritonclient", "protobuf",
+            "nvidia-ml-py"} <= names
 
 
 # ----------------------------------------------------------------------------------------- compose
