@@ -22,6 +22,12 @@ import numpy as np
 # tensorrt_llm model has per-request guided decoding (backend >= 0.19) and names the seed input `seed`.
 TRTLLM_CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
 TRTLLM_VERSION = "1.0.0"
+# The TensorRT that container carries (Triton's compatibility matrix for trtllm-python-py3 25.10: TensorRT 10.11.0.33,
+# CUDA 12.9.1) and the TensorRT container of the same TensorRT, where the embed/rerank plans are built: the trtllm
+# image has no trtexec (server r25.10 build.py drops TensorRT's bin/ from trtllm images), and a plan only
+# deserializes in the TensorRT release that built it. tools/build_plans.sh checks the two versions agree.
+TRTLLM_TENSORRT_VERSION = "10.11.0.33"
+TENSORRT_CONTAINER = "nvcr.io/nvidia/tensorrt:25.06-py3"
 
 NP_DTYPES = {
     "TYPE_BOOL": np.bool_,
