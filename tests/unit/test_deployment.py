@@ -229,3 +229,26 @@ def test_compose_file_passes_compose_lint(tmp_path):
     result = subprocess.run([lint, "check", "--fail-on", "medium", "--no-pager", str(COMPOSE)],
                             capture_output=True, text=True, env={"ENGINE_PATH": str(tmp_path), "PATH": "/usr/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------- GPU scripts
+GPU_SCRIPTS = [ROOT / "tools" / "gpu_smoke.sh", ROOT / "tools" / "build_plans.sh"]
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS, ids=lambda p: p.name)
+def test_gpu_scripts_are_valid_bash_and_shellcheck_clean(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_gpu_smoke_runs_every_check_in_the_real_order():
+    text = (ROOT / "tools" / "gpu_smoke.sh").read_text()
+    order = [text.index(f"require {step} ") for step in ("tiny_models", "onnx_export", "plans", "generator", "image",
+                                                          "serve")]
+    assert order == sorted(order)
+    for check in ("embed", "rag", "guided_decoding", "perf_analyzer"):
+        assert f"check {check} " in text
+    assert "tools/build_plans.sh" in text and "TRTLLM_CONTAINER" in text
