@@ -8,7 +8,7 @@
   tokenizer-info  the xgrammar tokenizer info the tensorrtllm backend reads (xgrammar_tokenizer_info_path)
   manifest        write manifest.json for any engine folder (e.g. a reference model set)
   verify          compare an engine folder with its manifest
-  repository      link model_repository/trtllm's version folders to where the container mounts the engines
+  repository      check/fix model_repository/trtllm's version folders (plan models, generate's README)
   all             every step of a model set: export + plan (embed, rerank), trtllm (generate)
 
 plan, trtllm and all take --dry-run: print the exact commands and change nothing. Without it they need the
@@ -269,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("repository", help="link model_repository/trtllm's version folders")
+    p = sub.add_parser("repository", help="check/fix model_repository/trtllm's version folders")
     p.add_argument("--check", action="store_true", help="only check; exit 1 when anything is off")
     p.set_defaults(func=cmd_repository)
 

@@ -77,7 +77,8 @@ class TorchCudaDevice:
     def empty(self, shape, dtype):
         torch_dtype = {np.dtype(np.float32): self.torch.float32, np.dtype(np.int32): self.torch.int32,
                        np.dtype(np.float16): self.torch.float16, np.dtype(np.int64): self.torch.int64}[np.dtype(dtype)]
-        return self.torch.empty(tuple(shape), dtype=torch_dtype, device=self.device)
+        with self.torch.cuda.stream(self.stream):        # allocated for, and freed after, this stream's work
+            return self.torch.empty(tuple(shape), dtype=torch_dtype, device=self.device)
 
     def address(self, buffer) -> int:
         return int(buffer.data_ptr())
