@@ -15,19 +15,19 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/ragstack
 
-# The BLS models' Python dependencies go into their own environment, not the container's: TensorRT-LLM pins an
-# older transformers than the project's (>=5), and torch is neither needed by the BLS models nor reinstalled.
+# The Python models' dependencies (BLS models, model_manager, the plan-serving embed/rerank models) go into their own
+# environment: TensorRT-LLM pins an older transformers than the project's (>=5). requirements-triton-models.txt is
+# the one list (tests/unit/test_runtime_requirements.py builds a venv from exactly it and runs every model's code).
+# The venv sees the system site-packages, after its own: the embed/rerank models use the container's tensorrt and
+# torch (the TensorRT runtime TensorRT-LLM itself runs on), which are not reinstalled.
 # tools/serve_triton.sh puts /opt/ragstack/.venv/bin first on PATH, which is how the Python backend stub finds it.
-# The versions are the project's own lines from requirements.txt; a constraint file the base image may set for its
-# own packages (PIP_CONSTRAINT) does not apply to this environment.
-COPY requirements.txt pyproject.toml ./
+# A constraint file the base image may set for its own packages (PIP_CONSTRAINT) does not apply to this environment.
+COPY requirements-triton-models.txt pyproject.toml ./
 COPY ragstack/ ragstack/
-RUN python3 -m venv --without-pip .venv \
-    && grep -E '^(transformers|tokenizers|jsonschema|numpy)([<>=!~ ]|$)' requirements.txt > /tmp/bls-requirements.txt \
+RUN python3 -m venv --without-pip --system-site-packages .venv \
     && env -u PIP_CONSTRAINT python3 -m pip --python .venv/bin/python install --no-cache-dir \
-        -r /tmp/bls-requirements.txt \
-    && env -u PIP_CONSTRAINT python3 -m pip --python .venv/bin/python install --no-cache-dir --no-deps . \
-    && rm /tmp/bls-requirements.txt
+        -r requirements-triton-models.txt \
+    && env -u PIP_CONSTRAINT python3 -m pip --python .venv/bin/python install --no-cache-dir --no-deps .
 
 COPY config/ config/
 COPY bls_models/ bls_models/
@@ -50,4 +50,6 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('TRITON_HTTP_PORT', '8000'), timeout=4)"]
 
-ENTRYPOINT ["/opt/ragstack/tools/serve_triton.sh"]
+# NVIDIA's entrypoint first: it sets up CUDA forward compatibility (a data-centre GPU whose driver is older than the
+# container's CUDA) and prints the banner, then runs the launcher.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/ragstack/tools/serve_triton.sh"]

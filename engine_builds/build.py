@@ -2,12 +2,13 @@
 """Build the production (trtllm profile) engines from the build specs in engine_builds/specs/.
 
   export          ONNX export of an embed/rerank model into an engine folder (CPU; --verify checks it)
-  plan            trtexec: the ONNX in an engine folder -> model.plan (spec 002)
+  plan            trtexec: the ONNX in an engine folder -> model.plan (spec 002); runs in the TensorRT container
+                  (ragstack.contracts.TENSORRT_CONTAINER, tools/build_plans.sh), not in the trtllm image
   trtllm          TensorRT-LLM checkpoint + trtllm-build for a generator, with tokenizer and tokenizer info
   tokenizer-info  the xgrammar tokenizer info the tensorrtllm backend reads (xgrammar_tokenizer_info_path)
   manifest        write manifest.json for any engine folder (e.g. a reference model set)
   verify          compare an engine folder with its manifest
-  repository      link model_repository/trtllm's version folders to where the container mounts the engines
+  repository      check/fix model_repository/trtllm's version folders (plan models, generate's README)
   all             every step of a model set: export + plan (embed, rerank), trtllm (generate)
 
 plan, trtllm and all take --dry-run: print the exact commands and change nothing. Without it they need the
@@ -19,6 +20,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +32,6 @@ from ragstack.manifest import read_manifest, update_manifest, verify_manifest  #
 
 from engine_builds import onnx_export, repository, trtexec, trtllm  # noqa: E402
 from engine_builds.specs import BuildSpec, load_spec, model_set, set_names, spec_names  # noqa: E402
-from engine_builds.tokenizer_info import write_tokenizer_info  # noqa: E402
 from engine_builds.tools import (ToolMissing, examples_dir, python_versions, require_tool, run, show,  # noqa: E402
                                  trtexec_version, trtllm_version)
 
@@ -99,9 +100,15 @@ def step_plan(spec: BuildSpec, out: Path, dry_run: bool, model_dir=None) -> None
     raise BuildFailed(f"{spec.name}: no trtexec attempt built a plan")
 
 
-def step_trtllm(spec: BuildSpec, model_dir: Path, out: Path, examples: Path, dry_run: bool) -> None:
+def step_trtllm(spec: BuildSpec, model_dir: Path, out: Path, examples: Path, dry_run: bool,
+                sm: Optional[int] = None) -> None:
     if spec.blocked:
         raise BuildFailed(f"{spec.name} cannot be built: {spec.blocked}")
+    if sm is None and not dry_run:
+        sm = trtllm.detect_sm()
+    refusal = trtllm.sm_refusal(spec, sm)
+    if refusal:
+        raise BuildFailed(refusal)
     engine = spec.engine_spec(model_dir)
     work = out.parent / f".{out.name}-work"
     steps = trtllm.commands(spec, engine, model_dir, out, work, examples)
@@ -121,6 +128,8 @@ def step_trtllm(spec: BuildSpec, model_dir: Path, out: Path, examples: Path, dry
         result = run(step.argv, log=log)
         if result.returncode != 0:
             raise BuildFailed(f"{spec.name}: {step.label} failed (exit {result.returncode})")
+    from engine_builds.tokenizer_info import write_tokenizer_info   # imports torch: not in the TensorRT container
+
     onnx_export.copy_tokenizer(model_dir, out)
     engine.write(out)
     write_tokenizer_info(out, stop_token_ids=[engine.end_id])
@@ -143,10 +152,13 @@ def cmd_plan(args) -> None:
 
 
 def cmd_trtllm(args) -> None:
-    step_trtllm(load_spec(args.spec), args.model_dir, args.out, examples_dir(args.trtllm_examples), args.dry_run)
+    step_trtllm(load_spec(args.spec), args.model_dir, args.out, examples_dir(args.trtllm_examples), args.dry_run,
+                args.sm)
 
 
 def cmd_tokenizer_info(args) -> None:
+    from engine_builds.tokenizer_info import write_tokenizer_info
+
     path = write_tokenizer_info(args.tokenizer_dir, args.out, args.stop_token_ids)
     log(f"wrote {path}")
     folder = path.parent
@@ -203,7 +215,8 @@ def cmd_all(args) -> None:
         else:
             step_export(spec, model_dir, out, verify=True)
         step_plan(spec, out, args.dry_run, model_dir)
-    step_trtllm(specs["generate"], args.models_root / "generate", args.out / "generate", examples, args.dry_run)
+    step_trtllm(specs["generate"], args.models_root / "generate", args.out / "generate", examples, args.dry_run,
+                args.sm)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -234,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trtllm-examples", help="TensorRT-LLM examples/ folder [$TRTLLM_EXAMPLES or "
                                              "TensorRT-LLM/examples]")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--sm", type=int, help="the target GPU's SM version, e.g. 90 (H100), 100 (B200), 120 (RTX 5090) "
+                                          "[nvidia-smi's, when not a dry run]")
     p.set_defaults(func=cmd_trtllm)
 
     p = sub.add_parser("tokenizer-info", help="xgrammar tokenizer info for the tensorrtllm backend")
@@ -254,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("repository", help="link model_repository/trtllm's version folders")
+    p = sub.add_parser("repository", help="check/fix model_repository/trtllm's version folders")
     p.add_argument("--check", action="store_true", help="only check; exit 1 when anything is off")
     p.set_defaults(func=cmd_repository)
 
@@ -264,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="engine set folder, e.g. build/engines/production")
     p.add_argument("--trtllm-examples")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--sm", type=int, help="the target GPU's SM version [nvidia-smi's, when not a dry run]")
     p.set_defaults(func=cmd_all)
     return ap
 

@@ -1,11 +1,12 @@
 """The ``trtllm`` model repository's version folders, and where the deployment mounts the built engines.
 
-Triton reads a TensorRT plan from ``<model>/1/model.plan``; the plans, though, are built into the engine folder
-(``build/engines/<set>/<kind>/model.plan``), which the container mounts read-only at ``/workspace/engines`` while the
-repository itself comes from the image. So the repository's version folders hold symbolic links to where the
-plans appear inside the container; the ``tensorrtllm`` model reads its engine from ``gpt_model_path`` and only
-needs its version folder to exist. ``engine_builds/build.py repository`` (re)creates both; the config.pbtxt files
-next to them come from ``tools/gen_model_configs.py``.
+The plans are built into the engine folder (``build/engines/<set>/<kind>/model.plan``), which the container mounts
+read-only at ``/workspace/engines`` while the repository itself comes from the image. The trtllm image has no
+``tensorrt_plan`` platform, so ``embed`` and ``rerank`` are Python-backend models whose committed ``model.py`` reads
+``<ENGINE_PATH>/<engine_dir>/<plan_file>`` (ragstack/trt_plan.py); the ``tensorrtllm`` model reads its engine from
+``gpt_model_path`` and only needs its version folder to exist. ``engine_builds/build.py repository`` (re)creates the
+version folders (and removes the ``model.plan`` links an older layout left there); the config.pbtxt files next to
+them come from ``tools/gen_model_configs.py``.
 """
 from __future__ import annotations
 
@@ -26,10 +27,18 @@ VERSION_README = ("The tensorrtllm backend loads its engine from gpt_model_path 
 
 
 def plan_links(root: Path) -> dict:
-    """``{link in the repository: target inside the container}`` for every tensorrt_plan model."""
-    return {Path(root) / "model_repository" / PROFILE / dep.contract.name / VERSION / PLAN_FILE:
-            CONTAINER_ENGINES / dep.contract.name / PLAN_FILE
-            for dep in TRTLLM if dep.platform == "tensorrt_plan"}
+    """``{the Python model that serves a plan: the plan's path inside the container}`` for every plan model."""
+    out = {}
+    for dep in TRTLLM:
+        params = dict(dep.parameters)
+        if "plan_file" in params:
+            out[Path(root) / "model_repository" / PROFILE / dep.contract.name / VERSION / "model.py"] = \
+                CONTAINER_ENGINES / params["engine_dir"] / params["plan_file"]
+    return out
+
+
+def _stale_links(root: Path) -> list:
+    return [p.parent / PLAN_FILE for p in plan_links(root) if (p.parent / PLAN_FILE).is_symlink()]
 
 
 def version_readmes(root: Path) -> list:
@@ -38,15 +47,10 @@ def version_readmes(root: Path) -> list:
 
 
 def link(root: Path) -> list:
-    """Create (or correct) the version folders; returns the paths written."""
+    """Create (or correct) the version folders; returns the paths written or removed."""
     written = []
-    for path, target in plan_links(root).items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink() and Path(path.readlink()) == Path(target):
-            continue
-        if path.is_symlink() or path.exists():
-            path.unlink()
-        path.symlink_to(target)
+    for path in _stale_links(root):
+        path.unlink()
         written.append(path)
     for path in version_readmes(root):
         if not path.is_file() or path.read_text() != VERSION_README:
@@ -58,11 +62,8 @@ def link(root: Path) -> list:
 
 def check(root: Path) -> list:
     """What is missing or wrong in the version folders, as readable lines."""
-    problems = []
-    for path, target in plan_links(root).items():
-        if not path.is_symlink():
-            problems.append(f"{path} is not a link to {target}")
-        elif Path(path.readlink()) != Path(target):
-            problems.append(f"{path} links to {path.readlink()}, expected {target}")
+    problems = [f"{path} is missing: it serves the plan {target}" for path, target in plan_links(root).items()
+                if not path.is_file()]
+    problems += [f"{path} is a link left from the tensorrt_plan layout: remove it" for path in _stale_links(root)]
     problems += [f"{path} is missing" for path in version_readmes(root) if not path.is_file()]
     return problems

@@ -1,9 +1,10 @@
 """The external tools a build runs (trtexec, trtllm-build, TensorRT-LLM's example scripts) and their versions.
 
 A build step first produces its command lines; only then does it decide whether to print them (``--dry-run``) or
-run them. Running needs the tools of the pinned NGC container (``ragstack.contracts.TRTLLM_CONTAINER``); outside
-it they are absent and the step stops with :class:`ToolMissing`, saying where they are found, instead of failing
-half-way.
+run them. ``trtexec`` (the ``plan`` step) ships in the TensorRT container of the serving container's TensorRT
+(``ragstack.contracts.TENSORRT_CONTAINER``; the trtllm image has none), ``trtllm-build`` and TensorRT-LLM's scripts
+in the pinned trtllm container (``TRTLLM_CONTAINER``). Outside them the step stops with :class:`ToolMissing`,
+saying where the tool is found, instead of failing half-way.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ragstack.contracts import TRTLLM_CONTAINER
+from ragstack.contracts import TENSORRT_CONTAINER, TRTLLM_CONTAINER, TRTLLM_TENSORRT_VERSION
 
 PYTHON_TOOLS = ("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "xgrammar")
 # Where NVIDIA's TensorRT containers keep trtexec when it is not on PATH.
-TRTEXEC_LOCATIONS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
+TRTEXEC_LOCATIONS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec", "/workspace/tensorrt/bin/trtexec")
 
 
 class ToolMissing(RuntimeError):
@@ -48,11 +49,20 @@ def find_tool(name: str) -> Optional[str]:
     return path
 
 
+# Where each tool ships, for the message when it is missing.
+TOOL_HOMES = {
+    "trtexec": (f"{TENSORRT_CONTAINER} (TensorRT {TRTLLM_TENSORRT_VERSION}, the TensorRT of {TRTLLM_CONTAINER}, "
+                "which itself has no trtexec). Run the plan step there: tools/build_plans.sh does"),
+    "trtllm-build": f"{TRTLLM_CONTAINER}. Run this step inside that container",
+}
+
+
 def require_tool(name: str) -> str:
     path = find_tool(name)
     if path is None:
-        raise ToolMissing(f"{name} is not installed on this machine: it ships in {TRTLLM_CONTAINER}. Run this "
-                          f"step inside that container, or use --dry-run to print the commands.")
+        home = TOOL_HOMES.get(name, f"{TRTLLM_CONTAINER}. Run this step inside that container")
+        raise ToolMissing(f"{name} is not installed on this machine: it ships in {home}, or use --dry-run to print "
+                          "the commands.")
     return path
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
+from ragstack.contracts import TRTLLM_VERSION
 from ragstack.engine_spec import EngineSpec
 
 from engine_builds.specs import BuildSpec
@@ -71,6 +73,43 @@ def commands(spec: BuildSpec, engine: EngineSpec, model_dir: Path, engine_dir: P
              "--remove_input_padding", "enable", "--gpt_attention_plugin", "auto", "--gemm_plugin", "auto",
              "--workers", str(opts.tp_size))
     return [first, Step("trtllm-build", build)]
+
+
+# Quantisations with INT4 or INT8 weights (or INT8 KV cache / SmoothQuant). TensorRT-LLM 1.0's builder.py refuses
+# those when the GPU's SM version is in [100, 120) (B200, GB200: "INT8/INT4 quantization is not supported on
+# SM>=100"), after the checkpoint has been calibrated for an hour; this tool refuses them up front instead.
+INT_QFORMATS = frozenset({"w4a8_awq", "int4_awq", "w4a16_awq", "int8_sq", "int8_wo", "int4_wo", "w4a8_mxfp4_fp8",
+                          "w4a8_gptq", "int4_gptq"})
+INT_KV_CACHE = frozenset({"int8"})
+REFUSING_SM = range(100, 120)
+
+
+def sm_refusal(spec: BuildSpec, sm: Optional[int]) -> Optional[str]:
+    """Why TensorRT-LLM 1.0 will not build this spec on a GPU of SM version ``sm`` (e.g. 100 for B200), or None."""
+    opts = spec.trtllm
+    if sm is None or sm not in REFUSING_SM or opts is None:
+        return None
+    if opts.qformat in INT_QFORMATS or opts.kv_cache_dtype in INT_KV_CACHE:
+        return (f"{spec.name} ({quantisation(spec)}) cannot be built on this GPU (SM {sm}): TensorRT-LLM "
+                f"{TRTLLM_VERSION}'s builder refuses INT4/INT8 quantisation on SM 100-119 (B200, GB200). Build the "
+                "FP8 spec (the default: qwen3-32b-fp8 / qwen3-4b-fp8) or, on Blackwell, an nvfp4 one instead")
+    return None
+
+
+def detect_sm(device: int = 0) -> Optional[int]:
+    """The SM version of a GPU (``nvidia-smi --query-gpu=compute_cap``: "10.0" -> 100), None without one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(device), "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        major, minor = out.splitlines()[0].split(".")
+        return int(major) * 10 + int(minor)
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
 
 
 def quantisation(spec: BuildSpec) -> str:

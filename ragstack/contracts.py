@@ -22,6 +22,12 @@ import numpy as np
 # tensorrt_llm model has per-request guided decoding (backend >= 0.19) and names the seed input `seed`.
 TRTLLM_CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
 TRTLLM_VERSION = "1.0.0"
+# The TensorRT that container carries (Triton's compatibility matrix for trtllm-python-py3 25.10: TensorRT 10.11.0.33,
+# CUDA 12.9.1) and the TensorRT container of the same TensorRT, where the embed/rerank plans are built: the trtllm
+# image has no trtexec (server r25.10 build.py drops TensorRT's bin/ from trtllm images), and a plan only
+# deserializes in the TensorRT release that built it. tools/build_plans.sh checks the two versions agree.
+TRTLLM_TENSORRT_VERSION = "10.11.0.33"
+TENSORRT_CONTAINER = "nvcr.io/nvidia/tensorrt:25.06-py3"
 
 NP_DTYPES = {
     "TYPE_BOOL": np.bool_,
@@ -144,12 +150,20 @@ GENERATE = Contract(
         Tensor("first_scheduled_time_ns", "TYPE_INT64", (1,)),
         Tensor("first_token_time_ns", "TYPE_INT64", (1,)),
         Tensor("last_token_time_ns", "TYPE_INT64", (1,)),
+        # Speculative-decoding figures: with return_perf_metrics the v1.0.0 backend adds them to every response,
+        # speculative or not, and Triton core rejects a response carrying an output the config does not declare.
+        Tensor("acceptance_rate", "TYPE_FP32", (1,)),
+        Tensor("total_accepted_draft_tokens", "TYPE_INT32", (1,)),
+        Tensor("total_draft_tokens", "TYPE_INT32", (1,)),
         Tensor("num_input_tokens", "TYPE_INT32", (1,)),
         Tensor("num_output_tokens", "TYPE_INT32", (1,)),
     ),
 )
+# Everything the backend adds to a response when the request sets return_perf_metrics (tests/unit/test_contracts.py
+# holds the list documented for the pinned backend version and compares).
 PERF_METRIC_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks",
-                       "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns")
+                       "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns",
+                       "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens")
 
 # ------------------------------------------------------------------------------- BLS (text-level) models
 EMBED_TEXT = Contract(

@@ -153,12 +153,17 @@ def targets(root: Path) -> dict:
     return out
 
 
-# The production profile: TensorRT plans for embed and rerank with the spec 002 batching presets, TensorRT-LLM's
+# The production profile: TensorRT plans for embed and rerank (served by Python models) with the spec 002 batching presets, TensorRT-LLM's
 # tensorrtllm backend for generate with the spec 004 parameters. Built by engine_builds/ (docs/gpu-deployment.md);
 # the paths are where tools/serve_triton.sh and docker-compose.triton.yml mount the engine and tokenizer folders.
 TRTLLM = (
-    Deployment(C.EMBED, platform="tensorrt_plan", kind="KIND_GPU", batching=EMBED_BATCHING),
-    Deployment(C.RERANK, platform="tensorrt_plan", kind="KIND_GPU", batching=RERANK_BATCHING),
+    # The trtllm image has no tensorrt_plan platform (only the TensorRT-LLM, Python and ensemble backends): the plans
+    # run in Python-backend models on the container's TensorRT Python runtime (ragstack/trt_plan.py). engine_dir is
+    # under ENGINE_PATH (/workspace/engines in the image), where the plan and its engine.json are mounted.
+    Deployment(C.EMBED, kind="KIND_GPU", batching=EMBED_BATCHING,
+               parameters=(("engine_dir", "embed"), ("plan_file", "model.plan"))),
+    Deployment(C.RERANK, kind="KIND_GPU", batching=RERANK_BATCHING,
+               parameters=(("engine_dir", "rerank"), ("plan_file", "model.plan"))),
     # KIND_CPU as in TensorRT-LLM's own config: the backend puts its one executor on the GPU itself. A 2 ms
     # window lets requests arriving together start in the same iteration, under spec 004's 2.5 ms queue alert.
     Deployment(C.GENERATE, backend="tensorrtllm", kind="KIND_CPU", batching=Batching((), 2000),

@@ -53,6 +53,11 @@ class GenerationResult:
     kv_cache_alloc_total_blocks: int = 0
     kv_cache_alloc_new_blocks: int = 0
     kv_cache_reused_blocks: int = 0       # no prefix reuse on CPU
+    # Speculative decoding (TensorRT-LLM's perf outputs): the CPU engine drafts nothing, so these stay 0 as the
+    # real backend reports them for a non-speculative engine.
+    acceptance_rate: float = 0.0
+    total_accepted_draft_tokens: int = 0
+    total_draft_tokens: int = 0
     error: Optional[str] = None           # set when finish_reason is "error"
 
 

@@ -213,3 +213,63 @@ def test_responses_carry_only_the_requested_outputs():
     for request in (_Request([]), object()):
         assert ta.requested_outputs(request) is None
     assert len(ta.output_tensors(_Pb, contracts.GENERATE, values, None)) == len(values)
+
+
+# --------------------------------------------------------------------------- return_perf_metrics (issue 13)
+# The outputs the pinned backend (TensorRT-LLM v1.0.0, ragstack.contracts.TRTLLM_VERSION) adds to a response when
+# a request sets return_perf_metrics, with their dtypes. Source: NVIDIA/TensorRT-LLM triton_backend/docs/
+# model_config.md ("Common Outputs": each says "Set the optional input `return_perf_metrics` to `true` to include
+# ... in the outputs") and the dtypes of triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt.
+# Triton core rejects a response that carries an output its config does not declare, so every one must be here.
+BACKEND_PERF_METRIC_OUTPUTS = {
+    "kv_cache_alloc_new_blocks": "TYPE_INT32",
+    "kv_cache_reused_blocks": "TYPE_INT32",
+    "kv_cache_alloc_total_blocks": "TYPE_INT32",
+    "arrival_time_ns": "TYPE_INT64",
+    "first_scheduled_time_ns": "TYPE_INT64",
+    "first_token_time_ns": "TYPE_INT64",
+    "last_token_time_ns": "TYPE_INT64",
+    "acceptance_rate": "TYPE_FP32",
+    "total_accepted_draft_tokens": "TYPE_INT32",
+    "total_draft_tokens": "TYPE_INT32",
+}
+
+
+def test_perf_metric_outputs_are_the_full_documented_list():
+    assert contracts.TRTLLM_VERSION == "1.0.0", "re-check the list above against the newly pinned backend's docs"
+    assert set(contracts.PERF_METRIC_OUTPUTS) == set(BACKEND_PERF_METRIC_OUTPUTS)
+    for name, dtype in BACKEND_PERF_METRIC_OUTPUTS.items():
+        assert contracts.GENERATE.output(name).dtype == dtype, name
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_both_generate_configs_declare_every_perf_metric_output(profile):
+    cfg = parse((ROOT / "model_repository" / profile / "generate" / "config.pbtxt").read_text())
+    declared = {o.name: o for o in cfg.output}
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    for name, dtype in BACKEND_PERF_METRIC_OUTPUTS.items():
+        assert name in declared, f"{profile}/generate does not declare {name}"
+        assert declared[name].data_type == mc.DataType.Value(dtype), name
+
+
+def test_reference_engine_speaks_every_perf_metric_output():
+    """The reference engine's responses carry the same perf outputs (and only what the caller requested)."""
+    from ragstack.generation.request import GenerationResult
+
+    result = GenerationResult(output_ids=[1, 2], finish_reason="stop", num_input_tokens=3, num_output_tokens=2)
+    perf = {name: getattr(result, name) for name in contracts.PERF_METRIC_OUTPUTS}
+    outputs = trtllm_io.generate_outputs([1, 2], num_input_tokens=3, num_output_tokens=2, perf=perf)
+    for name, dtype in BACKEND_PERF_METRIC_OUTPUTS.items():
+        assert outputs[name].dtype == np.dtype(contracts.NP_DTYPES[dtype]) and outputs[name].shape == (1, 1), name
+    assert outputs["acceptance_rate"][0, 0] == 0.0 and outputs["total_draft_tokens"][0, 0] == 0
+
+    from ragstack import triton_adapter as ta
+
+    class _PB:
+        class Tensor:
+            def __init__(self, name, arr):
+                self.name, self.arr = name, arr
+
+    sent = ta.output_tensors(_PB, contracts.GENERATE, outputs, frozenset({"output_ids", "acceptance_rate"}))
+    assert sorted(t.name for t in sent) == ["acceptance_rate", "output_ids"]

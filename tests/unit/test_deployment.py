@@ -1,6 +1,7 @@
 """The production deployment: both profiles' configs parse as Triton's ModelConfig, the trtllm profile has the
 spec 002 / spec 004 settings, its paths agree with the launcher, the image and compose, and the Dockerfile and
 compose file pass their linters."""
+import json
 import re
 import shutil
 import subprocess
@@ -59,11 +60,35 @@ def _dtype(name):
 ])
 def test_plans_have_the_spec_002_batching_presets(model, preferred, delays, max_batch):
     cfg = _config("trtllm", model)
-    assert cfg.platform == "tensorrt_plan" and not cfg.backend
     assert cfg.max_batch_size == max_batch
     assert list(cfg.dynamic_batching.preferred_batch_size) == preferred
     assert delays[0] <= cfg.dynamic_batching.max_queue_delay_microseconds <= delays[1]
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(cfg.instance_group[0].KIND_GPU, 1)]
+
+
+# The backends the tritonserver:<yy.mm>-trtllm-python-py3 image ships: tensorrtllm_backend's build.sh builds it with
+# --backend=ensemble --backend=tensorrtllm --backend=python (and its docs/build.md says so; server issue #7346):
+# no TensorRT (tensorrt_plan) backend. With LOAD_MODELS=* one model that cannot load stops the server.
+TRTLLM_IMAGE_BACKENDS = {"python", "tensorrtllm"}
+TRTLLM_IMAGE_PLATFORMS = {"ensemble"}
+
+
+@pytest.mark.parametrize("model", ["embed", "rerank", "generate"])
+def test_every_trtllm_model_has_a_backend_the_trtllm_image_ships(model):
+    cfg = _config("trtllm", model)
+    assert (cfg.backend in TRTLLM_IMAGE_BACKENDS and not cfg.platform) or cfg.platform in TRTLLM_IMAGE_PLATFORMS, \
+        (cfg.backend, cfg.platform)
+
+
+@pytest.mark.parametrize("model, contract, output", [("embed", contracts.EMBED, "embedding"),
+                                                      ("rerank", contracts.RERANK, "score")])
+def test_plans_are_served_by_python_models_on_the_tensorrt_runtime(model, contract, output):
+    cfg = _config("trtllm", model)
+    assert cfg.backend == "python"
+    source = (ROOT / "model_repository" / "trtllm" / model / "1" / "model.py").read_text()
+    assert "TritonPlanModel" in source and f"contracts.{contract.name.upper()}, \"{output}\"" in source
+    assert PurePosixPath(repository.CONTAINER_ENGINES / _params(cfg)["engine_dir"] / _params(cfg)["plan_file"]) == \
+        repository.CONTAINER_ENGINES / model / "model.plan"
 
 
 def test_generate_is_the_tensorrtllm_backend_with_the_spec_004_parameters():
@@ -107,10 +132,11 @@ def test_engine_and_tokenizer_paths_agree_everywhere():
     assert targets_[env["RAG_DATA_PATH"]]["type"] == "volume"                    # the index outlives the container
 
 
-def test_version_folders_link_to_the_mounted_plans():
+def test_version_folders_hold_the_plan_models_and_no_stale_links():
     assert repository.check(ROOT) == []
-    for link, target in repository.plan_links(ROOT).items():
-        assert PurePosixPath(link.readlink()) == target and target.is_relative_to(repository.CONTAINER_ENGINES)
+    for model_py, target in repository.plan_links(ROOT).items():
+        assert model_py.is_file() and not (model_py.parent / "model.plan").exists()
+        assert target.is_relative_to(repository.CONTAINER_ENGINES)
 
 
 # -------------------------------------------------------------------------------------- Dockerfile
@@ -137,18 +163,26 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_builds_from_the_pinned_container_and_serves_the_trtllm_profile():
     text = DOCKERFILE.read_text()
     assert re.findall(r"^FROM (\S+)", text, re.M) == [contracts.TRTLLM_CONTAINER]
-    assert re.search(r'^ENTRYPOINT \["/opt/ragstack/tools/serve_triton.sh"\]', text, re.M)
+    # Through NVIDIA's entrypoint (CUDA forward compatibility on data-centre GPUs with older drivers), exec form.
+    entry = re.findall(r"^ENTRYPOINT (.+)$", text, re.M)
+    assert len(entry) == 1 and json.loads(entry[0]) == ["/opt/nvidia/nvidia_entrypoint.sh",
+                                                        "/opt/ragstack/tools/serve_triton.sh"]
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for item in source.split():
             assert (ROOT / item).exists(), item
     assert "/v2/health/ready" in text
 
 
-def test_the_image_installs_the_bls_requirements_from_requirements_txt_and_not_torch():
-    pattern = re.search(r"grep -E '([^']+)' requirements.txt", DOCKERFILE.read_text()).group(1)
-    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if re.match(pattern, line)]
-    names = {re.split(r"[<>=!~ ]", line)[0] for line in lines}
-    assert names == {"transformers", "tokenizers", "jsonschema", "numpy"}
+def test_the_image_installs_the_python_models_requirements_file_and_not_torch():
+    text = DOCKERFILE.read_text()
+    assert "COPY requirements-triton-models.txt" in text
+    assert re.search(r"install --no-cache-dir \\\s+-r requirements-triton-models.txt", text)
+    assert "--system-site-packages" in text          # the plan models use the container's tensorrt and torch
+    names = {re.split(r"[<>=!~ \[]", line)[0].lower() for line in
+             (ROOT / "requirements-triton-models.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert not names & {"torch", "tensorrt", "tensorrt-llm", "tensorrt_llm"}
+    assert {"transformers", "tokenizers", "jinja2", "jsonschema", "numpy", "tritonclient", "protobuf",
+            "nvidia-ml-py"} <= names
 
 
 # ----------------------------------------------------------------------------------------- compose
@@ -195,3 +229,26 @@ def test_compose_file_passes_compose_lint(tmp_path):
     result = subprocess.run([lint, "check", "--fail-on", "medium", "--no-pager", str(COMPOSE)],
                             capture_output=True, text=True, env={"ENGINE_PATH": str(tmp_path), "PATH": "/usr/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------- GPU scripts
+GPU_SCRIPTS = [ROOT / "tools" / "gpu_smoke.sh", ROOT / "tools" / "build_plans.sh"]
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS, ids=lambda p: p.name)
+def test_gpu_scripts_are_valid_bash_and_shellcheck_clean(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_gpu_smoke_runs_every_check_in_the_real_order():
+    text = (ROOT / "tools" / "gpu_smoke.sh").read_text()
+    order = [text.index(f"require {step} ") for step in ("tiny_models", "onnx_export", "plans", "generator", "image",
+                                                          "serve")]
+    assert order == sorted(order)
+    for check in ("embed", "rag", "guided_decoding", "perf_analyzer"):
+        assert f"check {check} " in text
+    assert "tools/build_plans.sh" in text and "TRTLLM_CONTAINER" in text

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,8 @@ from ragstack.engine_spec import EngineSpec  # noqa: E402
 from ragstack.engines import EmbeddingEngine, RerankEngine  # noqa: E402
 from ragstack.manifest import read_manifest, sha256_file, verify_manifest  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny"
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "build" / "models" / "tiny"
 needs_tiny = pytest.mark.skipif(not (TINY / "embed" / "engine.json").is_file(), reason="tiny models not built")
 TOL = 1e-4
 
@@ -123,7 +126,7 @@ def test_only_qwen3_style_models_export():
 
 # ------------------------------------------------------------------------------------------ specs
 def test_every_spec_and_set_loads():
-    assert set(set_names()) == {"production", "production-16gb", "tiny"}
+    assert set(set_names()) == {"production", "production-16gb", "production-w4a8", "tiny"}
     for name in spec_names():
         load_spec(name)
     for name in set_names():
@@ -141,8 +144,46 @@ def test_profiles_are_bounded_by_the_contract_and_the_engine():
 
 def test_production_engine_facts_match_the_specs():
     assert load_spec("qwen3-embedding-4b").engine_spec().dim == 2000
-    generate = load_spec("qwen3-32b-w4a8").engine_spec()
-    assert (generate.max_input_len, generate.max_seq_len, generate.max_batch_size) == (4096, 6000, 4)
+    for name in ("qwen3-32b-fp8", "qwen3-32b-w4a8", "qwen3-4b-fp8", "qwen3-4b-w4a8"):
+        generate = load_spec(name).engine_spec()
+        assert (generate.max_input_len, generate.max_seq_len, generate.max_batch_size) == (4096, 6000, 4)
+
+
+# ------------------------------------------------------------------------- generator quantisation (issue 13.6)
+def test_fp8_is_the_default_generator_build_and_w4a8_an_explicit_set():
+    """Dense Qwen3 TensorRT-engine support in TensorRT-LLM 1.0 was validated at FP16/FP8; AWQ is not listed for
+    Qwen3-32B. So every default set builds FP8, and W4A8 is only built when its set is named."""
+    for name in ("production", "production-16gb"):
+        assert model_set(name)["generate"].trtllm.qformat == "fp8", name
+    assert model_set("production-w4a8")["generate"].trtllm.qformat == "w4a8_awq"
+
+
+@pytest.mark.parametrize("sm, refused", [(89, False), (90, False), (100, True), (103, True), (110, True),
+                                         (119, True), (120, False), (None, False)])
+def test_w4a8_is_refused_on_sm_100_to_119_with_a_clear_message(sm, refused, tmp_path, capsys):
+    argv = ["trtllm", "--spec", "qwen3-32b-w4a8", "--model-dir", "/m", "--out", str(tmp_path / "g"),
+            "--trtllm-examples", "/x", "--dry-run"] + ([] if sm is None else ["--sm", str(sm)])
+    code = build_main(argv)
+    err = capsys.readouterr().err
+    if refused:
+        assert code == 1
+        assert f"SM {sm}" in err and "INT4/INT8" in err and "SM 100-119" in err and "qwen3-32b-fp8" in err
+    else:
+        assert code == 0, err
+
+
+@pytest.mark.parametrize("sm", [90, 100, 120])
+def test_fp8_builds_on_every_fp8_gpu(sm, tmp_path, capsys):
+    assert build_main(["trtllm", "--spec", "qwen3-32b-fp8", "--model-dir", "/m", "--out", str(tmp_path / "g"),
+                       "--trtllm-examples", "/x", "--dry-run", "--sm", str(sm)]) == 0
+    assert "--qformat fp8" in capsys.readouterr().out
+
+
+def test_a_real_w4a8_build_asks_the_gpu_for_its_sm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trtllm, "detect_sm", lambda device=0: 100)
+    assert build_main(["trtllm", "--spec", "qwen3-32b-w4a8", "--model-dir", "/m", "--out", str(tmp_path / "g"),
+                       "--trtllm-examples", "/x"]) == 1
+    assert "cannot be built on this GPU (SM 100)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- trtexec lines
@@ -252,7 +293,32 @@ def test_real_run_without_the_tools_says_where_they_are(tmp_path, monkeypatch, c
     monkeypatch.setattr(tools, "find_tool", lambda name: None)
     assert build_main(["plan", "--spec", "tiny-embed", "--out", str(tmp_path), "--model-dir", str(TINY / "embed")]) == 3
     err = capsys.readouterr().err
-    assert "trtexec is not installed" in err and contracts.TRTLLM_CONTAINER in err
+    # trtexec is not in the trtllm image (server r25.10 build.py removes TensorRT's bin/ for trtllm images): the
+    # message must send the user to the TensorRT container of the same TensorRT, not to the trtllm one.
+    assert "trtexec is not installed" in err and f"it ships in {contracts.TENSORRT_CONTAINER}" in err
+    assert f"it ships in {contracts.TRTLLM_CONTAINER}" not in err and "tools/build_plans.sh" in err
+
+
+def test_the_tensorrt_container_is_the_one_of_the_serving_containers_tensorrt():
+    """Triton's compatibility matrix: 25.10-trtllm-python-py3 carries TensorRT 10.11.0.33 (and TensorRT-LLM 1.0.0);
+    NGC's 25.06 release line (the PyTorch the 25.10 trtllm image is built on, torch ...nv25.6) carries the same."""
+    assert contracts.TRTLLM_CONTAINER.endswith(":25.10-trtllm-python-py3")
+    assert contracts.TRTLLM_TENSORRT_VERSION.startswith("10.11.")
+    assert contracts.TENSORRT_CONTAINER == "nvcr.io/nvidia/tensorrt:25.06-py3"
+    script = (ROOT / "tools" / "build_plans.sh").read_text()
+    assert "TENSORRT_CONTAINER" in script and "tensorrt.__version__" in script
+    docs = (ROOT / "docs" / "gpu-deployment.md").read_text()
+    assert contracts.TENSORRT_CONTAINER in docs and "tools/build_plans.sh" in docs
+
+
+def test_the_plan_step_needs_no_torch(tmp_path):
+    """The TensorRT container has no torch or transformers: build.py plan must run without them."""
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            f"sys.argv = ['build.py', 'plan', '--spec', 'qwen3-embedding-4b', '--out', {str(tmp_path)!r}, "
+            "'--dry-run']; runpy.run_path('engine_builds/build.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trtexec --onnx=" in result.stdout
 
 
 def _stand_in(folder: Path, name: str, body: str) -> Path:

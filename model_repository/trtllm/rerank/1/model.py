@@ -1,0 +1,17 @@
+"""trtllm profile rerank engine: the TensorRT plan run by the container's TensorRT Python runtime (ragstack/trt_plan.py).
+
+The trtllm image has no tensorrt_plan platform, so this Python-backend model deserializes the plan itself and binds
+torch CUDA buffers; same tensors and dynamic batching as ragstack.contracts.RERANK.
+"""
+import triton_python_backend_utils as pb
+
+from ragstack import contracts
+from ragstack.trt_plan import TritonPlanModel
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = TritonPlanModel(args, contracts.RERANK, "score")
+
+    def execute(self, requests):
+        return self.model.execute(pb, requests)
