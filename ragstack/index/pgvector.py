@@ -64,10 +64,12 @@ class PgVectorStore(VectorStore):
     ``ef_construction`` shape an index when its collection is created. ``pool_size``: connections kept open."""
 
     def __init__(self, dsn: str, schema: str = "ragstack", *, ef_search: int = 100, hnsw_m: int = 16,
-                 ef_construction: int = 64, exact: bool = False, pool_size: int = 4):
+                 ef_construction: int = 64, exact: bool = False, pool_size: int = 4,
+                 password: Optional[str] = None):
         import psycopg  # noqa: F401  (fail here, clearly, when the driver is missing)
 
         self.dsn = dsn
+        self._connect_kwargs = {"password": password} if password else {}
         self.schema = schema
         self._schema_q = _quote_ident(schema)
         self.ef_search = int(ef_search)
@@ -86,7 +88,7 @@ class PgVectorStore(VectorStore):
         import psycopg
         from pgvector.psycopg import register_vector
 
-        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs)
         ext = conn.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'"
                            ).fetchone()
         path = [self._schema_q] + ([ext[0]] if ext else [])
@@ -122,7 +124,7 @@ class PgVectorStore(VectorStore):
     def _bootstrap(self) -> None:
         import psycopg
 
-        with psycopg.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+        with psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key("ragstack-ddl")])
             if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone():
                 try:

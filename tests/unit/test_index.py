@@ -643,6 +643,11 @@ def test_store_is_chosen_by_configuration(tmp_path, pg_server):
     assert isinstance(open_store(tmp_path / "i", {}, {}), FlatFileStore)
     with pytest.raises(ValueError, match="RAG_PG_DSN"):
         store_settings({}, {"RAG_VECTOR_STORE": "pgvector"})
+    assert store_settings({}, {"RAG_VECTOR_STORE": "pgvector", "PGHOST": "db"})["dsn"] == ""   # libpq's own
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    assert store_settings({}, {"RAG_VECTOR_STORE": "pgvector", "RAG_PG_DSN": "postgresql://u@h/d",
+                               "RAG_PG_PASSWORD_FILE": str(pw)})["password"] == "s3cret"
     with pytest.raises(ValueError, match="flat, pgvector"):
         store_settings({"vector_store": "faiss"}, {})
     env = {"RAG_VECTOR_STORE": "pgvector", "RAG_PG_DSN": pg_server.dsn, "RAG_PG_SCHEMA": "t_config",
