@@ -70,7 +70,10 @@ def old_flat_store_class():
     spec = importlib.util.spec_from_file_location("flatfile_before", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["flatfile_before"] = module            # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
     return module.FlatFileStore
 
 
