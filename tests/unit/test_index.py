@@ -499,6 +499,9 @@ kind, where, schema = sys.argv[1:4]
 if kind == "flat":
     from ragstack.index import FlatFileStore
     s = FlatFileStore(where)
+elif kind == "flat-compacting":      # a compaction every few mutations: the kill may land inside one
+    from ragstack.index import FlatFileStore
+    s = FlatFileStore(where, compact_ratio=0.3, min_log_bytes=0)
 else:
     from ragstack.index.pgvector import PgVectorStore
     s = PgVectorStore(where, schema)
@@ -509,10 +512,10 @@ for i in range(100000):
 """
 
 
-@pytest.mark.parametrize("kind", ["flat", "pgvector"])
+@pytest.mark.parametrize("kind", ["flat", "flat-compacting", "pgvector"])
 def test_kill_9_of_the_writer_and_the_server_loses_no_acknowledged_document(tmp_path, kind):
     server = folder = None
-    if kind == "flat":
+    if kind.startswith("flat"):
         where, schema = str(tmp_path / "store"), "-"
     else:
         from ragstack.index.pgserver import LocalPostgres
