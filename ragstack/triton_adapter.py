@@ -314,6 +314,46 @@ def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None) 
     return _response_arrays(pb, response, outputs, model)
 
 
+class DetachedSender:
+    """A response sender whose ``send`` never blocks the caller: responses go out in order on a thread of their
+    own, one per request (started at the first send, ended by the final flag).
+
+    For an engine that answers many requests from one batching thread. In Triton 2.51's Python backend,
+    ``send`` waits until the server has delivered the response, and when the request came from a BLS parent
+    whose stub has died, that delivery waits forever for the dead stub (``SendBLSDecoupledResponse``). A batcher
+    that sent itself would then stop for every request (seen: one killed orchestrator froze all generation);
+    with this, only the dead parent's own request stays stuck.
+    """
+
+    _END = object()
+
+    def __init__(self, sender, final_flag: int):
+        self._sender, self._final = sender, final_flag
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def send(self, response=None, flags: int = 0) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="response-sender", daemon=True)
+            self._thread.start()
+        self._queue.put((response, flags))
+
+    def _run(self) -> None:
+        while True:
+            response, flags = self._queue.get()
+            try:
+                if response is None:
+                    self._sender.send(flags=flags)
+                else:
+                    self._sender.send(response, flags=flags)
+            except Exception:  # noqa: BLE001 - the client went away: nothing more to send to it
+                log.debug("sending a response failed", exc_info=True)
+                return
+            del response
+            if flags & self._final:
+                return
+
+
 # ------------------------------------------------------------------------ decoupled BLS streams and the GIL
 # A decoupled BLS call (``exec(decoupled=True)``) returns a ``ResponseIterator``. In the 24.10 Python backend the
 # stub keeps a second reference to it (``Stub::response_iterator_map_``), and the iterator keeps every response

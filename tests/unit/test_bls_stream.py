@@ -218,3 +218,24 @@ def test_child_errors_keep_their_class_across_the_hop(message, cls):
     assert type(exc) is cls
     if cls is ta.Unavailable and not message.startswith("unavailable"):
         assert "model 'embed'" in str(exc)
+
+
+def test_detached_sender_keeps_order_and_never_blocks_the_caller():
+    """An engine's batcher must not wait on a send (Triton 2.51: a send to a dead BLS parent never returns)."""
+    FINAL = 1
+    sent, release = [], threading.Event()
+
+    class Sender:
+        def send(self, response=None, flags=0):
+            release.wait(5)                                   # the server is slow to deliver (or never does)
+            sent.append((response, flags))
+    ds = ta.DetachedSender(Sender(), FINAL)
+    t0 = time.monotonic()
+    for i in range(5):
+        ds.send(f"r{i}")
+    ds.send(None, flags=FINAL)
+    assert time.monotonic() - t0 < 0.5                        # the caller went on
+    release.set()
+    ds._thread.join(5)
+    assert sent == [("r0", 0), ("r1", 0), ("r2", 0), ("r3", 0), ("r4", 0), (None, FINAL)]
+    assert not ds._thread.is_alive()                          # ended by the final flag

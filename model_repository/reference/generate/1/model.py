@@ -1,7 +1,8 @@
 """Reference generate engine: TensorRT-LLM's tensorrt_llm tensor contract over the CPU in-flight batcher.
 
 Decoupled like the real engine: execute() validates and enqueues each request, then returns at once; the
-batcher's thread sends the responses (one per step when streaming, one at the end otherwise).
+batcher's thread builds the responses (one per step when streaming, one at the end otherwise) and a per-request
+sender thread sends them.
 """
 import triton_python_backend_utils as pb
 
@@ -37,7 +38,10 @@ class TritonPythonModel:
                 self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
                 req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
-                self.engine.submit(req, on_update=_Responder(sender, req, ta.requested_outputs(request)),
+                # The batcher's thread hands responses to a per-request sender thread and goes on at once
+                # (see ta.DetachedSender: a send to a dead BLS parent never returns in Triton 2.51).
+                self.engine.submit(req, on_update=_Responder(ta.DetachedSender(sender, FINAL), req,
+                                                             ta.requested_outputs(request)),
                                    is_cancelled=request.is_cancelled)
             except Exception as e:  # noqa: BLE001 - bad input ends this request only
                 sender.send(ta.error_response(pb, e), flags=FINAL)
