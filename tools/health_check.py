@@ -9,8 +9,12 @@ counters are cumulative; the first round uses the totals since the server starte
   Triton's ``nv_inference_queue_duration_us`` per successful request;
 * error rate per model: ``nv_inference_request_failure`` / (success + failure), models without traffic skipped.
 
+A model whose Python stub died counts as not ready until it is reloaded (``llm_model_stub_healthy`` 0: Triton
+2.51 itself keeps reporting it ready).
+
 Round lines go to stderr, the JSON report to stdout (pipe it to ``jq``). Exit status, from the last round:
-0 ready, 1 not ready (server or a model), 2 ready but a threshold is breached or the metrics are unreadable.
+0 ready, 1 not ready (server, a model, or a dead stub), 2 ready but a threshold is breached or the metrics are
+unreadable.
 """
 from __future__ import annotations
 
@@ -90,11 +94,14 @@ def evaluate_metrics(cur: dict, prev: Optional[dict], max_queue_delay_us: float,
     ok, failed = d("nv_inference_request_success"), d("nv_inference_request_failure")
     errors = {m: failed.get(m, 0.0) / (ok.get(m, 0.0) + failed.get(m, 0.0))
               for m in set(ok) | set(failed) if ok.get(m, 0.0) + failed.get(m, 0.0) > 0}
+    dead = sorted(dict(labels).get("model", "?") for (name, labels), v in cur.items()
+                  if name == "llm_model_stub_healthy" and v == 0)
     breaches = [f"queue delay {v:.0f} us > {max_queue_delay_us:g} us on {m}" for m, v in sorted(queue.items())
                 if v > max_queue_delay_us]
     breaches += [f"error rate {v:.2%} > {max_error_rate:.2%} on {m}" for m, v in sorted(errors.items())
                  if v > max_error_rate]
-    return {"queue_delay_source": source, "queue_delay_us": queue, "error_rate": errors, "breaches": breaches}
+    return {"queue_delay_source": source, "queue_delay_us": queue, "error_rate": errors, "breaches": breaches,
+            "dead_stubs": dead}
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -137,7 +144,10 @@ def one_round(args, prev_samples: Optional[dict]) -> tuple:
         else:
             record["metrics"] = {"breaches": [f"metrics endpoint {args.metrics_url}: {code} {text}"]}
     breaches = record.get("metrics", {}).get("breaches", [])
-    if not ready["server"] or not all(ready["models"].values()):
+    dead = record.get("metrics", {}).get("dead_stubs", [])
+    if dead:        # Triton still says ready: the stack's own gauge says a stub is dead until its reload
+        record["errors"].append(f"dead Python stub (reload pending): {', '.join(dead)}")
+    if not ready["server"] or not all(ready["models"].values()) or dead:
         record["status"] = NOT_READY
     else:
         record["status"] = DEGRADED if breaches else READY

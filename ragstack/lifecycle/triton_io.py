@@ -456,6 +456,9 @@ FAMILIES = {
     "llm_model_version_latency_seconds": ("HISTOGRAM", "Leased request latency per engine version",
                                           ("model", "version")),
     "llm_lifecycle_alerts_total": ("COUNTER", "Lifecycle alerts (slow load, oscillation, dead stub, ...)", ("alert",)),
+    # Triton 2.51 keeps reporting a model ready while one of its Python stubs is dead: this says the truth.
+    "llm_model_stub_healthy": ("GAUGE", "0 from the death of one of the model's Python stubs until its reload, "
+                                        "else 1 (models that died at least once)", ("model",)),
 }
 
 
@@ -484,6 +487,7 @@ class TritonSink(MetricRegistry):
 
     def healed(self, model, seconds):
         self.metric("llm_model_heals_total", model=model).increment(1)
+        self.metric("llm_model_stub_healthy", model=model).set(1)
         from ragstack.events import OBSERVABILITY_ALERT
 
         self._emit(OBSERVABILITY_ALERT, alert="model_stub_recovered", model=model,
@@ -493,6 +497,8 @@ class TritonSink(MetricRegistry):
         from ragstack.events import OBSERVABILITY_ALERT
 
         self.metric("llm_lifecycle_alerts_total", alert=alert).increment(1)
+        if alert == "model_stub_died" and fields.get("model"):
+            self.metric("llm_model_stub_healthy", model=fields["model"]).set(0)
         severity = "critical" if alert in ("model_stub_died", "rollback_failed") else "warning"
         self._emit(OBSERVABILITY_ALERT, alert=alert, severity=severity, **fields)
 

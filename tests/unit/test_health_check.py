@@ -199,3 +199,17 @@ def test_interrupt_stops_and_reports(fake):
                     log=io.StringIO())
     assert len(report["rounds"]) == 1 and report["status"] == "ready"
     assert report["thresholds"]["max_queue_delay_us"] == 5
+
+
+def test_a_dead_python_stub_is_not_ready_although_triton_says_ready(fake):
+    """Triton 2.51 keeps a model with a dead stub ready; the stack's gauge says the truth until the reload."""
+    text = triton_metrics({"gen": 10}, {"gen": 0}, {"gen": 1000})
+    dead = text + 'llm_model_stub_healthy{model="rag_orchestrator"} 0\nllm_model_stub_healthy{model="ingest"} 1\n'
+    healed = text + 'llm_model_stub_healthy{model="rag_orchestrator"} 1\n'
+    server = fake([dead, healed], models_ready={"gen": True})
+    report = hc.run(args_for(server, "--models", "gen", "--rounds", "2"), sleep=lambda s: None, log=io.StringIO())
+    first, second = report["rounds"]
+    assert first["server"] and first["models"] == {"gen": True}
+    assert first["status"] == "not_ready"
+    assert any("dead Python stub (reload pending): rag_orchestrator" in e for e in first["errors"])
+    assert second["status"] == "ready"
