@@ -1,4 +1,5 @@
 """One real tritonserver for the whole integration session, on the tiny model set, over loopback."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,6 +45,20 @@ class WebhookReceiver:
 
     def events(self, name):
         return [e for e in self.received if e.get("event") == name]
+
+
+@contextlib.contextmanager
+def private_server(models: Path, tmp_path_factory, name: str, **env):
+    """A server of a test module's own (tests that kill stubs or load it hard must not disturb the others):
+    a fresh data folder, its log in build/logs/<name>.log."""
+    data = tmp_path_factory.mktemp(name)
+    proc = TritonProcess(models, log_path=ROOT / "build" / "logs" / f"{name}.log",
+                         env={"RAG_DATA_PATH": str(data), **env})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

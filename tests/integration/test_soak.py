@@ -10,9 +10,8 @@ import os
 
 import pytest
 
-from ragstack.server import ROOT, TritonProcess
 from ragstack.soak import SoakConfig, run_soak
-from tests.integration.conftest import CORPUS, ingest
+from tests.integration.conftest import CORPUS, ingest, private_server
 
 pytestmark = pytest.mark.integration
 
@@ -22,12 +21,8 @@ CLIENTS = int(os.environ.get("SOAK_TEST_CLIENTS", "4"))
 
 @pytest.fixture(scope="module")
 def soak_server(tiny_models, tmp_path_factory):
-    data = tmp_path_factory.mktemp("soak-data")
-    proc = TritonProcess(tiny_models, log_path=ROOT / "build" / "logs" / "integration-soak.log",
-                         env={"RAG_DATA_PATH": str(data)})
-    proc.start()
-    yield proc
-    proc.stop()
+    with private_server(tiny_models, tmp_path_factory, "integration-soak") as proc:
+        yield proc
 
 
 @pytest.mark.timeout(SECONDS + 900)

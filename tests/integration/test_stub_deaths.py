@@ -17,8 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess
-from tests.integration.conftest import CORPUS
+from tests.integration.conftest import CORPUS, private_server
 from tests.integration.helpers import infer, stream, strings
 
 pytestmark = pytest.mark.integration
@@ -28,12 +27,8 @@ BACK_LIMIT_S = float(os.environ.get("STUB_HEAL_LIMIT_S", "10"))   # the model se
 
 @pytest.fixture(scope="module")
 def srv(tiny_models, tmp_path_factory):
-    data = tmp_path_factory.mktemp("stub-deaths")
-    proc = TritonProcess(tiny_models, log_path=ROOT / "build" / "logs" / "stub-deaths.log",
-                         env={"RAG_DATA_PATH": str(data)})
-    proc.start()
-    yield proc
-    proc.stop()
+    with private_server(tiny_models, tmp_path_factory, "stub-deaths") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
