@@ -463,11 +463,9 @@ class _Stream:
 
     def _read(self, start: Callable, model: str) -> None:
         try:
-            # exec() itself waits for the child's first response, so it runs here too, under the watch
-            try:
-                self.iterator = start()
-            except Exception as e:  # noqa: BLE001 - the Python backend raises for a model it cannot reach
-                raise child_error(model, str(e)) from None
+            # exec() itself waits for the child's first response, so it runs here too, under the watch;
+            # the Python backend raises for a model it cannot reach (classed below like any child error)
+            self.iterator = start()
             for response in self.iterator:
                 self.queue.put(response)
                 del response
