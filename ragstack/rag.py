@@ -207,7 +207,12 @@ class RagResult:
     usage: dict
 
     def outputs(self) -> dict:
-        return {"answer": json.dumps(self.answer, ensure_ascii=False),
+        answer = json.dumps(self.answer, ensure_ascii=False)
+        try:
+            answer.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape the grammar allowed: keep it escaped
+            answer = json.dumps(self.answer)
+        return {"answer": answer,
                 "contexts": json.dumps([c.as_dict() for c in self.contexts], ensure_ascii=False),
                 "usage": json.dumps(self.usage)}
 

@@ -15,6 +15,7 @@ device before it is applied.
 """
 from __future__ import annotations
 
+import codecs
 import re
 import threading
 from collections import OrderedDict
@@ -83,6 +84,67 @@ def tokenizer_info(tokenizer, vocab_size: Optional[int] = None, stop_token_ids: 
                              add_prefix_space=base.add_prefix_space)
 
 
+class Utf8Guard:
+    """Masks the tokens whose bytes would make the output invalid UTF-8, which xgrammar lets through.
+
+    xgrammar matches a grammar on token bytes and decodes UTF-8 leniently: it accepts an encoded surrogate
+    (``ED A0..BF xx``, U+D800-U+DFFF) as one character of a JSON string. The detokenizer (strict UTF-8 with
+    replacement) turns those three bytes into three U+FFFD, so text the grammar kept within ``maxLength`` came
+    out longer and failed the schema it was generated under (seen under load on ``rag`` task ``judge``).
+    The allowed set depends only on the unfinished UTF-8 sequence at the end of the output so far (at most
+    three bytes), so one packed mask per such tail is computed once and kept.
+    """
+
+    def __init__(self, decoded_vocab: Sequence[bytes], vocab_size: int, keep: Sequence[int] = ()):
+        self._vocab = [bytes(b) for b in decoded_vocab]
+        self._vocab_size = vocab_size
+        self._keep = set(keep)  # stop and other empty tokens: the grammar alone decides about them
+        self._masks: dict = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def valid_prefix(data: bytes) -> bool:
+        """True when ``data`` is valid UTF-8 or a prefix of it (strict: no surrogates, overlongs, > U+10FFFF)."""
+        try:
+            codecs.getincrementaldecoder("utf-8")("strict").decode(data, final=False)
+            # Python checks an unfinished sequence's second byte (E0/ED/F0/F4 ranges) only once it is whole:
+            # complete it with continuation bytes, which are valid wherever the first two bytes are.
+            tail = Utf8Guard.tail(data)
+            if len(tail) >= 2:
+                need = 3 if tail[0] < 0xF0 else 4
+                (tail + b"\x80" * (need - len(tail))).decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    @staticmethod
+    def tail(data: bytes) -> bytes:
+        """The unfinished UTF-8 sequence at the end of ``data`` (b"" when it ends on a whole character)."""
+        for n in range(1, min(3, len(data)) + 1):
+            byte = data[-n]
+            if byte < 0x80:
+                return b""
+            if byte >= 0xC0:  # a lead byte: unfinished if fewer bytes follow it than it needs
+                need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+                return data[-n:] if n < need else b""
+        return b""
+
+    def mask(self, tail: bytes) -> torch.Tensor:
+        """Packed int32 bitmask (xgrammar's layout) of the tokens allowed after ``tail``."""
+        with self._lock:
+            if tail not in self._masks:
+                bits = np.zeros(((self._vocab_size + 31) // 32) * 32, dtype=np.uint8)
+                for i in range(self._vocab_size):
+                    token = self._vocab[i] if i < len(self._vocab) else b""
+                    bits[i] = 1 if (not token or i in self._keep or self.valid_prefix(tail + token)) else 0
+                packed = np.packbits(bits, bitorder="little").view(np.int32).copy()
+                self._masks[tail] = torch.from_numpy(packed).reshape(1, -1)
+            return self._masks[tail]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._vocab[token_id] if 0 <= token_id < len(self._vocab) else b""
+
+
 class GuideCompiler:
     """Compiles guides for one tokenizer and one logits width, with a bounded LRU of compiled grammars.
 
@@ -106,6 +168,8 @@ class GuideCompiler:
         self._tokenizer_info = tokenizer_info(tokenizer, vocab_size=self.vocab_size)
         # xgrammar's own cache is unbounded by entry count; ours is bounded and keyed by the raw guide text.
         self._compiler = xgr.GrammarCompiler(self._tokenizer_info, cache_enabled=False)
+        self.utf8 = Utf8Guard(self._tokenizer_info.decoded_vocab, self.vocab_size,
+                              keep=self._tokenizer_info.stop_token_ids)
 
     def compile(self, guide_type: Optional[str], guide: Optional[str]) -> xgrammar.CompiledGrammar:
         """The compiled grammar for a guide; raises InvalidInput when the guide is unusable."""
@@ -151,7 +215,7 @@ class GuideCompiler:
             raise InvalidInput(f"{what}: {_xgrammar_message(exc)}") from None
 
     def new_state(self, compiled: xgrammar.CompiledGrammar, stop_token_ids: Sequence[int]) -> "GuideState":
-        return GuideState(compiled, self.vocab_size, stop_token_ids)
+        return GuideState(compiled, self.vocab_size, stop_token_ids, utf8=self.utf8)
 
 
 class GuideState:
@@ -162,7 +226,10 @@ class GuideState:
     spending a forward pass on a token whose value is already known.
     """
 
-    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int]):
+    def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int],
+                 utf8: Optional[Utf8Guard] = None):
+        self._utf8 = utf8
+        self._tail = b""  # the unfinished UTF-8 sequence the output ends with
         self._xgrammar = _import_xgrammar()  # a compiled grammar exists, so xgrammar does
         self._vocab_size = vocab_size
         # No stop ids given: the matcher falls back to the tokenizer's own end tokens.
@@ -175,6 +242,8 @@ class GuideState:
 
     def _refresh(self) -> None:
         self._matcher.fill_next_token_bitmask(self._bitmask)
+        if self._utf8 is not None:
+            self._bitmask &= self._utf8.mask(self._tail)
         bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")[: self._vocab_size]
         allowed = np.flatnonzero(bits)
         self.must_stop = len(allowed) <= len(self._stop_token_ids) and set(allowed.tolist()) <= self._stop_token_ids
@@ -199,6 +268,8 @@ class GuideState:
         """Advance past ``token_id``; the mask was applied before sampling, so a refusal is an engine bug."""
         if not self._matcher.accept_token(int(token_id)):
             raise RuntimeError(f"grammar matcher refused token {token_id} that its own mask allowed")
+        if self._utf8 is not None:
+            self._tail = Utf8Guard.tail(self._tail + self._utf8.token_bytes(int(token_id)))
         if not self._matcher.is_terminated():
             self._refresh()
 

@@ -460,3 +460,45 @@ def test_shutdown_cancels_running_and_waiting(model_dir, prompts):
     assert waiting.wait(WAIT).finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="shut down"):
         eng.submit(greedy(prompts[0], 2), lambda *a: None)
+
+
+def test_guided_strings_are_valid_utf8(engine):
+    """xgrammar accepts an encoded surrogate (ED A0 80) as one character of a JSON string; the detokenizer
+    makes it three U+FFFD, so a string the grammar kept within maxLength decoded too long and `rag` answered
+    INTERNAL ("guided generation returned JSON that breaks the schema", seen under load on task judge)."""
+    schema = {"type": "string", "maxLength": 2}
+    compiled = engine.guides.compile("json_schema", json.dumps(schema))
+    vocab = engine.guides._tokenizer_info.decoded_vocab
+    byte_id = {bytes(b)[0]: i for i, b in enumerate(vocab) if len(bytes(b)) == 1}
+    quote = engine.tokenizer.convert_tokens_to_ids('"')
+    plain = xgrammar.GrammarMatcher(compiled)          # xgrammar alone: the surrogate goes through
+    assert all(plain.accept_token(t) for t in [quote, byte_id[0xED], byte_id[0xA0], byte_id[0x80], quote])
+    text = engine.tokenizer.decode([quote, byte_id[0xED], byte_id[0xA0], byte_id[0x80], quote])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(text), schema)
+    state = engine.guides.new_state(compiled, [engine.tokenizer.eos_token_id])
+    for t in (quote, byte_id[0xED]):
+        state.accept(t)
+    allowed = set(np.flatnonzero(np.unpackbits(state._bitmask.numpy().view(np.uint8), bitorder="little")).tolist())
+    assert byte_id[0xA0] not in allowed and byte_id[0xBF] not in allowed       # surrogates masked
+    assert byte_id[0x80] in allowed and byte_id[0x9F] in allowed               # U+D000-U+D7FF still allowed
+    state.accept(byte_id[0x9E])
+    state.accept(byte_id[0x80])                                                # U+D780: a whole character
+    allowed = set(np.flatnonzero(np.unpackbits(state._bitmask.numpy().view(np.uint8), bitorder="little")).tolist())
+    assert quote in allowed and byte_id[0x80] not in allowed                   # no stray continuation byte
+
+
+def test_guided_sampling_never_breaks_the_schema_with_bytes(engine, prompts):
+    """Sampling that favours raw byte tokens inside a bounded string: every output decodes without U+FFFD and
+    validates (before the UTF-8 mask, encoded surrogates came through)."""
+    schema = {"type": "object", "properties": {"r": {"type": "string", "maxLength": 6}}, "required": ["r"],
+              "additionalProperties": False}
+    results = [h.wait(WAIT) for h in [
+        engine.submit(GenerationRequest(prompts[0], 60, temperature=2.0, seed=seed, guide_type="json_schema",
+                                        guide=json.dumps(schema), exclude_input_in_output=True), lambda *a: None)
+        for seed in range(24)]]
+    for result in results:
+        text = _text(engine, result.output_ids)
+        if result.finish_reason != "length":
+            assert "\ufffd" not in text
+            jsonschema.validate(json.loads(text, strict=False), schema)

@@ -189,3 +189,15 @@ def test_worst_case_cost_over_the_limit_alerts_or_rejects_per_policy():
     with pytest.raises(BudgetError) as err:
         rag.run(rag.RagRequest(query="q"), engines, strict, prices=pricey)
     assert err.value.flag == "cost_budget_exceeded"
+
+
+def test_an_answer_with_a_lone_surrogate_escape_stays_sendable():
+    """xgrammar's unbounded JSON string allows "\\ud800"; json.loads makes it a lone surrogate that UTF-8 cannot
+    encode, so the answer is sent ASCII-escaped (same JSON value) instead of failing the response."""
+    import json as _json
+
+    from ragstack.rag import RagResult
+    answer = _json.loads('{"answer": "x\\ud800", "citations": []}')
+    out = RagResult(answer=answer, contexts=[], usage={}).outputs()["answer"]
+    out.encode("utf-8")
+    assert _json.loads(out) == answer
