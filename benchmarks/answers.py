@@ -260,6 +260,7 @@ def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
         "task": task, "questions": len(records), "errors": len(records) - len(ok), "wall_s": round(wall, 1),
         "fact_in_answer": rate(answerable, "fact_in_answer"),
         "gold_citation": rate(answerable, "gold_cited"),
+        "gold_citation_when_retrieved": rate([r for r in answerable if r.get("gold_in_contexts")], "gold_cited"),
         "citations_supported": rate([r for r in answerable if not r.get("abstained")], "citations_supported"),
         "abstention_correct": round(sum(("error" not in r) and r["abstained"] == (not by_id[r["id"]]["answerable"])
                                         for r in records) / len(records), 3),

@@ -206,6 +206,23 @@ def _quote_grammar(spans_per_context: tuple) -> str:
     return "\n".join([f"root ::= {opening} quote {more} {closing}", f"quote ::= {quote}", *rules])
 
 
+QUOTE_CANDIDATES = 4
+
+
+def quote_candidates(query: str, contexts: list, engines: "Engines", timer) -> list:
+    """The spans a quote may choose from: every context's :func:`quote_spans`, scored against the query by the
+    reranker (one batched call), best QUOTE_CANDIDATES kept, as contexts of one span each (same ids), best
+    first. A 135M generator picks the context's first sentence when offered all of them; among a few relevant
+    ones it picks well, and the grammar still makes every quote verbatim."""
+    pairs = [(c, span) for c in contexts for span in quote_spans(c.text)]
+    if not pairs:
+        return []
+    with timer.stage("rerank"):
+        scores = engines.rerank(query, [span for _, span in pairs], timer)
+    ranked = sorted(zip(pairs, scores), key=lambda p: -float(p[1]))[:QUOTE_CANDIDATES]
+    return [dataclasses.replace(c, text=span, rerank_score=float(score)) for (c, span), score in ranked]
+
+
 def quote_grammar(contexts: list) -> str:
     """EBNF (xgrammar's dialect) for the quote task's answer: {"quotes": [{"context": id, "text": span}, ...]}
     with 1..MAX_QUOTES quotes, each text one of :func:`quote_spans` of the context it names, JSON-encoded as
@@ -271,8 +288,7 @@ INSTRUCTIONS = {
                        "JSON: \"ranking\" (context ids, best first).",
     "judge": "Judge whether the contexts support an answer to the question. Reply with JSON: \"verdict\", "
              "\"reason\" and \"citations\".",
-    "quote": "Answer the question by quoting, word for word, the sentence from the numbered contexts that answers "
-             "it. Reply with JSON: \"quotes\" (each with the \"context\" id and the quoted \"text\").",
+    "quote": "Answer the question by quoting, word for word, the sentence that answers it. Reply with JSON: \"quotes\" (each with the \"context\" id and the quoted \"text\").",
 }
 
 
@@ -426,14 +442,18 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     context_ids = [c.id for c in contexts]
     schema = answer_schema(req.task, context_ids, req.schema, max_tokens)
     system, user = build_prompt(req.task, req.query, contexts)
+    candidates = None
+    if req.task == "quote" and req.schema is None:
+        candidates = quote_candidates(req.query, contexts, engines, timer)
+        system, user = build_prompt(req.task, req.query, candidates)
     with timer.stage("generate"):
-        if req.task == "quote" and req.schema is None:
-            guide = ("ebnf_grammar", quote_grammar(contexts))
+        if candidates is not None:
+            guide = ("ebnf_grammar", quote_grammar(candidates))
             gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer, guide=guide)
         else:
             gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer)
     answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
-    if req.task == "quote" and req.schema is None:
+    if candidates is not None:
         answer = check_quotes(answer, contexts)
     usage = {
         "task": req.task,
@@ -454,6 +474,8 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         usage["citations_supported"] = bool(support) and all(c["supported"] for c in support)
         usage["best_rerank_score"] = best
         usage["abstained"] = False
+        if candidates is not None:
+            usage["quote_candidates"] = len(candidates)
     return RagResult(answer=answer, contexts=contexts, usage=usage)
 
 
