@@ -319,7 +319,8 @@ def main() -> None:
         "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
         "top_n": args.top_n, "concurrency": args.concurrency,
         "calibration": cal, "threshold_used": threshold if threshold is not None else {
-            m: pipe.policy.task("quote" if m == "quote" else "answer").abstain_below_rerank for m in modes},
+            m: None if m == "answer_today" else pipe.policy.task("quote" if m == "quote" else "answer").abstain_below_rerank
+            for m in modes},
         "modes": modes, "best_mode": best,
         "targets": {"fact_in_answer_best": {"value": modes[best]["fact_in_answer"], "goal": 0.7,
                                             "met": (modes[best]["fact_in_answer"] or 0) >= 0.7},
