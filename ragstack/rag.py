@@ -430,7 +430,7 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     best = max((c.rerank_score for c in contexts), default=None)
     threshold = task_policy.abstain_below_rerank
     if req.task in GROUNDED_TASKS and threshold is not None and (best is None or best < threshold):
-        return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0)
+        return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta)
     with timer.stage("tokenize"):
         contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
     if prices:
@@ -480,11 +480,14 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
 
 
 def _abstain(req: RagRequest, contexts: list, best, threshold: float, n_query_tokens: int, timer: Timer,
-             t0: float) -> RagResult:
-    """The honest outcome when no context is relevant enough: say so, generate nothing, cite nothing."""
+             t0: float, on_delta=None) -> RagResult:
+    """The honest outcome when no context is relevant enough: say so, generate nothing, cite nothing. A
+    streaming caller gets the answer's JSON as one delta, as it would get a generated one."""
     answer = {"answer": NOT_IN_DOCUMENTS, "citations": [], "not_in_documents": True}
     if req.task == "quote":
         answer = {"quotes": [], **answer}
+    if on_delta is not None:
+        on_delta(json.dumps(answer, ensure_ascii=False))
     usage = {"task": req.task, "tokens_in": 0, "tokens_out": 0, "query_tokens": n_query_tokens,
              "finish_reason": "abstained",
              "timings_ms": {**{k: round(v, 3) for k, v in timer.ms.items()},

@@ -71,9 +71,12 @@ def test_below_the_threshold_the_answer_says_not_in_the_documents(task):
     threshold = CONFIGURED.task(task).abstain_below_rerank
     assert threshold is not None
     low = threshold - 0.05
+    deltas = []
     result = rag.run(rag.RagRequest(query="what is the dental plan?", task=task),
-                     engines_with([low, low - 0.1, low - 0.2], fixed_reply("{}", calls)), CONFIGURED)
+                     engines_with([low, low - 0.1, low - 0.2], fixed_reply("{}", calls)), CONFIGURED,
+                     on_delta=deltas.append)
     assert not calls                                     # nothing generated, nothing invented
+    assert json.loads("".join(deltas)) == result.answer  # a streaming caller gets the same answer
     assert result.answer["not_in_documents"] is True and result.answer["citations"] == []
     assert result.answer["answer"] == rag.NOT_IN_DOCUMENTS
     assert result.usage["abstained"] and result.usage["finish_reason"] == "abstained"
