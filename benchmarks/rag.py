@@ -252,7 +252,7 @@ class InProcessRag:
             req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
                                     pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
                                     top_p=policy.top_p, guide_type="json_schema", guide=json.dumps(schema),
-                                    exclude_input_in_output=True)
+                                    exclude_input_in_output=True, **policy.penalties())
             res = self.generator.generate(req, timeout=900)
             if res.finish_reason == "error":
                 raise RuntimeError(res.error)

@@ -48,7 +48,8 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
              max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: Optional[int] = None, guide_type: Optional[str] = None, guide: Optional[str] = None,
              on_delta: Optional[Callable] = None, is_cancelled: Optional[Callable] = None, timer=None,
-             hop: Optional[ta.Hop] = None, on_started: Optional[Callable] = None, stream: bool = False) -> dict:
+             hop: Optional[ta.Hop] = None, on_started: Optional[Callable] = None, stream: bool = False,
+             penalties: Optional[dict] = None) -> dict:
     """Prompt text → `generate` engine → text. ``on_delta(text)`` (if given) streams the text as it decodes.
 
     Returns {text, finish_reason, num_input_tokens, num_output_tokens, queue_delay_us}; finish_reason is
@@ -56,6 +57,7 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
     is the engine's wait before scheduling (from its perf metrics), None when it reports none.
     ``is_cancelled`` is the parent request's (None outside a request); besides telling when the caller went away
     it is the barrier that ends the engine stream safely (see ``triton_adapter.bls_stream``).
+    ``penalties``: TensorRT-LLM's penalty inputs by name (``trtllm_io.PENALTY_INPUTS``), e.g. a task policy's.
     ``on_started()`` (if given) is called once the generation has started. The engine streams when ``stream``,
     ``on_delta`` or ``on_started`` is given (``stream`` alone: so that a cancelled caller is noticed between
     tokens rather than at the end; ``on_started``: a non-streamed request only starts when it has finished).
@@ -68,7 +70,7 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
     streaming = stream or on_delta is not None or on_started is not None
     inputs = generate_inputs(ids, max_tokens, tokenizer.end_id, tokenizer.pad_id, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, streaming=streaming,
-                             guide_type=guide_type, guide=guide)
+                             guide_type=guide_type, guide=guide, penalties=penalties)
     detok = tokenizer.detokenizer()
     n_in, n_out, queue_delay_us = len(ids), 0, None
     # an IPC round trip: asked every CANCEL_POLL_S, not at every token

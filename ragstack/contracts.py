@@ -127,6 +127,14 @@ GENERATE = Contract(
         scalar("runtime_top_k", "TYPE_INT32"),
         scalar("runtime_top_p", "TYPE_FP32"),
         scalar("seed", "TYPE_UINT64"),
+        # Penalties, named and typed as in the pinned tensorrt_llm config.pbtxt (`min_tokens`, once `min_length`;
+        # `len_penalty` only rescores beams, so it has no effect at beam width 1; that model has no
+        # `no_repeat_ngram_size` input).
+        scalar("repetition_penalty", "TYPE_FP32"),
+        scalar("presence_penalty", "TYPE_FP32"),
+        scalar("frequency_penalty", "TYPE_FP32"),
+        scalar("min_tokens", "TYPE_INT32"),
+        scalar("len_penalty", "TYPE_FP32"),
         scalar("return_log_probs", "TYPE_BOOL"),
         scalar("return_perf_metrics", "TYPE_BOOL"),
         scalar("return_num_input_tokens", "TYPE_BOOL"),

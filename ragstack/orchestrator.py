@@ -213,11 +213,13 @@ class OrchestratorModel:
                 ids, mask = self.rerank_tok.encode_pairs(query, texts)
             return bls.rerank_tokens(pb, ids, mask, hop)
 
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer):
+        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
+            # guide: (type, text) when rag.run builds its own (the quote task's EBNF); else the schema's
+            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
             return bls.generate(pb, self.gen_tok, user, system=system, max_tokens=max_tokens,
-                                temperature=policy.temperature, top_p=policy.top_p, guide_type="json_schema",
-                                guide=json.dumps(schema), on_delta=on_delta, is_cancelled=request.is_cancelled,
-                                timer=timer, hop=hop, stream=True)
+                                temperature=policy.temperature, top_p=policy.top_p, guide_type=guide_type,
+                                guide=guide_text, on_delta=on_delta, is_cancelled=request.is_cancelled,
+                                timer=timer, hop=hop, stream=True, penalties=policy.penalties())
 
         return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
                            count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,

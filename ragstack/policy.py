@@ -30,7 +30,9 @@ COST_ACTIONS = ("reject", "serve_and_alert")
 PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
 _TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity"}
-_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens"}
+_PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "len_penalty")
+_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank",
+              *_PENALTY_KEYS}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -58,6 +60,19 @@ class TaskPolicy:
     max_tokens: int
     top_k: int = 0
     description: str = ""
+    # TensorRT-LLM's penalty inputs (neutral by default; see ragstack.generation.sampling.apply_penalties)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    len_penalty: float = 0.0
+    # Grounded tasks: when the reranker's best score is below this, the answer is "not in the documents"
+    # without generating (None: never). Calibrated by benchmarks/answers.py --calibrate.
+    abstain_below_rerank: Optional[float] = None
+
+    def penalties(self) -> dict:
+        """The task's penalty inputs, by their tensorrt_llm names."""
+        return {k: getattr(self, k) for k in _PENALTY_KEYS}
 
     def sampling(self, *, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  top_p: Optional[float] = None, top_k: Optional[int] = None) -> dict:
@@ -348,6 +363,17 @@ def _task(v: _Validator, name: str, data, thresholds: Thresholds) -> TaskPolicy:
                             high=thresholds.max_tokens - 1),
         top_k=v.number(d.get("top_k", 0), f"{field}.top_k", integer=True),
         description=description,
+        repetition_penalty=float(v.number(d.get("repetition_penalty", 1.0), f"{field}.repetition_penalty",
+                                          high=10.0, low_open=True)),
+        presence_penalty=float(v.number(d.get("presence_penalty", 0.0), f"{field}.presence_penalty",
+                                        low=-2.0, high=2.0)),
+        frequency_penalty=float(v.number(d.get("frequency_penalty", 0.0), f"{field}.frequency_penalty",
+                                         low=-2.0, high=2.0)),
+        min_tokens=v.number(d.get("min_tokens", 0), f"{field}.min_tokens", integer=True),
+        len_penalty=float(v.number(d.get("len_penalty", 0.0), f"{field}.len_penalty", low=-10.0, high=10.0)),
+        abstain_below_rerank=(None if d.get("abstain_below_rerank") is None else
+                              float(v.number(d["abstain_below_rerank"], f"{field}.abstain_below_rerank",
+                                             high=1.0))),
     )
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 from typing import Callable, Optional
 
 from ragstack import json_input
 from ragstack.errors import InvalidInput
 
-TASKS = ("answer", "generate_json", "rank_candidates", "judge")
+TASKS = ("answer", "generate_json", "rank_candidates", "judge", "quote")
+GROUNDED_TASKS = ("answer", "quote")   # tasks that abstain below the reranker threshold and report citation support
+NOT_IN_DOCUMENTS = "The documents do not contain the answer to this question."
+MAX_QUOTES = 2
 MAX_TOP_K = 100
 MAX_DOCUMENTS = 64
 MAX_DOCUMENT_CHARS = 20_000
@@ -137,6 +141,12 @@ def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], m
         return caller_schema
     chars = text_budget(max_tokens, len(context_ids))
     cite = {"type": "array", "items": {"enum": context_ids}, "maxItems": max(1, len(context_ids))}
+    if task == "quote":
+        return {"type": "object", "properties": {"quotes": {
+            "type": "array", "minItems": 1, "maxItems": MAX_QUOTES, "items": {
+                "type": "object", "properties": {"context": {"enum": context_ids}, "text": {"type": "string"}},
+                "required": ["context", "text"], "additionalProperties": False}}},
+            "required": ["quotes"], "additionalProperties": False}
     if task == "rank_candidates":
         return {"type": "object", "properties": {"ranking": {**cite, "minItems": 1}},
                 "required": ["ranking"], "additionalProperties": False}
@@ -145,9 +155,129 @@ def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], m
             "verdict": {"enum": ["supported", "not_supported", "partially_supported"]},
             "reason": {"type": "string", "maxLength": chars}, "citations": cite},
             "required": ["verdict", "reason", "citations"], "additionalProperties": False}
+    if context_ids:   # an answer over contexts must say which one supports it
+        cite = {**cite, "minItems": 1}
     return {"type": "object", "properties": {
         "answer": {"type": "string", "maxLength": chars}, "citations": cite},
         "required": ["answer", "citations"], "additionalProperties": False}
+
+
+# ---- the quote task: verbatim spans of the contexts -------------------------------------------------------------
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLAUSE_BREAK = re.compile(r"(?<=;)\s+|(?<=:)\s+")
+_LEADING_MARKUP = "-*#>|0123456789. \t"
+QUOTE_MIN_CHARS = 12
+QUOTE_MAX_CHARS = 240
+
+
+def quote_spans(text: str) -> list:
+    """The spans a quote may be: the context's sentences (lines, or clauses of a sentence longer than
+    QUOTE_MAX_CHARS, cut at a word at worst), without list/heading markup, each a verbatim substring."""
+    spans = []
+    for sentence in _SENTENCE_BREAK.split(text):
+        pieces = [sentence] if len(sentence) <= QUOTE_MAX_CHARS else _CLAUSE_BREAK.split(sentence)
+        for piece in pieces:
+            piece = piece.strip()
+            stripped = piece.lstrip(_LEADING_MARKUP).strip()
+            if stripped and not stripped[0].isdigit() and any(c.isalpha() for c in stripped[:1]):
+                piece = stripped         # drop "- ", "## ", "3. " but keep a span that starts with a number
+            if len(piece) > QUOTE_MAX_CHARS:
+                piece = piece[:QUOTE_MAX_CHARS].rsplit(" ", 1)[0]
+            if len(piece) >= QUOTE_MIN_CHARS and piece not in spans:
+                spans.append(piece)
+    return spans
+
+
+def _ebnf_literal(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+@functools.lru_cache(maxsize=256)
+def _quote_grammar(spans_per_context: tuple) -> str:
+    rules = []
+    for n, (ctx_id, spans) in enumerate(spans_per_context, 1):
+        head = json.dumps({"context": ctx_id, "text": ""})[:-3]       # '{"context": "ctx-1", "text": '
+        texts = " | ".join(_ebnf_literal(json.dumps(s, ensure_ascii=False)) for s in spans)
+        close = _ebnf_literal("}")
+        rules.append(f"q{n} ::= {_ebnf_literal(head)} ({texts}) {close}")
+    quote = " | ".join(f"q{n}" for n in range(1, len(spans_per_context) + 1))
+    sep, opening, closing = _ebnf_literal(", "), _ebnf_literal('{"quotes": ['), _ebnf_literal("]}")
+    more = " ".join(f"({sep} quote)?" for _ in range(MAX_QUOTES - 1))
+    return "\n".join([f"root ::= {opening} quote {more} {closing}", f"quote ::= {quote}", *rules])
+
+
+QUOTE_CANDIDATES = 4
+
+
+def quote_candidates(query: str, contexts: list, engines: "Engines", timer) -> list:
+    """The spans a quote may choose from: every context's :func:`quote_spans`, scored against the query by the
+    reranker (one batched call), best QUOTE_CANDIDATES kept, as contexts of one span each (same ids), best
+    first. A 135M generator picks the context's first sentence when offered all of them; among a few relevant
+    ones it picks well, and the grammar still makes every quote verbatim."""
+    pairs = [(c, span) for c in contexts for span in quote_spans(c.text)]
+    if not pairs:
+        return []
+    with timer.stage("rerank"):
+        scores = engines.rerank(query, [span for _, span in pairs], timer)
+    ranked = sorted(zip(pairs, scores), key=lambda p: -float(p[1]))[:QUOTE_CANDIDATES]
+    return [dataclasses.replace(c, text=span, rerank_score=float(score)) for (c, span), score in ranked]
+
+
+def quote_grammar(contexts: list) -> str:
+    """EBNF (xgrammar's dialect) for the quote task's answer: {"quotes": [{"context": id, "text": span}, ...]}
+    with 1..MAX_QUOTES quotes, each text one of :func:`quote_spans` of the context it names, JSON-encoded as
+    json.dumps writes it. Built per request from the contexts; the text for a given set of contexts is cached
+    here, and the generate engine caches its compiled grammar by that text."""
+    per_context = tuple((c.id, tuple(quote_spans(c.text))) for c in contexts)
+    return _quote_grammar(tuple(pc for pc in per_context if pc[1]))
+
+
+def check_quotes(answer: dict, contexts: list) -> dict:
+    """Every quote must be a verbatim substring of the context it cites; adds "answer" (the quotes joined) and
+    "citations" (the cited ids, in order) so that a quote answer reads like an answer-task one."""
+    by_id = {c.id: c.text for c in contexts}
+    for q in answer["quotes"]:
+        if q["text"] not in by_id.get(q["context"], ""):
+            raise RuntimeError(f"quote is not verbatim from {q['context']}: {q['text'][:80]!r}")
+    answer["answer"] = " ".join(q["text"] for q in answer["quotes"])
+    answer["citations"] = list(dict.fromkeys(q["context"] for q in answer["quotes"]))
+    return answer
+
+
+# ---- citation support -------------------------------------------------------------------------------------------
+_STOPWORDS = frozenset("""a an and are as at be by can do does for from has have how i in is it its of on or our per
+that the their there this to was we what when where which who will with you your not no than then they them
+each may must any all also""".split())
+_TOKEN = re.compile(r"\$?\d[\d,.:]*%?|[a-z][a-z'-]*")
+
+
+def key_tokens(text: str) -> set:
+    """The words that carry an answer's content: lower-cased, numbers (with $ and %) kept whole, stopwords and
+    one- or two-letter words dropped."""
+    out = set()
+    for tok in _TOKEN.findall(text.lower()):
+        tok = tok.rstrip(".,:")
+        if tok and (tok[0].isdigit() or tok[0] == "$" or (len(tok) > 2 and tok not in _STOPWORDS)):
+            out.add(tok)
+    return out
+
+
+SUPPORT_MIN_OVERLAP = 0.5
+
+
+def citation_support(answer_text: str, cited: list, contexts: list) -> list:
+    """For each cited context: the share of the answer's key tokens it contains, and whether it supports the
+    answer (at least SUPPORT_MIN_OVERLAP of them, and one of the answer's numbers when it has any)."""
+    keys = key_tokens(answer_text)
+    numbers = {k for k in keys if k[0].isdigit() or k[0] == "$"}
+    by_id = {c.id: c for c in contexts}
+    out = []
+    for cid in cited:
+        ctx_keys = key_tokens(by_id[cid].text) if cid in by_id else set()
+        overlap = len(keys & ctx_keys) / len(keys) if keys else 0.0
+        ok = overlap >= SUPPORT_MIN_OVERLAP and (not numbers or bool(numbers & ctx_keys))
+        out.append({"id": cid, "overlap": round(overlap, 3), "supported": ok})
+    return out
 
 
 INSTRUCTIONS = {
@@ -158,6 +288,7 @@ INSTRUCTIONS = {
                        "JSON: \"ranking\" (context ids, best first).",
     "judge": "Judge whether the contexts support an answer to the question. Reply with JSON: \"verdict\", "
              "\"reason\" and \"citations\".",
+    "quote": "Answer the question by quoting, word for word, the sentence that answers it. Reply with JSON: \"quotes\" (each with the \"context\" id and the quoted \"text\").",
 }
 
 
@@ -301,6 +432,10 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     for i, c in enumerate(contexts, 1):
         c.id = f"ctx-{i}"
     max_tokens = task_policy.sampling(max_tokens=req.max_tokens)["max_tokens"]
+    best = max((c.rerank_score for c in contexts), default=None)
+    threshold = task_policy.abstain_below_rerank
+    if req.task in GROUNDED_TASKS and threshold is not None and (best is None or best < threshold):
+        return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta)
     with timer.stage("tokenize"):
         contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
     if prices:
@@ -312,9 +447,19 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     context_ids = [c.id for c in contexts]
     schema = answer_schema(req.task, context_ids, req.schema, max_tokens)
     system, user = build_prompt(req.task, req.query, contexts)
+    candidates = None
+    if req.task == "quote" and req.schema is None:
+        candidates = quote_candidates(req.query, contexts, engines, timer)
+        system, user = build_prompt(req.task, req.query, candidates)
     with timer.stage("generate"):
-        gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer)
+        if candidates is not None:
+            guide = ("ebnf_grammar", quote_grammar(candidates))
+            gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer, guide=guide)
+        else:
+            gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer)
     answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
+    if candidates is not None:
+        answer = check_quotes(answer, contexts)
     usage = {
         "task": req.task,
         "tokens_in": gen["num_input_tokens"], "tokens_out": gen["num_output_tokens"],
@@ -328,4 +473,31 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         "queue_delay_us": gen.get("queue_delay_us"),
         "contexts": len(contexts),
     }
+    if req.task in GROUNDED_TASKS and req.schema is None:
+        support = citation_support(answer["answer"], answer["citations"], contexts)
+        usage["citations"] = support
+        usage["citations_supported"] = bool(support) and all(c["supported"] for c in support)
+        usage["best_rerank_score"] = best
+        usage["abstained"] = False
+        if candidates is not None:
+            usage["quote_candidates"] = len(candidates)
+    return RagResult(answer=answer, contexts=contexts, usage=usage)
+
+
+def _abstain(req: RagRequest, contexts: list, best, threshold: float, n_query_tokens: int, timer: Timer,
+             t0: float, on_delta=None) -> RagResult:
+    """The honest outcome when no context is relevant enough: say so, generate nothing, cite nothing. A
+    streaming caller gets the answer's JSON as one delta, as it would get a generated one."""
+    answer = {"answer": NOT_IN_DOCUMENTS, "citations": [], "not_in_documents": True}
+    if req.task == "quote":
+        answer = {"quotes": [], **answer}
+    if on_delta is not None:
+        on_delta(json.dumps(answer, ensure_ascii=False))
+    usage = {"task": req.task, "tokens_in": 0, "tokens_out": 0, "query_tokens": n_query_tokens,
+             "finish_reason": "abstained",
+             "timings_ms": {**{k: round(v, 3) for k, v in timer.ms.items()},
+                            "total": round((time.perf_counter() - t0) * 1000.0, 3)},
+             "schema_id": None, "cost_usd": 0.0, "queue_delay_us": None, "contexts": len(contexts),
+             "citations": [], "citations_supported": False, "best_rerank_score": best,
+             "abstain_below_rerank": threshold, "abstained": True}
     return RagResult(answer=answer, contexts=contexts, usage=usage)

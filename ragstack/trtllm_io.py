@@ -16,6 +16,9 @@ from ragstack.contracts import GENERATE, PERF_METRIC_OUTPUTS
 from ragstack.errors import InvalidInput
 
 GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+# The penalty inputs and their neutral values (the engine's defaults when a request omits them).
+PENALTY_INPUTS = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
+                  "len_penalty": 0.0}
 
 
 def _scalar(name: str, value) -> np.ndarray:
@@ -25,8 +28,10 @@ def _scalar(name: str, value) -> np.ndarray:
 def generate_inputs(input_ids, max_tokens: int, end_id: int, pad_id: int, *, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, streaming: bool = False,
                     guide_type: Optional[str] = None, guide: Optional[str] = None,
-                    stop_words_list: Optional[np.ndarray] = None, return_perf_metrics: bool = True) -> dict:
-    """The request tensors for one prompt (batch of 1), generated tokens only in the output."""
+                    stop_words_list: Optional[np.ndarray] = None, return_perf_metrics: bool = True,
+                    penalties: Optional[dict] = None) -> dict:
+    """The request tensors for one prompt (batch of 1), generated tokens only in the output. ``penalties``:
+    any of PENALTY_INPUTS by name; a neutral value is not sent (the engine's default is the same)."""
     ids = np.asarray(input_ids, dtype=np.int32).reshape(1, -1)
     inputs = {
         "input_ids": ids,
@@ -48,6 +53,11 @@ def generate_inputs(input_ids, max_tokens: int, end_id: int, pad_id: int, *, tem
     if guide_type is not None:
         inputs["guided_decoding_guide_type"] = np.array([[guide_type.encode()]], dtype=np.object_)
         inputs["guided_decoding_guide"] = np.array([[(guide or "").encode()]], dtype=np.object_)
+    for name, value in (penalties or {}).items():
+        if name not in PENALTY_INPUTS:
+            raise InvalidInput(f"unknown penalty {name!r}; expected one of {', '.join(PENALTY_INPUTS)}")
+        if value is not None and value != PENALTY_INPUTS[name]:
+            inputs[name] = _scalar(name, value)
     if stop_words_list is not None:
         inputs["stop_words_list"] = np.asarray(stop_words_list, dtype=np.int32).reshape(1, 2, -1)
     return inputs
@@ -111,6 +121,11 @@ def parse_generate_inputs(arrays: dict) -> dict:
         top_k=int(_one(arrays, "runtime_top_k", 0)),
         top_p=float(_one(arrays, "runtime_top_p", 1.0)),
         seed=None if seed is None else int(seed),
+        repetition_penalty=float(_one(arrays, "repetition_penalty", 1.0)),
+        presence_penalty=float(_one(arrays, "presence_penalty", 0.0)),
+        frequency_penalty=float(_one(arrays, "frequency_penalty", 0.0)),
+        min_tokens=int(_one(arrays, "min_tokens", 0)),
+        len_penalty=float(_one(arrays, "len_penalty", 0.0)),
         stop_words=stop_words or [],
         guide_type=guide_type,
         guide=guide,

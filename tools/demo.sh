@@ -30,5 +30,5 @@ C=(.venv/bin/python tools/rag_client.py --url "localhost:$TRITON_HTTP_PORT" --gr
 echo "[demo] question: $QUESTION" >&2
 "${C[@]}" ask "$QUESTION"
 if [ -n "${DEMO_EXIT:-}" ]; then exit 0; fi
-echo "[demo] serving; try: .venv/bin/python tools/rag_client.py ask \"What is the Pro plan rate limit?\"   (Ctrl-C stops)" >&2
+echo "[demo] serving; try: .venv/bin/python tools/rag_client.py ask --task quote \"What is the Pro plan rate limit?\"   (Ctrl-C stops)" >&2
 wait $SERVER

@@ -144,7 +144,7 @@ def main() -> int:
     p.add_argument("doc_ids", nargs="+")
     p = sub.add_parser("ask")
     p.add_argument("question")
-    p.add_argument("--task", default="answer", choices=["answer", "generate_json", "rank_candidates", "judge"])
+    p.add_argument("--task", default="answer", choices=["answer", "generate_json", "rank_candidates", "judge", "quote"])
     p.add_argument("--schema", help="a JSON Schema file for the answer")
     p.add_argument("--document", action="append", help="a caller document (repeat); bypasses the index")
     p.add_argument("--top-k", type=int, default=8)

@@ -40,7 +40,8 @@ from ragstack.engines import place_model, resolve_device, resolve_dtype
 from ragstack.generation.guided import GuideCompiler, GuideState
 from ragstack.generation.request import (KV_BLOCK_TOKENS, NO_END_ID, GenerationRequest, GenerationResult,
                                          validate_request)
-from ragstack.generation.sampling import make_generator, sample_token
+from ragstack.generation.sampling import (apply_penalties, has_penalties, make_generator, sample_token,
+                                          suppress_end, token_counts)
 from ragstack.polling import CANCEL_POLL_S, Throttled
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class _Sequence:
         self.guide: Optional[GuideState] = None
         self.generator: Optional[torch.Generator] = None
         self.generated: list[int] = []
+        self.counts: Optional[torch.Tensor] = None   # occurrences per token id (prompt + output), for penalties
         self.unreported: list[int] = []      # streamed tokens not yet passed to on_update
         self.next_input: int = -1            # token fed to the next decode step
         self.position: int = 0               # tokens in this request's KV cache = its next position id
@@ -128,10 +130,17 @@ class _Sequence:
             kv_cache_alloc_new_blocks=blocks, kv_cache_reused_blocks=0, error=self.error)
 
 
+def _penalised(request: GenerationRequest) -> bool:
+    return has_penalties(float(request.repetition_penalty), float(request.presence_penalty),
+                         float(request.frequency_penalty), int(request.min_tokens), float(request.len_penalty))
+
+
 def _plain_greedy(sequence: _Sequence) -> bool:
-    """Greedy (as :func:`sample_token` decides) and unguided: the next token is the argmax of the raw logits."""
+    """Greedy (as :func:`sample_token` decides), unguided and unpenalised: the next token is the argmax of the
+    raw logits."""
     request = sequence.request
-    return sequence.guide is None and (float(request.temperature) == 0 or int(request.top_k) == 1)
+    return sequence.guide is None and sequence.counts is None and \
+        (float(request.temperature) == 0 or int(request.top_k) == 1)
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -314,6 +323,8 @@ class InflightBatchingEngine:
         request = sequence.request
         try:
             sequence.generator = make_generator(request.seed, self.device)
+            if _penalised(request):
+                sequence.counts = token_counts(request.input_ids, self.vocab_size, self.device)
             if sequence.compiled_grammar is not None:
                 stop_ids = [] if sequence.end_id == NO_END_ID else [sequence.end_id]
                 sequence.guide = self.guides.new_state(sequence.compiled_grammar, stop_ids)
@@ -365,9 +376,23 @@ class InflightBatchingEngine:
         """``logits``: this request's row, shape [1, vocab]; the grammar mask is applied first, so that even
         greedy decoding stays inside the grammar."""
         logits = logits.float()  # a no-op for a float32 model
+        request = sequence.request
+        if sequence.counts is not None:
+            logits = apply_penalties(logits, sequence.counts, repetition_penalty=float(request.repetition_penalty),
+                                     presence_penalty=float(request.presence_penalty),
+                                     frequency_penalty=float(request.frequency_penalty))
+            if int(request.min_tokens) > len(sequence.generated) and sequence.end_id != NO_END_ID:
+                unguided = logits.clone() if sequence.guide is not None else None
+                suppress_end(logits, [sequence.end_id], len(sequence.generated), int(request.min_tokens))
+                if unguided is not None:
+                    sequence.guide.apply(logits)
+                    if not torch.isfinite(logits).any():   # the grammar allows only the end: it wins
+                        logits = unguided
+                        sequence.guide.apply(logits)
+                    return sample_token(logits[0], float(request.temperature), int(request.top_k),
+                                        float(request.top_p), sequence.generator)
         if sequence.guide is not None:
             sequence.guide.apply(logits)
-        request = sequence.request
         return sample_token(logits[0], float(request.temperature), int(request.top_k), float(request.top_p),
                             sequence.generator)
 
@@ -386,6 +411,8 @@ class InflightBatchingEngine:
                 sequence.finish("grammar_terminated")
                 return
         sequence.generated.append(token)
+        if sequence.counts is not None:
+            sequence.counts[token] += 1
         sequence.unreported.append(token)
         sequence.next_input = token
         self._counters["tokens_generated"] += 1

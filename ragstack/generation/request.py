@@ -15,7 +15,7 @@ if TYPE_CHECKING:          # only for annotations: unguided generation runs with
 
 from ragstack.errors import InvalidInput
 from ragstack.generation.guided import GuideCompiler
-from ragstack.generation.sampling import check_sampling_params
+from ragstack.generation.sampling import check_penalty_params, check_sampling_params
 
 FINISH_REASONS = ("end_id", "stop_word", "grammar_terminated", "length", "cancelled", "error")
 KV_BLOCK_TOKENS = 64  # block size the reported KV-cache block counts are expressed in, as TensorRT-LLM's default
@@ -32,6 +32,11 @@ class GenerationRequest:
     top_k: int = 0                        # 0 = off
     top_p: float = 1.0                    # 1 (or 0) = off
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0       # 1 = off; > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0         # 0 = off; subtracted once from every token already seen
+    frequency_penalty: float = 0.0        # 0 = off; subtracted per occurrence
+    min_tokens: int = 0                   # 0 = off; the end token cannot come before this many tokens
+    len_penalty: float = 0.0              # beam-search length penalty: no effect at beam width 1 (TensorRT-LLM)
     stop_words: list[list[int]] = dataclasses.field(default_factory=list)
     guide_type: Optional[str] = None      # one of guided.GUIDE_TYPES
     guide: Optional[str] = None
@@ -92,6 +97,8 @@ def validate_request(request: GenerationRequest, *, vocab_size: int, max_input_l
     if request.pad_id is not None:
         _token_id(request.pad_id, "pad_id", vocab_size)
     check_sampling_params(request.temperature, request.top_k, request.top_p, request.seed)
+    check_penalty_params(request.repetition_penalty, request.presence_penalty, request.frequency_penalty,
+                         request.min_tokens, request.len_penalty)
     for word in request.stop_words:
         if len(word) == 0:
             raise InvalidInput("a stop word has no tokens")

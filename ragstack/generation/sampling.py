@@ -70,3 +70,64 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
         scores = scores.masked_fill(drop, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---- penalties (TensorRT-LLM's tensorrt_llm inputs of the same names) ------------------------------------------
+
+def check_penalty_params(repetition_penalty: float, presence_penalty: float, frequency_penalty: float,
+                         min_tokens: int, len_penalty: float) -> None:
+    """Raise InvalidInput for penalty values TensorRT-LLM would reject."""
+    if not _is_real(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise InvalidInput(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                        ("len_penalty", len_penalty)):
+        if not _is_real(value) or not math.isfinite(value):
+            raise InvalidInput(f"{name} must be a finite number (0 = off), got {value!r}")
+    if not _is_integer(min_tokens) or min_tokens < 0:
+        raise InvalidInput(f"min_tokens must be an integer >= 0 (0 = off), got {min_tokens!r}")
+
+
+def has_penalties(repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                  min_tokens: int = 0, len_penalty: float = 0.0) -> bool:
+    """Whether any penalty changes a token's logit (len_penalty never does at beam width 1, as in TensorRT-LLM,
+    where it only rescores finished beams)."""
+    return repetition_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0 or min_tokens > 0
+
+
+def token_counts(token_ids, vocab_size: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """How often each vocabulary id occurs in ``token_ids`` (float32, shape [vocab_size])."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=device)
+    return torch.bincount(ids, minlength=vocab_size)[:vocab_size].float()
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, *, repetition_penalty: float = 1.0,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> torch.Tensor:
+    """Penalise the tokens already in the sequence (``counts``: occurrences per id over prompt and output, as
+    TensorRT-LLM counts them), in TensorRT-LLM's order and formulas, on one row of logits (returned, new tensor):
+
+    * repetition: a seen token's logit ``l`` becomes ``l / p`` when ``l > 0``, else ``l * p``;
+    * presence: a seen token's logit drops by ``presence_penalty``, once;
+    * frequency: a token's logit drops by ``frequency_penalty`` times its count.
+
+    Applied to the raw logits before temperature (at temperature 1, or greedy, the same as TensorRT-LLM, which
+    scales by temperature first; for temperature t its additive penalties equal these times t)."""
+    out = logits.float().clone()
+    seen = counts > 0
+    if repetition_penalty != 1.0:
+        penalised = torch.where(out > 0, out / repetition_penalty, out * repetition_penalty)
+        out = torch.where(seen, penalised, out)
+    if presence_penalty != 0.0:
+        out = out - seen.float() * presence_penalty
+    if frequency_penalty != 0.0:
+        out = out - counts * frequency_penalty
+    return out
+
+
+def suppress_end(logits: torch.Tensor, end_ids, generated: int, min_tokens: int) -> torch.Tensor:
+    """``min_tokens``: while fewer than that many tokens were generated, the end ids cannot be sampled (in
+    place on ``logits``; returned for chaining)."""
+    if generated < min_tokens:
+        for end_id in end_ids:
+            if 0 <= end_id < logits.shape[-1]:
+                logits[..., end_id] = float("-inf")
+    return logits

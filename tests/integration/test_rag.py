@@ -44,7 +44,11 @@ def check_answer(result, n_contexts=None):
     answer = result["answer"]
     assert isinstance(answer["answer"], str)
     assert set(answer["citations"]) <= set(ids)
-    assert result["usage"]["finish_reason"] == "stop"
+    # The answer task abstains below the policy's reranker threshold (calibrated for the demo reranker; the tiny
+    # models' random reranker can fall either side): then nothing is generated and nothing is cited.
+    assert result["usage"]["finish_reason"] in ("stop", "abstained")
+    if result["usage"]["finish_reason"] == "abstained":
+        assert answer["not_in_documents"] is True and answer["citations"] == []
     assert set(result["usage"]["timings_ms"]) >= {"tokenize", "embed", "search", "rerank", "generate", "total"}
 
 

@@ -27,7 +27,9 @@ NP_TO_TRITON = {np.dtype(np.int32): "TYPE_INT32", np.dtype(np.int64): "TYPE_INT6
 # A value for every option of generate_inputs, so that every tensor it can produce is produced.
 GENERATE_OPTIONS = dict(temperature=0.7, top_k=5, top_p=0.9, seed=7, streaming=True, guide_type="json_schema",
                         guide='{"type": "object"}', stop_words_list=np.array([[[5, 6], [2, -1]]], np.int32),
-                        return_perf_metrics=True)
+                        return_perf_metrics=True,
+                        penalties=dict(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.1,
+                                       min_tokens=2, len_penalty=0.5))
 
 
 @dataclasses.dataclass

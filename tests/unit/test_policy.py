@@ -31,7 +31,7 @@ def test_policy_file_holds_the_spec_values(policy):
     t = policy.thresholds
     assert (t.max_queue_delay_us, t.max_tokens, t.max_prompt_tokens, t.max_cost_usd) == (2500, 6000, 4096, 0.10)
     assert policy.default_task == "answer"
-    assert policy.task_names == ["answer", "generate_json", "judge", "rank_candidates"]
+    assert policy.task_names == ["answer", "generate_json", "judge", "quote", "rank_candidates"]
     assert policy.task("generate_json").temperature == 0.0
     assert policy.task("rank_candidates").temperature == 0.0
     judge = policy.task("judge")
@@ -42,7 +42,7 @@ def test_policy_file_holds_the_spec_values(policy):
 def test_default_and_unknown_task(policy):
     assert policy.task().name == policy.task(None).name == policy.task("").name == "answer"
     with pytest.raises(InvalidInput, match=r"unknown task 'summarise': valid tasks are answer, generate_json, "
-                                           r"judge, rank_candidates"):
+                                           r"judge, quote, rank_candidates"):
         policy.task("summarise")
 
 

@@ -66,7 +66,7 @@ def test_mismatches_are_listed_by_field(tmp_path, policy):
     assert by_name["new-tok"]["mismatches"] == [
         {"field": "tokenizer_info_hash", "expected": "i" * 64, "found": "x"},
         {"field": "thresholds.max_tokens", "expected": 6000, "found": "6000"},   # a string is not the number
-        {"field": "tasks", "expected": "tasks of the runtime policy (answer, generate_json, judge, rank_candidates)",
+        {"field": "tasks", "expected": "tasks of the runtime policy (answer, generate_json, judge, quote, rank_candidates)",
          "found": ["summarise"]},
     ]
     assert by_name["fine"]["aligned"] is True

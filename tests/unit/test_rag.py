@@ -9,7 +9,18 @@ from ragstack.errors import InvalidInput
 from ragstack.policy import BudgetError, RuntimePolicy
 from ragstack.server import ROOT
 
-POLICY = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
+CONFIGURED = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
+
+
+def _without_abstention(path):
+    data = json.loads(path.read_text())
+    for task in data["tasks"].values():
+        task.pop("abstain_below_rerank", None)
+    return RuntimePolicy.from_dict(data)
+
+
+# These tests drive fake rerank scores: abstention (tested on its own below) would stop them before generation.
+POLICY = _without_abstention(ROOT / "config" / "runtime_policy.json")
 
 
 def fake_engines(hits, rerank_scores, reply):
@@ -61,7 +72,7 @@ def test_rerank_reorders_and_top_n_trims_and_citations_are_enumerated():
 
 
 def test_equal_rerank_scores_keep_retrieval_order():
-    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=4), engines, POLICY)
     assert [c.text for c in result.contexts] == ["alpha", "beta", "gamma", "delta"]
 
@@ -93,7 +104,7 @@ def test_task_policies_reach_the_generator(task, policy):
     def reply(s):
         return json.dumps({"generate_json": {"x": 1}, "rank_candidates": {"ranking": ["ctx-1", "ctx-2"]},
                            "judge": {"verdict": "supported", "reason": "r", "citations": ["ctx-1"]},
-                           "answer": {"answer": "a", "citations": []}}[task])
+                           "answer": {"answer": "a", "citations": ["ctx-1"]}}[task])
     engines, calls = fake_engines([], [0.3, 0.6], reply)
     req = rag.RagRequest(query="q", task=task, documents=docs, schema=schema if task == "generate_json" else None)
     rag.run(rag.validate_request(req), engines, POLICY)
@@ -140,20 +151,20 @@ def test_bad_documents(docs, message):
 
 
 def test_max_tokens_is_capped_by_the_task_policy():
-    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     with pytest.raises(InvalidInput, match="max_tokens must be in"):
         rag.run(rag.RagRequest(query="q", max_tokens=POLICY.task("answer").max_tokens + 1), engines, POLICY)
 
 
 def test_contexts_are_trimmed_to_the_prompt_budget_lowest_ranked_first():
     long_hits = [("word " * 1500, 0.9), ("word " * 1500, 0.8), ("word " * 1500, 0.7)]
-    engines, calls = fake_engines(long_hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": []}))
+    engines, calls = fake_engines(long_hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
     assert [c.doc_id for c in result.contexts] == ["d0", "d1"]           # 2 x 1500 words fit in 4,096
 
 
 def test_a_query_over_the_prompt_budget_is_flagged():
-    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     with pytest.raises(BudgetError) as err:
         rag.run(rag.RagRequest(query="word " * 5000), engines, POLICY)
     assert err.value.flag == "token_budget_overrun"
@@ -161,7 +172,7 @@ def test_a_query_over_the_prompt_budget_is_flagged():
 
 def test_the_engine_prompt_limit_trims_further():
     hits = [("word " * 300, 0.9), ("word " * 300, 0.8), ("word " * 300, 0.7)]
-    engines, _ = fake_engines(hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     engines.prompt_limit = lambda max_tokens: 700
     result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
     assert [c.doc_id for c in result.contexts] == ["d0", "d1"]
@@ -171,7 +182,7 @@ PRICES = {"price_per_1k_input_usd": 0.01, "price_per_1k_output_usd": 0.03}
 
 
 def test_cost_is_computed_from_manifest_prices():
-    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     result = rag.run(rag.RagRequest(query="q"), engines, POLICY, prices=PRICES)
     assert result.usage["cost_usd"] == pytest.approx(42 / 1000 * 0.01 + 7 / 1000 * 0.03)
 
@@ -179,7 +190,7 @@ def test_cost_is_computed_from_manifest_prices():
 def test_worst_case_cost_over_the_limit_alerts_or_rejects_per_policy():
     import dataclasses
 
-    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": []}))
+    engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     pricey = {"price_per_1k_input_usd": 1.0, "price_per_1k_output_usd": 1.0}
     alerts = []
     rag.run(rag.RagRequest(query="q"), engines, POLICY, prices=pricey, on_alert=lambda e, f: alerts.append((e, f)))

@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Grounded answers on the demo models: fact-in-answer, gold citation and abstention per task mode.
+
+IN-PROCESS pipeline (not the served path): ragstack.rag.run with in-process engines wired as
+ragstack/orchestrator.py wires its BLS calls (EmbedTokenizer + EmbeddingEngine, FlatFileStore over data/corpus
+chunked as the `ingest` model chunks it, RerankTokenizer + RerankEngine, InflightBatchingEngine with the task's
+guide and penalties), torch threads 2, a few requests at a time so the in-flight batcher batches them.
+
+Modes, side by side on data/answer_eval.json in one run:
+* answer_today: the `answer` task as on main before issue 18 (no citation required, neutral penalties, no
+  abstention);
+* answer: the `answer` task under config/runtime_policy.json (>= 1 citation, its penalties, abstention);
+* quote: the extractive `quote` task under config/runtime_policy.json.
+
+Metrics over the answerable questions: fact_in_answer (every gold fact string in the answer, whole words,
+case-insensitive; an abstention is a miss), gold_citation (a cited context comes from the gold document and
+contains every gold fact), citations_supported (rag's lexical support check); over all questions:
+abstention_correct (abstained exactly when the corpus does not answer). Retrieval: gold context among the
+reranked top_n contexts (the same for every mode: generation does not touch retrieval).
+
+Calibration (--calibrate; --use-calibrated runs the modes at this run's value instead of the policy's): the reranker's best score per question on the
+same labelled set; the threshold is the midpoint between the highest unanswerable and the lowest answerable
+best score when they separate, else the score that classifies most questions right. Calibrated and evaluated on
+the same small set: the figure is optimistic for unseen questions.
+
+  .venv/bin/python benchmarks/answers.py [--max-tokens 192] [--concurrency 4] [--limit N] [--calibrate]
+Writes results/answers.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine_info, now_iso, write_json  # noqa: E402
+
+EVAL = ROOT / "data" / "answer_eval.json"
+TORCH_THREADS = 2
+MODES = ("answer_today", "answer", "quote")
+
+
+def progress(msg: str) -> None:
+    print(f"[answers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def has_fact(text: str, fact: str) -> bool:
+    norm = lambda s: re.sub(r"[\u2010-\u2015-]", " ", s.lower())   # noqa: E731  "7-day" reads as "7 day"
+    return re.search(r"(?<![\w$])" + re.escape(norm(fact)) + r"(?!\w)", norm(text)) is not None
+
+
+def is_gold(ctx, item: dict) -> bool:
+    return ctx.doc_id == item["gold_doc"] and all(has_fact(ctx.text, f) for f in item["facts"])
+
+
+class Pipeline:
+    def __init__(self, models: Path, index_dir: Path):
+        import torch
+
+        from ragstack import triton_adapter as ta
+        from ragstack.chat import GeneratorTokenizer
+        from ragstack.engines import EmbeddingEngine, RerankEngine
+        from ragstack.generation import InflightBatchingEngine
+        from ragstack.index import FlatFileStore
+        from ragstack.policy import RuntimePolicy
+        from ragstack.text import EmbedTokenizer, RerankTokenizer
+
+        torch.set_num_threads(TORCH_THREADS)
+        self.embed_tok = EmbedTokenizer(models / "embed")
+        self.embed = EmbeddingEngine(models / "embed", num_threads=TORCH_THREADS)
+        self.rerank_tok = RerankTokenizer(models / "rerank")
+        self.rerank = RerankEngine(models / "rerank", num_threads=TORCH_THREADS)
+        self.gen_tok = GeneratorTokenizer(models / "generate")
+        self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
+        self.store = FlatFileStore(index_dir)
+        self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
+
+    def ingest_corpus(self) -> dict:
+        """data/corpus chunked as the `ingest` model does (its default chunk size and overlap)."""
+        from ragstack.chunking import chunk_text
+        from ragstack.index_ops import handle
+        from ragstack.ingest import Document, ingest
+
+        max_tokens = min(256, self.embed_tok.spec.max_length)
+        overlap = min(32, max_tokens // 4)
+        docs = [Document(p.stem, p.read_text(encoding="utf-8"), {}) for p in sorted((ROOT / "data" / "corpus").glob("*.md"))]
+
+        def embed(texts):
+            ids, mask, _ = self.embed_tok.encode(texts, "document")
+            return np.concatenate([self.embed(ids[s:s + 32], mask[s:s + 32]) for s in range(0, len(ids), 32)])
+
+        def index(op, payload, vectors):
+            return handle(self.store, op, "default", vectors=vectors, payload=payload)
+
+        settings = {"chunk_tokens": max_tokens, "overlap_tokens": overlap, "embedder": self.embed_tok.spec.name,
+                    "dim": self.embed_tok.spec.dim}
+        report = ingest("upsert", "default", docs, embed=embed, index=index, settings=settings,
+                        chunk=lambda text: chunk_text(text, self.embed_tok, max_tokens, overlap))
+        return {"documents": len(docs), "chunks": sum(d["chunks"] for d in report["documents"])}
+
+    def engines(self):
+        from ragstack import rag
+        from ragstack.bls import RERANK_BATCH
+        from ragstack.generation import GenerationRequest
+        from ragstack.trtllm_io import finish_reason
+
+        def embed_query(query, timer):
+            ids, mask, lengths = self.embed_tok.encode([query], "query")
+            return self.embed(ids, mask)[0], int(lengths[0])
+
+        def search(collection, vector, top_k):
+            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
+                                metadata=h.get("metadata") or {})
+                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
+
+        def rerank(query, texts, timer):
+            ids, mask = self.rerank_tok.encode_pairs(query, texts)
+            return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
+                                   for s in range(0, len(ids), RERANK_BATCH)])
+
+        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
+            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
+            ids = self.gen_tok.prompt_ids(user, system)
+            self.gen_tok.check_budget(len(ids), max_tokens)
+            req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
+                                    pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
+                                    top_p=policy.top_p, guide_type=guide_type, guide=guide_text,
+                                    exclude_input_in_output=True, **policy.penalties())
+            res = self.generator.generate(req, timeout=900)
+            if res.finish_reason == "error":
+                raise RuntimeError(res.error)
+            return {"text": self.gen_tok.decode(res.output_ids), "num_input_tokens": res.num_input_tokens,
+                    "num_output_tokens": res.num_output_tokens,
+                    "finish_reason": finish_reason(res.num_output_tokens, max_tokens),
+                    "queue_delay_us": (res.first_scheduled_time_ns - res.arrival_time_ns) / 1000.0}
+
+        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
+                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
+                           count_texts=self.gen_tok.count_texts)
+
+
+def mode_policy(policy, mode: str, threshold):
+    """The runtime policy a mode runs under: answer_today = main's answer task (neutral penalties, no
+    abstention); the others as configured, with the calibrated threshold when --threshold/--calibrate say so."""
+    task_name = "quote" if mode == "quote" else "answer"
+    base = policy.task(task_name)
+    if mode == "answer_today":
+        t = dataclasses.replace(base, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                min_tokens=0, len_penalty=0.0, abstain_below_rerank=None)
+    else:
+        t = base if threshold is None else dataclasses.replace(base, abstain_below_rerank=threshold)
+
+    class _Policy:
+        def __getattr__(self, name):
+            return getattr(policy, name)
+
+        def task(self, name=None):
+            return t if (name or policy.default_task) == task_name else policy.task(name)
+    return _Policy()
+
+
+def today_schema(original):
+    """main's answer schema: citations may be empty."""
+    def schema(task, context_ids, caller_schema, max_tokens=256):
+        out = original(task, context_ids, caller_schema, max_tokens)
+        if task == "answer" and caller_schema is None:
+            out = json.loads(json.dumps(out))
+            out["properties"]["citations"].pop("minItems", None)
+        return out
+    return schema
+
+
+def best_scores(pipe: Pipeline, items: list, top_k: int) -> list:
+    eng = pipe.engines()
+    out = []
+    for item in items:
+        vec, _ = eng.embed_query(item["question"], None)
+        hits = eng.search("default", vec, top_k)
+        scores = eng.rerank(item["question"], [h.text for h in hits], None)
+        out.append(float(max(scores)) if len(scores) else 0.0)
+    return out
+
+
+def calibrate(items: list, scores: list) -> dict:
+    pos = [s for it, s in zip(items, scores) if it["answerable"]]
+    neg = [s for it, s in zip(items, scores) if not it["answerable"]]
+    if neg and pos and max(neg) < min(pos):
+        thr, how = (max(neg) + min(pos)) / 2, "midpoint between the highest unanswerable and lowest answerable"
+    else:
+        cands = sorted(set(scores))
+        def acc(t):
+            return sum((s >= t) == it["answerable"] for it, s in zip(items, scores))
+        thr = max(cands, key=lambda t: (acc(t), -t))
+        how = "the best score that classifies most questions right (classes overlap)"
+    correct = sum((s >= thr) == it["answerable"] for it, s in zip(items, scores))
+    return {"threshold": round(thr, 4), "method": how, "accuracy_on_set": round(correct / len(items), 3),
+            "answerable_min": round(min(pos), 4) if pos else None,
+            "unanswerable_max": round(max(neg), 4) if neg else None,
+            "per_question": {it["id"]: round(s, 4) for it, s in zip(items, scores)}}
+
+
+def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
+    from ragstack import rag
+
+    policy = mode_policy(pipe.policy, mode, threshold)
+    engines = pipe.engines()
+    task = "quote" if mode == "quote" else "answer"
+
+    def one(item):
+        t0 = time.perf_counter()
+        try:
+            req = rag.validate_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
+                                                      top_n=args.top_n, max_tokens=args.max_tokens))
+            res = rag.run(req, engines, policy)
+        except Exception as e:   # noqa: BLE001  an error is a result here (counted, shown)
+            return {"id": item["id"], "error": f"{type(e).__name__}: {e}"[:300],
+                    "seconds": round(time.perf_counter() - t0, 2)}
+        ans = res.answer
+        abstained = bool(res.usage.get("abstained"))
+        cited = [c for c in res.contexts if c.id in (ans.get("citations") or [])]
+        rec = {"id": item["id"], "answer": ans.get("answer"), "citations": ans.get("citations"),
+               "abstained": abstained, "tokens_out": res.usage["tokens_out"],
+               "finish_reason": res.usage["finish_reason"],
+               "citations_supported": res.usage.get("citations_supported"),
+               "gold_in_contexts": item["answerable"] and any(is_gold(c, item) for c in res.contexts),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        if item["answerable"]:
+            rec["fact_in_answer"] = (not abstained) and all(has_fact(ans.get("answer") or "", f) for f in item["facts"])
+            rec["gold_cited"] = any(is_gold(c, item) for c in cited)
+        return rec
+
+    original = rag.answer_schema
+    if mode == "answer_today":
+        rag.answer_schema = today_schema(original)
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            records = list(pool.map(one, items))
+        wall = time.perf_counter() - t0
+    finally:
+        rag.answer_schema = original
+    by_id = {it["id"]: it for it in items}
+    answerable = [r for r in records if by_id[r["id"]]["answerable"]]
+    ok = [r for r in records if "error" not in r]
+
+    def rate(rs, key):
+        return round(sum(bool(r.get(key)) for r in rs) / len(rs), 3) if rs else None
+    return {
+        "task": task, "questions": len(records), "errors": len(records) - len(ok), "wall_s": round(wall, 1),
+        "fact_in_answer": rate(answerable, "fact_in_answer"),
+        "gold_citation": rate(answerable, "gold_cited"),
+        "gold_citation_when_retrieved": rate([r for r in answerable if r.get("gold_in_contexts")], "gold_cited"),
+        "citations_supported": rate([r for r in answerable if not r.get("abstained")], "citations_supported"),
+        "abstention_correct": round(sum(("error" not in r) and r["abstained"] == (not by_id[r["id"]]["answerable"])
+                                        for r in records) / len(records), 3),
+        "false_abstentions": sum(bool(r.get("abstained")) for r in answerable),
+        "retrieval_gold_in_top_n": rate(answerable, "gold_in_contexts"),
+        "mean_tokens_out": round(float(np.mean([r["tokens_out"] for r in ok])), 1) if ok else None,
+        "records": records,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--top-n", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=0, help="first N answerable + all unanswerable (0: all)")
+    ap.add_argument("--calibrate", action="store_true", help="only calibrate the abstention threshold")
+    ap.add_argument("--use-calibrated", action="store_true",
+                    help="run the grounded modes at this run's calibrated threshold instead of the policy's")
+    ap.add_argument("--out", type=Path, default=RESULTS / "answers.json")
+    args = ap.parse_args()
+
+    items = json.loads(EVAL.read_text())["questions"]
+    if args.limit:
+        items = [i for i in items if i["answerable"]][:args.limit] + [i for i in items if not i["answerable"]]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="answers-index-") as index_dir:
+        pipe = Pipeline(args.models, Path(index_dir))
+        try:
+            progress(f"ingesting data/corpus: {pipe.ingest_corpus()}")
+            cal, threshold = None, None
+            if args.calibrate or args.use_calibrated:
+                cal = calibrate(items, best_scores(pipe, items, args.top_k))
+                progress(f"calibration: {json.dumps({k: v for k, v in cal.items() if k != 'per_question'})}")
+                if args.calibrate:
+                    print(json.dumps(cal, indent=1))
+                    return
+                threshold = cal["threshold"]
+            modes = {}
+            for mode in args.modes.split(","):
+                progress(f"mode {mode}: {len(items)} questions")
+                modes[mode] = run_mode(pipe, items, mode, threshold, args)
+                summary = {k: v for k, v in modes[mode].items() if k != "records"}
+                progress(f"mode {mode}: {json.dumps(summary)}")
+        finally:
+            pipe.generator.shutdown(10)
+    best = max((m for m in modes if m != "answer_today"),
+               key=lambda m: (modes[m]["fact_in_answer"] or 0) + (modes[m]["gold_citation"] or 0))
+    out = {
+        "benchmark": "answers", "when": now_iso(), "machine": machine_info(TORCH_THREADS),
+        "path": "in-process pipeline (ragstack.rag.run with in-process engines), not the served Triton path",
+        "models": str(args.models.relative_to(ROOT)) if args.models.is_relative_to(ROOT) else str(args.models),
+        "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
+        "top_n": args.top_n, "concurrency": args.concurrency,
+        "calibration": cal, "threshold_used": threshold if threshold is not None else {
+            m: None if m == "answer_today" else pipe.policy.task("quote" if m == "quote" else "answer").abstain_below_rerank
+            for m in modes},
+        "modes": modes, "best_mode": best,
+        "targets": {"fact_in_answer_best": {"value": modes[best]["fact_in_answer"], "goal": 0.7,
+                                            "met": (modes[best]["fact_in_answer"] or 0) >= 0.7},
+                    "gold_citation_best": {"value": modes[best]["gold_citation"], "goal": 0.9,
+                                           "met": (modes[best]["gold_citation"] or 0) >= 0.9}},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(args.out, out)
+    progress(f"wrote {args.out} in {out['wall_s']} s; best mode {best}")
+
+
+if __name__ == "__main__":
+    main()
