@@ -24,7 +24,6 @@ import re
 import threading
 from bisect import bisect_left, bisect_right
 from pathlib import PurePath
-from typing import Optional
 
 from ragstack.chunking import Chunk, chunk_text
 from ragstack.errors import InvalidInput
@@ -46,7 +45,7 @@ _SUFFIX = {s: f for f, (suffixes, _) in FORMATS.items() for s in suffixes}
 _MIME = {m: f for f, (_, mimes) in FORMATS.items() for m in mimes}
 
 
-def detect_format(file_name: Optional[str] = None, mime_type: Optional[str] = None) -> str:
+def detect_format(file_name: str | None = None, mime_type: str | None = None) -> str:
     """The format of a file from its MIME type (preferred) or its name's suffix; InvalidInput if unknown."""
     if mime_type:
         fmt = _MIME.get(mime_type.split(";")[0].strip().lower())
@@ -72,7 +71,7 @@ def check_file(data: bytes, fmt: str, name: str = "file") -> None:
             raise InvalidInput(f"{name} is not a PDF (no %PDF- header): corrupt or mislabelled")
         if re.search(rb"/Encrypt\s*[0-9<]", data):
             raise InvalidInput(f"{name} is an encrypted PDF; decrypt it before ingesting")
-    elif fmt in ("docx", "pptx", "xlsx") and not bytes(data[:4]) == b"PK\x03\x04":
+    elif fmt in ("docx", "pptx", "xlsx") and bytes(data[:4]) != b"PK\x03\x04":
         raise InvalidInput(f"{name} is not a {fmt.upper()} file (not a ZIP container): corrupt or mislabelled")
 
 

@@ -9,7 +9,13 @@ def pdf(encrypt: bool = False) -> bytes:
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.styles import getSampleStyleSheet
-    from reportlab.platypus import PageBreak, Paragraph, SimpleDocTemplate, Table, TableStyle
+    from reportlab.platypus import (
+        PageBreak,
+        Paragraph,
+        SimpleDocTemplate,
+        Table,
+        TableStyle,
+    )
 
     styles = getSampleStyleSheet()
     buf = io.BytesIO()
@@ -63,10 +69,10 @@ def pptx() -> bytes:
 
 
 def html() -> bytes:
-    return ("<html><head><title>Bike policy</title></head><body><h1>Bike policy</h1><h2>Parking</h2>"
-            "<p>Bicycles are parked in the basement garage, which opens with the badge.</p>"
-            "<table><tr><th>Rack</th><th>Spaces</th></tr><tr><td>North</td><td>24</td></tr></table>"
-            "</body></html>").encode()
+    return (b"<html><head><title>Bike policy</title></head><body><h1>Bike policy</h1><h2>Parking</h2>"
+            b"<p>Bicycles are parked in the basement garage, which opens with the badge.</p>"
+            b"<table><tr><th>Rack</th><th>Spaces</th></tr><tr><td>North</td><td>24</td></tr></table>"
+            b"</body></html>")
 
 
 def xlsx() -> bytes:
