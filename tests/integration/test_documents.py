@@ -130,3 +130,20 @@ def test_bad_files_are_invalid_arg_and_nothing_is_written(grpc, http):
     names = stats(grpc, "bad")
     assert "bad" not in json.dumps(names), names            # the good document of each batch was not written
     assert ingest_files(grpc, {"after": good}, collection="after")["documents"][0]["status"] == "created"
+
+
+def test_rag_client_ingests_a_folder_in_batches_with_progress(doc_server, tmp_path, grpc):
+    import subprocess
+    import sys
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.html").write_bytes(docgen.html())
+    (tmp_path / "b.docx").write_bytes(docgen.docx())
+    (tmp_path / "sub" / "c.md").write_text("# C\n\nThe lift is serviced in March.\n")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "rag_client.py"), "--url", doc_server.http_url,
+                          "--collection", "client", "ingest", str(tmp_path), "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "[ingest 1/3]" in out.stderr and "[ingest 3/3]" in out.stderr, out.stderr
+    assert "3 documents" in out.stderr, out.stderr
