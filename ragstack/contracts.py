@@ -249,8 +249,26 @@ INGEST = Contract(
         Tensor("op", "TYPE_STRING", (1,), optional=True, doc="upsert (default) | delete"),
         Tensor("chunk_tokens", "TYPE_INT32", (1,), optional=True),
         Tensor("overlap_tokens", "TYPE_INT32", (1,), optional=True),
+        Tensor("files", "TYPE_STRING", (-1,), optional=True,
+               doc="raw file bytes per doc_id (instead of texts): PDF, DOCX, PPTX, XLSX, HTML, Markdown, text"),
+        Tensor("file_names", "TYPE_STRING", (-1,), optional=True, doc="one per file: its type from the suffix"),
+        Tensor("mime_types", "TYPE_STRING", (-1,), optional=True, doc="one per file (or empty): wins over names"),
     ),
     outputs=(Tensor("report", "TYPE_STRING", (1,), doc="JSON: per document, chunks and status"),),
+)
+
+DOCLING = Contract(
+    name="docling", max_batch_size=0,
+    doc="Docling conversion: file bytes + name or MIME type → the DoclingDocument (JSON) and its Markdown.",
+    inputs=(
+        Tensor("data", "TYPE_STRING", (1,), doc="the file's bytes"),
+        Tensor("file_name", "TYPE_STRING", (1,), optional=True),
+        Tensor("mime_type", "TYPE_STRING", (1,), optional=True),
+    ),
+    outputs=(
+        Tensor("document", "TYPE_STRING", (1,), doc="DoclingDocument as JSON"),
+        Tensor("markdown", "TYPE_STRING", (1,)),
+    ),
 )
 
 _RAG_INPUTS = (
@@ -280,7 +298,7 @@ RAG_STREAM = dataclasses.replace(RAG, name="rag_stream", decoupled=True,
                                  doc="Streaming twin of rag: answer text deltas, then the final outputs.")
 
 ENGINES = {c.name: c for c in (EMBED, RERANK, GENERATE)}
-BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT, VECTOR_INDEX, INGEST,
+BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT, VECTOR_INDEX, INGEST, DOCLING,
                                   RAG_ORCHESTRATOR, RAG_STREAM_ORCHESTRATOR)}
 ENSEMBLES = {c.name: (c, orch) for c, orch in ((RAG, RAG_ORCHESTRATOR), (RAG_STREAM, RAG_STREAM_ORCHESTRATOR))}
 ALL = {**ENGINES, **BLS_MODELS, **{name: c for name, (c, _) in ENSEMBLES.items()}}

@@ -9,7 +9,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
+
+import numpy as np
 
 from ragstack import json_input
 from ragstack.errors import InvalidInput
@@ -17,23 +19,42 @@ from ragstack.errors import InvalidInput
 log = logging.getLogger("ragstack.ingest")
 MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
 MAX_DOCUMENTS = 256
+# Files (bytes) in one request, all together: each is also held to ragstack.documents.MAX_FILE_BYTES (50 MB).
+MAX_REQUEST_FILE_BYTES = 64 * 1024 * 1024
+# Chunk texts per embed() call in a batched ingest (embed() itself splits them into the engine's batches).
+EMBED_CALL_TEXTS = 256
 OPS = ("upsert", "delete")
 
 
 @dataclasses.dataclass
 class Document:
     doc_id: str
-    text: Optional[str]
+    text: str | None
     metadata: dict
+    file: bytes | None = None        # a file for Docling (PDF, DOCX, PPTX, XLSX, HTML) instead of text
+    file_name: str = ""
+    mime_type: str = ""
+    fmt: str = "txt"
 
     def content_hash(self, settings: dict) -> str:
-        """Covers everything that shapes the stored chunks: text, metadata, chunking and embedder settings."""
-        body = json.dumps({"text": self.text, "metadata": self.metadata, "settings": settings}, sort_keys=True,
-                          ensure_ascii=False)
-        return hashlib.sha256(body.encode("utf-8")).hexdigest()
+        """Covers everything that shapes the stored chunks: text (or file bytes), metadata, chunking and embedder
+        settings."""
+        body = {"text": self.text, "metadata": self.metadata, "settings": settings}
+        if self.file is not None:
+            body["file_sha256"] = hashlib.sha256(self.file).hexdigest()
+            body["fmt"] = self.fmt
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def parse_documents(op: str, doc_ids: list, texts: Optional[list], metadata: Optional[list]) -> list:
+def parse_documents(op: str, doc_ids: list, texts: list | None, metadata: list | None,
+                    files: list | None = None, file_names: list | None = None,
+                    mime_types: list | None = None) -> list:
+    """Validate a request's documents before anything is read or written. Upsert takes ``texts`` or ``files``
+    (raw bytes, with ``file_names`` and/or ``mime_types`` saying the type): text and Markdown files go the
+    plain-text way, other types through Docling. Every document is checked first (type, size, emptiness, an
+    encrypted or non-PDF "PDF"), so one bad file refuses the whole request and nothing is written."""
+    from ragstack import documents as dl
+
     if op not in OPS:
         raise InvalidInput(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     if not doc_ids:
@@ -47,48 +68,111 @@ def parse_documents(op: str, doc_ids: list, texts: Optional[list], metadata: Opt
             raise InvalidInput(f"doc_ids[{i}] {doc_id!r} must be 1-256 characters without '#'")
     if op == "delete":
         return [Document(d, None, {}) for d in doc_ids]
-    if texts is None or len(texts) != len(doc_ids):
-        raise InvalidInput(f"upsert needs one text per doc_id ({len(doc_ids)}), got "
-                           f"{0 if texts is None else len(texts)}")
+    if texts is not None and files is not None:
+        raise InvalidInput("give either texts or files, not both")
+    given = texts if texts is not None else files
+    if given is None or len(given) != len(doc_ids):
+        raise InvalidInput(f"upsert needs one text or file per doc_id ({len(doc_ids)}), got "
+                           f"{0 if given is None else len(given)}")
     if metadata is not None and len(metadata) != len(doc_ids):
         raise InvalidInput(f"metadata must have one JSON object per doc_id ({len(doc_ids)}), got {len(metadata)}")
+    for what, values in (("file_names", file_names), ("mime_types", mime_types)):
+        if values is not None and len(values) != len(doc_ids):
+            raise InvalidInput(f"{what} must have one entry per doc_id ({len(doc_ids)}), got {len(values)}")
     docs = []
-    for i, (doc_id, text) in enumerate(zip(doc_ids, texts)):
-        if not text.strip():
-            raise InvalidInput(f"document {doc_id!r} is empty")
-        size = len(text.encode("utf-8"))
-        if size > MAX_DOCUMENT_BYTES:
-            raise InvalidInput(f"document {doc_id!r} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
+    total = 0
+    for i, doc_id in enumerate(doc_ids):
         meta = {}
         if metadata is not None and metadata[i].strip():
             meta = json_input.loads(metadata[i], f"metadata for {doc_id!r}", expect=dict)
-        docs.append(Document(doc_id, text, meta))
+        file, name, mime, fmt, text = None, "", "", "txt", None
+        if files is not None:
+            file = files[i] if isinstance(files[i], bytes) else bytes(files[i])
+            name = file_names[i] if file_names is not None else ""
+            mime = mime_types[i] if mime_types is not None else ""
+            fmt = dl.detect_format(name, mime)
+            dl.check_file(file, fmt, f"document {doc_id!r} ({name or mime})")
+            total += len(file)
+            if fmt in dl.TEXT_FORMATS:
+                try:
+                    text = file.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InvalidInput(f"document {doc_id!r} ({name}) is not UTF-8 text "
+                                       f"({e.reason} at byte {e.start})") from None
+                file = None
+            else:
+                meta.setdefault("file_name", name)
+                meta.setdefault("format", fmt)
+        else:
+            text = texts[i]
+        if text is not None:
+            if not text.strip():
+                raise InvalidInput(f"document {doc_id!r} is empty")
+            size = len(text.encode("utf-8"))
+            if size > MAX_DOCUMENT_BYTES:
+                raise InvalidInput(f"document {doc_id!r} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
+        docs.append(Document(doc_id, text, meta, file, name, mime, fmt))
+    if total > MAX_REQUEST_FILE_BYTES:
+        raise InvalidInput(f"the files of one request total {total} bytes; the limit is {MAX_REQUEST_FILE_BYTES} "
+                           "(send fewer per request)")
     return docs
 
 
 def ingest(op: str, collection: str, docs: list, *, chunk: Callable, embed: Callable, index: Callable,
-           settings: dict, progress: Optional[Callable] = None) -> dict:
-    """Apply ``op`` to ``docs``. ``chunk(text) -> [Chunk]``; ``embed([text]) -> [n, dim]``;
-    ``index(op, payload, vectors) -> dict``. Each document is acknowledged only once the index has stored it;
-    a document whose content hash (text, metadata, ``settings``) is already stored is not embedded again."""
-    report = []
-    for n, doc in enumerate(docs, 1):
-        if op == "delete":
-            result = index("delete", {"doc_id": doc.doc_id}, None)
-            report.append({"doc_id": doc.doc_id, "status": "deleted" if result.get("removed") else "not_found",
-                           "chunks": int(result.get("removed", 0))})
-        else:
-            content_hash = doc.content_hash(settings)
-            stored = index("get", {"doc_id": doc.doc_id}, None).get("document")
-            if stored is not None and stored["content_hash"] == content_hash:
-                report.append({"doc_id": doc.doc_id, "status": "unchanged", "chunks": stored["chunks"]})
-            else:
-                chunks = chunk(doc.text)
-                vectors = embed([c.text for c in chunks])
-                payload = {"doc_id": doc.doc_id, "content_hash": content_hash, "doc_metadata": doc.metadata,
-                           "chunks": [c.to_dict() for c in chunks]}
-                result = index("upsert", payload, vectors)
-                report.append({"doc_id": doc.doc_id, "status": result["status"], "chunks": len(chunks)})
+           settings: dict, progress: Callable | None = None, chunk_file: Callable | None = None,
+           embed_batch: int = EMBED_CALL_TEXTS) -> dict:
+    """Apply ``op`` to ``docs``. ``chunk(text) -> [Chunk]``; ``chunk_file(doc) -> [Chunk]`` for a document given
+    as a file (Docling); ``embed([text]) -> [n, dim]``; ``index(op, payload, vectors) -> dict``.
+
+    Upserts run in three phases: (1) every changed document is converted and chunked, so a file that fails
+    conversion refuses the request before anything is written; (2) the chunks of the whole batch are embedded
+    together, ``embed_batch`` texts per ``embed`` call (which splits them into engine-sized batches); (3) each
+    document is upserted and acknowledged only once the index has stored it. A document whose content hash
+    (text or file, metadata, ``settings``) is already stored is not converted or embedded again."""
+    report: list = [None] * len(docs)
+    done = 0
+
+    def note(i):
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(f"{op} {n}/{len(docs)} {doc.doc_id}: {report[-1]['status']}, {report[-1]['chunks']} chunks")
+            progress(f"{op} {done}/{len(docs)} {docs[i].doc_id}: {report[i]['status']}, {report[i]['chunks']} chunks")
+
+    if op == "delete":
+        for i, doc in enumerate(docs):
+            result = index("delete", {"doc_id": doc.doc_id}, None)
+            report[i] = {"doc_id": doc.doc_id, "status": "deleted" if result.get("removed") else "not_found",
+                         "chunks": int(result.get("removed", 0))}
+            note(i)
+        return {"collection": collection, "op": op, "documents": report}
+
+    pending = []                                            # (i, content_hash, chunks)
+    for i, doc in enumerate(docs):
+        content_hash = doc.content_hash(settings)
+        stored = index("get", {"doc_id": doc.doc_id}, None).get("document")
+        if stored is not None and stored["content_hash"] == content_hash:
+            report[i] = {"doc_id": doc.doc_id, "status": "unchanged", "chunks": stored["chunks"]}
+            note(i)
+            continue
+        if doc.file is not None:
+            if chunk_file is None:
+                raise InvalidInput(f"document {doc.doc_id!r}: files of type {doc.fmt} are not accepted here")
+            chunks = chunk_file(doc)
+        else:
+            chunks = chunk(doc.text)
+        pending.append((i, content_hash, chunks))
+
+    texts = [c.text for _, _, chunks in pending for c in chunks]
+    vectors = [embed(texts[s:s + embed_batch]) for s in range(0, len(texts), embed_batch)]
+    vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+    at = 0
+    for i, content_hash, chunks in pending:
+        doc = docs[i]
+        payload = {"doc_id": doc.doc_id, "content_hash": content_hash, "doc_metadata": doc.metadata,
+                   "chunks": [c.to_dict() for c in chunks]}
+        result = index("upsert", payload, vectors[at:at + len(chunks)])
+        at += len(chunks)
+        report[i] = {"doc_id": doc.doc_id, "status": result["status"], "chunks": len(chunks)}
+        note(i)
     return {"collection": collection, "op": op, "documents": report}

@@ -67,6 +67,8 @@ BLS = (
     # One process owns the store: every read and write goes through it, so they never disagree.
     Deployment(C.VECTOR_INDEX, parameters=(("index_dir", "index"),)),
     Deployment(C.INGEST, parameters=(("engine_dir", "embed"),)),
+    # Docling conversion is CPU-bound and single-threaded here (one PDF parser thread): one instance.
+    Deployment(C.DOCLING, parameters=(("parser_threads", "1"),)),
     # Requests of a batch run on threads and each answers through its response sender when it is done;
     # execute() returns when all of the batch are answered, so that a stub that dies leaves no request without
     # an answer (Triton fails those it still waits on). While an instance is busy with a batch, the next batch

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Talk to the RAG endpoint of a running server (tools/serve_triton.sh).
 
-  tools/rag_client.py ingest data/corpus [--collection default]        # every .md / .txt file in the folder
+  tools/rag_client.py ingest data/corpus report.pdf [--collection default] [--batch-size 16]
+      # files, and every .md .txt .pdf .docx .pptx .xlsx .html file under each folder; batches per request
   tools/rag_client.py delete DOC_ID [DOC_ID ...]
   tools/rag_client.py ask "How long is an on-call shift?" [--task answer] [--schema FILE] [--stream] [--grpc]
   tools/rag_client.py ask "..." --document "caller text" --document "another"   # bypass the index
@@ -52,25 +53,77 @@ def _inputs(mod, arrays: dict):
     return out
 
 
+SUFFIXES = (".md", ".markdown", ".txt", ".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm")
+TEXT_SUFFIXES = (".md", ".markdown", ".txt")
+
+
+def collect(paths) -> list:
+    """Files to ingest: each file named, and every file of a supported type under each folder named."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(x for x in p.rglob("*") if x.is_file() and x.suffix.lower() in SUFFIXES) if p.is_dir() else [p]
+    return out
+
+
+def batches(paths, max_docs: int, max_bytes: int):
+    """Consecutive runs of files: at most ``max_docs`` documents and about ``max_bytes`` bytes per request."""
+    batch, size = [], 0
+    for path in paths:
+        n = path.stat().st_size
+        if batch and (len(batch) >= max_docs or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += n
+    if batch:
+        yield batch
+
+
+def ingest_request(paths, collection: str) -> dict:
+    """One ingest request for these files: plain text/Markdown as texts when the whole batch is text, otherwise
+    every file as bytes with its name (the server converts non-text files through `docling`)."""
+    ids = [p.stem for p in paths]
+    meta = [json.dumps({"source": str(p), "title": p.stem}) for p in paths]
+    arrays = {"doc_ids": _bytes(ids), "metadata": _bytes(meta), "collection": _bytes([collection])}
+    if all(p.suffix.lower() in TEXT_SUFFIXES for p in paths):
+        arrays["texts"] = _bytes([p.read_text(encoding="utf-8") for p in paths])
+    else:
+        arrays["files"] = np.array([p.read_bytes() for p in paths], dtype=np.object_)
+        arrays["file_names"] = _bytes([p.name for p in paths])
+    return arrays
+
+
 def ingest(args) -> int:
+    import time
+
     mod, client = _client(args)
-    paths = []
-    for p in map(Path, args.paths):
-        paths += sorted(x for x in p.rglob("*") if x.suffix in (".md", ".txt")) if p.is_dir() else [p]
+    paths = collect(args.paths)
     if not paths:
-        print("no .md/.txt files found", file=sys.stderr)
+        print(f"no files of a supported type ({' '.join(SUFFIXES)}) found", file=sys.stderr)
         return 2
-    total = 0
-    for i, path in enumerate(paths, 1):   # one document per request: progress shows, a failure names its file
-        arrays = {"doc_ids": _bytes([path.stem]), "texts": _bytes([path.read_text(encoding="utf-8")]),
-                  "metadata": _bytes([json.dumps({"source": str(path), "title": path.stem})]),
-                  "collection": _bytes([args.collection])}
-        report = json.loads(client.infer("ingest", _inputs(mod, arrays)).as_numpy("report")[0])
-        doc = report["documents"][0]
-        total += doc["chunks"]
-        print(f"[ingest {i}/{len(paths)}] {path.name}: {doc['status']}, {doc['chunks']} chunks", file=sys.stderr)
-    print(f"[ingest] {len(paths)} documents, {total} chunks in collection {args.collection!r}", file=sys.stderr)
-    return 0
+    if len({p.stem for p in paths}) != len(paths):
+        print("two files share a name (the doc id is the file name without its suffix)", file=sys.stderr)
+        return 2
+    total, done, failed, t0 = 0, 0, 0, time.monotonic()
+    for batch in batches(paths, args.batch_size, args.batch_bytes):
+        try:
+            result = client.infer("ingest", _inputs(mod, ingest_request(batch, args.collection)))
+        except Exception as e:  # noqa: BLE001 - a refused batch names its files and the reason; the rest go on
+            failed += len(batch)
+            done += len(batch)
+            print(f"[ingest {done}/{len(paths)}] FAILED {', '.join(p.name for p in batch)}: {e}", file=sys.stderr)
+            continue
+        report = json.loads(result.as_numpy("report")[0])
+        for path, doc in zip(batch, report["documents"]):
+            done += 1
+            total += doc["chunks"]
+            print(f"[ingest {done}/{len(paths)}] {path.name}: {doc['status']}, {doc['chunks']} chunks",
+                  file=sys.stderr)
+    dt = time.monotonic() - t0
+    print(f"[ingest] {len(paths) - failed} documents, {total} chunks in collection {args.collection!r} "
+          f"in {dt:.1f}s ({len(paths) / max(dt, 1e-9):.1f} documents/s){f'; {failed} failed' if failed else ''}",
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def delete(args) -> int:
@@ -138,8 +191,10 @@ def main() -> int:
     ap.add_argument("--engine-hash", help="X-Engine-Hash to send (default: from the manifest)")
     ap.add_argument("--quantisation", help="X-Quantisation to send (default: from the manifest)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("ingest")
+    p = sub.add_parser("ingest", help="files (.md .txt .pdf .docx .pptx .xlsx .html) and folders")
     p.add_argument("paths", nargs="+")
+    p.add_argument("--batch-size", type=int, default=16, help="documents per request")
+    p.add_argument("--batch-bytes", type=int, default=32 * 1024 * 1024, help="about this many bytes per request")
     p = sub.add_parser("delete")
     p.add_argument("doc_ids", nargs="+")
     p = sub.add_parser("ask")

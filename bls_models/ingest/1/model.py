@@ -1,4 +1,4 @@
-"""ingest: documents in → token-aware chunks → `embed` engine → `vector_index`. Upsert or delete by doc id."""
+"""ingest: documents (texts, or files converted by `docling`) in → token-aware, structure-aware chunks → `embed` engine → `vector_index`. Upsert or delete by doc id."""
 import json
 
 import numpy as np
@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb
 from ragstack import bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.chunking import chunk_text
+from ragstack.documents import from_json, structured_chunks
 from ragstack.ingest import ingest, parse_documents
 from ragstack.text import EmbedTokenizer
 
@@ -33,9 +34,13 @@ class TritonPythonModel:
     def _ingest(self, request):
         collection = ta.input_string(pb, request, C, "collection", "default")
         op = ta.input_string(pb, request, C, "op", "upsert")
+        files = ta.input_array(pb, request, C, "files")
         docs = parse_documents(op, ta.input_strings(pb, request, C, "doc_ids"),
                                ta.input_strings(pb, request, C, "texts"),
-                               ta.input_strings(pb, request, C, "metadata"))
+                               ta.input_strings(pb, request, C, "metadata"),
+                               None if files is None else list(files.reshape(-1)),
+                               ta.input_strings(pb, request, C, "file_names"),
+                               ta.input_strings(pb, request, C, "mime_types"))
         max_tokens = int(ta.input_scalar(pb, request, C, "chunk_tokens", self.default_chunk_tokens))
         if max_tokens > self.default_chunk_tokens:
             raise ta.InvalidInput(f"chunk_tokens must be at most {self.default_chunk_tokens} for this embedder")
@@ -51,10 +56,19 @@ class TritonPythonModel:
                 inputs["vectors"] = np.asarray(vectors, dtype=np.float32)
             return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"])["result"].reshape(-1)[0])
 
+        def chunk_file(doc):
+            # Docling runs in its own model (BLS): its import and memory stay out of this stub.
+            inputs = {"data": np.array([doc.file], dtype=np.object_), "file_name": _str(doc.file_name or ""),
+                      "mime_type": _str(doc.mime_type or "")}
+            converted = ta.bls_infer(pb, "docling", inputs, ["document"])["document"].reshape(-1)[0]
+            return structured_chunks(from_json(converted.decode("utf-8") if isinstance(converted, bytes)
+                                               else converted), self.tokenizer, max_tokens, overlap)
+
         settings = {"chunk_tokens": max_tokens, "overlap_tokens": overlap, "embedder": self.tokenizer.spec.name,
                     "dim": self.tokenizer.spec.dim}
         report = ingest(op, collection, docs, embed=embed, index=index, settings=settings,
                         chunk=lambda text: chunk_text(text, self.tokenizer, max_tokens, overlap),
+                        chunk_file=chunk_file,
                         progress=lambda msg: pb.Logger.log_info(f"ingest[{collection}] {msg}"))
         out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
