@@ -30,7 +30,6 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -41,7 +40,7 @@ REPLICA_MODELS = "ingest embed embed_text vector_index"
 STUB_DEAD_REGEX = r"llm_model_stub_healthy\{[^}]*\}[[:space:]]+0(\.0+)?([[:space:]]|$)"   # no spaces: haproxy splits on them
 
 
-def haproxy_binary() -> Optional[str]:
+def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy") or None
 
 
@@ -59,7 +58,7 @@ class Backend:
 
 
 def haproxy_config(backends: list[Backend], port: int, stats_port: int, inter_ms: int = 500, fall: int = 2,
-                   rise: int = 2, timeout_s: int = 60) -> str:
+                   rise: int = 2, timeout_s: int = 60, retry: bool = True) -> str:
     """haproxy.cfg: one HTTP frontend, round-robin over the replicas, checks as in the module docstring."""
     lines = [
         "global",
@@ -83,10 +82,9 @@ def haproxy_config(backends: list[Backend], port: int, stats_port: int, inter_ms
         "backend replicas",
         "    balance roundrobin",
         "    option http-buffer-request",
-        "    retries 2",
-        "    option redispatch 1",
-        "    retry-on conn-failure empty-response response-timeout",
     ]
+    if retry:   # off in the benchmark's second drill, to count what a client sees without it
+        lines += ["    retries 2", "    option redispatch 1", "    retry-on conn-failure empty-response response-timeout"]
     lines += [f"    server {b.name} 127.0.0.1:{b.http_port} track chk_{b.name}/{b.name}" for b in backends]
     for b in backends:
         lines += [
@@ -106,23 +104,24 @@ def haproxy_config(backends: list[Backend], port: int, stats_port: int, inter_ms
 class Haproxy:
     """haproxy in the foreground (``-db``) as a child of this process, on loopback."""
 
-    def __init__(self, backends: list[Backend], workdir: Path, **config):
+    def __init__(self, backends: list[Backend], workdir: Path, name: str = "haproxy", **config):
         self.port, self.stats_port = _free_port(), _free_port()
         self.workdir = Path(workdir)
-        self.cfg = self.workdir / "haproxy.cfg"
+        self.name = name
+        self.cfg = self.workdir / f"{name}.cfg"
         self.cfg.write_text(haproxy_config(backends, self.port, self.stats_port, **config))
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20) -> "Haproxy":
+    def start(self, timeout: float = 20) -> Haproxy:
         binary = haproxy_binary()
-        check = subprocess.run([binary, "-c", "-f", str(self.cfg)], capture_output=True, text=True)
+        check = subprocess.run([binary, "-c", "-f", str(self.cfg)], check=False, capture_output=True, text=True)
         if check.returncode:
             raise RuntimeError(f"haproxy rejected {self.cfg}: {check.stdout}{check.stderr}")
-        self._log = open(self.workdir / "haproxy.log", "wb")
+        self._log = open(self.workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([binary, "-db", "-f", str(self.cfg)], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -139,6 +138,15 @@ class Haproxy:
             rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
             return {row["svname"]: row["status"] for row in rows
                     if row["pxname"] == "replicas" and row["svname"] not in ("FRONTEND", "BACKEND")}
+
+    def counters(self) -> dict:
+        """haproxy's own per-server counters of the serving backend: sessions, response errors, retries,
+        redispatches, server aborts (what happened to the requests a killed replica held)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=2) as r:
+            rows = csv.DictReader(io.StringIO(r.read().decode().lstrip("# ")))
+            keys = ("stot", "eresp", "econ", "wretr", "wredis", "srv_abrt", "hrsp_5xx")
+            return {row["svname"]: {k: int(row[k] or 0) for k in keys} for row in rows
+                    if row["pxname"] == "replicas" and row["svname"] != "FRONTEND"}
 
     def wait_status(self, want: dict, timeout: float = 60) -> float:
         start = time.monotonic()
@@ -160,7 +168,7 @@ class Haproxy:
             self._log.close()
 
 
-def replica(models: Path, name: str, data: Path, dsn: str, env: Optional[dict] = None,
+def replica(models: Path, name: str, data: Path, dsn: str, env: dict | None = None,
             load_models: str = REPLICA_MODELS) -> TritonProcess:
     """One reference-profile replica on the shared store (its own data folder: nothing else is kept there)."""
     data.mkdir(parents=True, exist_ok=True)
@@ -296,8 +304,11 @@ def kill_drill(balancer: Haproxy, victim: TritonProcess, victim_name: str, clien
         marks["down"] = marks["kill"] + marks["detect_s"]
 
     t = threading.Thread(target=killer, daemon=True)
+    before = balancer.counters()
     res = run_load(balancer.url, clients, duration, "ingest", prefix, headers, on_tick=t.start)
     t.join(40)
+    after = balancer.counters()
+    haproxy_counters = {sv: {k: after[sv][k] - before.get(sv, {}).get(k, 0) for k in after[sv]} for sv in after}
     kill_t, down_t = marks["kill"], marks["down"]
     failed_before = sum(1 for ts, ok, _ in res.events if not ok and ts < kill_t)
     failed_during = sum(1 for ts, ok, _ in res.events if not ok and kill_t <= ts <= down_t)
@@ -307,8 +318,9 @@ def kill_drill(balancer: Haproxy, victim: TritonProcess, victim_name: str, clien
     return {"requests": res.ok + res.failed, "ok": res.ok, "failed": res.failed,
             "failed_before_kill": failed_before, "failed_during_detection": failed_during,
             "failed_after_detection": failed_after, "ok_after_detection": ok_after,
-            "detect_s": round(marks["detect_s"], 3), "errors": sorted(set(res.errors))[:5],
-            "acked": res.acked, "throughput_rps": round(res.ok / duration, 2)}
+            "detect_s": round(marks["detect_s"], 3), "haproxy_counters": haproxy_counters, "errors": sorted(set(res.errors))[:5],
+            "acked": res.acked, "throughput_rps": round(res.ok / duration, 2),
+            "events": [(round(ts - kill_t, 3), ok, round(lat, 4)) for ts, ok, lat in res.events]}
 
 
 def missing_docs(client, doc_ids, collection="scale") -> list:
