@@ -311,7 +311,9 @@ def kill_drill(balancer: Haproxy, victim: TritonProcess, victim_name: str, clien
     haproxy_counters = {sv: {k: after[sv][k] - before.get(sv, {}).get(k, 0) for k in after[sv]} for sv in after}
     kill_t, down_t = marks["kill"], marks["down"]
     failed_before = sum(1 for ts, ok, _ in res.events if not ok and ts < kill_t)
-    failed_during = sum(1 for ts, ok, _ in res.events if not ok and kill_t <= ts <= down_t)
+    # "during detection": failed after the kill, having started before haproxy marked the replica down (the ones
+    # in flight on it, and any sent to it before the check noticed).
+    failed_during = sum(1 for ts, ok, lat in res.events if not ok and ts >= kill_t and ts - lat <= down_t)
     # "after": requests that *started* after haproxy marked the replica down.
     failed_after = sum(1 for ts, ok, lat in res.events if not ok and ts - lat > down_t)
     ok_after = sum(1 for ts, ok, lat in res.events if ok and ts - lat > down_t)
