@@ -33,6 +33,8 @@ COPY config/ config/
 COPY bls_models/ bls_models/
 COPY model_repository/trtllm/ model_repository/trtllm/
 COPY tools/serve_triton.sh tools/serve_triton.sh
+# The Kubernetes liveness probe (deploy/k8s/deployment.yaml): not ready or a dead Python stub -> exit 1.
+COPY tools/health_check.py tools/health_check.py
 
 # TOKENIZER_DIR names a folder, not a secret (DL3064 matches the word "TOKEN").
 # hadolint ignore=DL3064

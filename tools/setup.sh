@@ -2,9 +2,11 @@
 # Set up a fresh machine of the project's kind (Debian 12, Python 3.11, no GPU) for the reference profile.
 # Safe to re-run: every step checks before it acts.
 #   - Debian packages: libpython3.11 (the Triton stub links it), python3.11-venv, libb64-0d (perf_analyzer),
-#     prometheus (promtool, for the alert-rule tests)
+#     prometheus (promtool, for the alert-rule tests), haproxy (the balancer of the scale-out test)
 #   - .venv made with Debian's python3.11 (the Triton Python stub embeds that interpreter)
 #   - Python requirements (requirements.txt, requirements-nodeps.txt)
+#   - .venv-lint: the Kubernetes manifest checkers (requirements-lint.txt: kubernetes-validate, checkov), apart
+#     because checkov pins versions (packaging) the stack's own venv must not take
 #   - .triton/: tritonserver 2.51 binary + Python backend + stub, laid out as a backend directory
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +15,7 @@ TRITON_HOME="${TRITON_HOME:-$ROOT/.triton}"
 log() { printf '[setup] %s\n' "$*"; }
 
 need_debs=()
-for pkg in libpython3.11 python3.11-venv libb64-0d prometheus; do
+for pkg in libpython3.11 python3.11-venv libb64-0d prometheus haproxy; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then
@@ -37,6 +39,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 else
   log "Python requirements already installed"
+fi
+
+LINT_VENV="${LINT_VENV:-$ROOT/.venv-lint}"
+lint_want="$(sha256sum "$ROOT/requirements-lint.txt" | cut -d' ' -f1)"
+if [ "$(cat "$LINT_VENV/.requirements.sha256" 2>/dev/null)" != "$lint_want" ]; then
+  log "installing the manifest checkers into $LINT_VENV"
+  [ -x "$LINT_VENV/bin/python" ] || /usr/bin/python3.11 -m venv "$LINT_VENV"
+  "$LINT_VENV/bin/python" -m pip --disable-pip-version-check install -q --progress-bar off -r "$ROOT/requirements-lint.txt"
+  echo "$lint_want" > "$LINT_VENV/.requirements.sha256"
 fi
 
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
