@@ -6,6 +6,7 @@ code drives the reference engines and the TensorRT / TensorRT-LLM ones.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional
 
 import numpy as np
@@ -21,6 +22,20 @@ ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_outp
                   "first_scheduled_time_ns"]
 EMBED_BATCH = contracts.EMBED.max_batch_size
 RERANK_BATCH = contracts.RERANK.max_batch_size
+# How long a pipeline call waits for the lifecycle manager to load an engine before failing UNAVAILABLE.
+LEASE_TIMEOUT_ENV = "RAG_LEASE_TIMEOUT_S"
+DEFAULT_LEASE_TIMEOUT_S = 120.0
+
+
+def leased(pb, model: str, fn: Callable, retry_if: Optional[Callable] = None):
+    """``fn(version)`` under one engine lease from ``model_manager`` (a no-op lease when the manager is not
+    loaded): the engine is loaded on demand and kept while ``fn`` runs, ``version`` is the one the lease names
+    (-1: whichever Triton serves), the outcome feeds the manager's canary, and a call that met a dead stub is
+    retried once after the manager's reload. One lease covers a whole phase (every chunk of a batch)."""
+    from ragstack.lifecycle.bls_client import call_with_lease
+
+    timeout_s = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT_S)
+    return call_with_lease(pb, model, lambda lease: fn(lease.version), timeout_s=timeout_s, retry_if=retry_if)
 
 
 def _stage(timer, name):
@@ -28,20 +43,21 @@ def _stage(timer, name):
 
 
 def embed_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] = None) -> np.ndarray:
-    """[B, L] token ids through the `embed` engine, in chunks of its max batch size."""
-    return np.concatenate([
+    """[B, L] token ids through the `embed` engine, in chunks of its max batch size, under one lease."""
+    return leased(pb, "embed", lambda version: np.concatenate([
         ta.bls_infer(pb, "embed", {"input_ids": ids[s:s + EMBED_BATCH].astype(np.int32),
                                    "attention_mask": mask[s:s + EMBED_BATCH].astype(np.int32)},
-                     ["embedding"], hop)["embedding"]
-        for s in range(0, len(ids), EMBED_BATCH)])
+                     ["embedding"], hop, version)["embedding"]
+        for s in range(0, len(ids), EMBED_BATCH)]))
 
 
 def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] = None) -> np.ndarray:
-    return np.concatenate([
+    """Pair token ids through the `rerank` engine, in chunks, under one lease."""
+    return leased(pb, "rerank", lambda version: np.concatenate([
         ta.bls_infer(pb, "rerank", {"input_ids": ids[s:s + RERANK_BATCH].astype(np.int32),
                                     "attention_mask": mask[s:s + RERANK_BATCH].astype(np.int32)},
-                     ["score"], hop)["score"].reshape(-1)
-        for s in range(0, len(ids), RERANK_BATCH)])
+                     ["score"], hop, version)["score"].reshape(-1)
+        for s in range(0, len(ids), RERANK_BATCH)]))
 
 
 def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional[str] = None, raw: bool = False,
@@ -71,22 +87,31 @@ def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional
     inputs = generate_inputs(ids, max_tokens, tokenizer.end_id, tokenizer.pad_id, temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=seed, streaming=streaming,
                              guide_type=guide_type, guide=guide, penalties=penalties)
-    detok = tokenizer.detokenizer()
-    n_in, n_out, queue_delay_us = len(ids), 0, None
-    # an IPC round trip: asked every CANCEL_POLL_S, not at every token
-    cancelled = Throttled(is_cancelled) if is_cancelled is not None else (lambda: False)
-    for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop, on_started, barrier=is_cancelled):
-        if cancelled():
-            return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in, "num_output_tokens": n_out}
-        delta = detok.push(output_tokens(arrays))
-        n_out = max(n_out, int(arrays["num_output_tokens"].reshape(-1)[0]), len(detok.ids))
-        if on_delta is not None and delta:
-            on_delta(delta)
-        if "first_scheduled_time_ns" in arrays:
-            queue_delay_us = (int(arrays["first_scheduled_time_ns"].reshape(-1)[0]) -
-                              int(arrays["arrival_time_ns"].reshape(-1)[0])) / 1000.0
-    tail = detok.flush()
-    if on_delta is not None and tail:
-        on_delta(tail)
-    return {"text": tokenizer.decode(detok.ids), "finish_reason": finish_reason(n_out, max_tokens),
-            "num_input_tokens": n_in, "num_output_tokens": n_out, "queue_delay_us": queue_delay_us}
+    n_in = len(ids)
+    sent = []                        # whether text reached the caller: a stream that did cannot be retried
+
+    def run(version):
+        detok = tokenizer.detokenizer()
+        n_out, queue_delay_us = 0, None
+        # an IPC round trip: asked every CANCEL_POLL_S, not at every token
+        cancelled = Throttled(is_cancelled) if is_cancelled is not None else (lambda: False)
+        for arrays in ta.bls_stream(pb, "generate", inputs, ENGINE_OUTPUTS, hop, on_started, barrier=is_cancelled,
+                                    version=version):
+            if cancelled():
+                return {"text": "", "finish_reason": "cancelled", "num_input_tokens": n_in,
+                        "num_output_tokens": n_out}
+            delta = detok.push(output_tokens(arrays))
+            n_out = max(n_out, int(arrays["num_output_tokens"].reshape(-1)[0]), len(detok.ids))
+            if on_delta is not None and delta:
+                sent.append(True)
+                on_delta(delta)
+            if "first_scheduled_time_ns" in arrays:
+                queue_delay_us = (int(arrays["first_scheduled_time_ns"].reshape(-1)[0]) -
+                                  int(arrays["arrival_time_ns"].reshape(-1)[0])) / 1000.0
+        tail = detok.flush()
+        if on_delta is not None and tail:
+            on_delta(tail)
+        return {"text": tokenizer.decode(detok.ids), "finish_reason": finish_reason(n_out, max_tokens),
+                "num_input_tokens": n_in, "num_output_tokens": n_out, "queue_delay_us": queue_delay_us}
+
+    return leased(pb, "generate", run, retry_if=lambda: not sent)

@@ -289,9 +289,13 @@ class Hop:
         return out
 
 
-def _bls_request(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None):
+def _bls_request(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None, version: int = -1):
+    """``version`` > 0: that version of ``model`` (the one an engine lease names), else whichever Triton serves."""
+    kwargs = dict(hop.kwargs() if hop else {})
+    if version is not None and version > 0:
+        kwargs["model_version"] = int(version)
     return pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
-                               requested_output_names=list(outputs), **(hop.kwargs() if hop else {}))
+                               requested_output_names=list(outputs), **kwargs)
 
 
 def _response_arrays(pb, response, outputs, model: str = "?") -> dict:
@@ -304,9 +308,9 @@ def _response_arrays(pb, response, outputs, model: str = "?") -> dict:
     return out
 
 
-def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None) -> dict:
+def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None, version: int = -1) -> dict:
     """One blocking BLS call: {input name: array} in, {output name: array} out; child errors re-raised."""
-    request = _bls_request(pb, model, inputs, outputs, hop)
+    request = _bls_request(pb, model, inputs, outputs, hop, version)
     try:
         response = request.exec()
     except Exception as e:  # noqa: BLE001 - the Python backend raises for a model it cannot reach
@@ -498,7 +502,7 @@ class _Stream:
 
 
 def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
-               on_started: Optional[Callable] = None, barrier: Optional[Callable] = None):
+               on_started: Optional[Callable] = None, barrier: Optional[Callable] = None, version: int = -1):
     """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs.
 
     ``on_started()`` is called at the first response (when the Python backend's ``exec`` returns).
@@ -508,7 +512,8 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
     :class:`Unavailable` within about ``STREAM_CHECK_S`` instead of waiting forever.
     """
     pids = STUB_PIDS.of(model)
-    stream = _Stream(functools.partial(_bls_request(pb, model, inputs, outputs, hop).exec, decoupled=True), model)
+    stream = _Stream(functools.partial(_bls_request(pb, model, inputs, outputs, hop, version).exec,
+                                       decoupled=True), model)
     finished = False
     try:
         while True:

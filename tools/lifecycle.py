@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     m.add_argument("--phases", nargs="+")
     m.add_argument("--no-cyclic", action="store_true", help="the last phase does not pre-warm the first")
     c = sub.add_parser("configure")
-    c.add_argument("--budget", help="bytes, or 512M / 12G")
+    c.add_argument("--budget", help="bytes, or 512M / 12G, or auto (the GPU's memory, else half the host's)")
     c.add_argument("--safety-buffer", type=float)
     c.add_argument("--cooldown", type=float)
     c.add_argument("--parallel-loads", type=int, help="loads that may run at the same time (1: one after another)")

@@ -93,17 +93,19 @@ def is_dead_stub_error(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in DEAD_STUB_MARKERS)
 
 
-def call_with_lease(pb, model: str, fn, *, retries: int = 1, timeout_s: float = 300.0):
+def call_with_lease(pb, model: str, fn, *, retries: int = 1, timeout_s: float = 300.0, retry_if=None):
     """``fn(lease)`` inside :func:`engine_lease`. A request that failed because the engine's stub had died is
     retried: its release told the manager, which marks the model dead at once, so the retry waits for the
-    reload instead of failing again."""
+    reload instead of failing again. ``retry_if()`` (if given) must also say yes (a stream that already sent
+    text to its caller cannot be started again)."""
     for attempt in range(retries + 1):
         lease = None
         try:
             with engine_lease(pb, model, timeout_s=timeout_s) as lease:
                 return fn(lease)
         except Exception as e:
-            if attempt < retries and lease is not None and lease.managed and is_dead_stub_error(e):
+            if (attempt < retries and lease is not None and lease.managed and is_dead_stub_error(e)
+                    and (retry_if is None or retry_if())):
                 log.warning("%s: stub died under a request; retrying after the manager's reload", model)
                 continue
             raise

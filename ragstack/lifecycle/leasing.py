@@ -10,11 +10,14 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
+from ragstack.errors import Unavailable
+
 Call = Callable[[str, Optional[str], dict], dict]
 
 
-class EngineUnavailable(RuntimeError):
-    """The manager could not give the engine (it does not fit, it fails to load, or time ran out)."""
+class EngineUnavailable(Unavailable):
+    """The manager could not give the engine (it does not fit, it fails to load, or time ran out): UNAVAILABLE
+    to the caller (``triton_adapter.error_response``), the message naming the engine."""
 
 
 @dataclasses.dataclass
@@ -49,9 +52,10 @@ def acquire_lease(call: Call, model: str, timeout_s: float = 300.0, poll_s: floa
         if status == "unmanaged":
             return EngineLease(model)
         if status == "failed":
-            raise EngineUnavailable(f"{model}: {last.get('detail') or 'load failed'}")
+            raise EngineUnavailable(f"engine '{model}' cannot be loaded: {last.get('detail') or 'load failed'}")
         if clock() - start > timeout_s:
-            raise EngineUnavailable(f"{model} not available after {timeout_s:.0f} s: {last.get('detail')}")
+            raise EngineUnavailable(f"engine '{model}' not available after waiting {timeout_s:.0f} s for the "
+                                    f"lifecycle manager to load it ({last.get('detail')}); retry later")
         sleep(delay)
         delay = min(max_poll_s, delay * 1.5)
 

@@ -62,7 +62,7 @@ DEFAULT_PHASES = ("embed", "rerank", "generate")
 ACQ_READY, ACQ_LOADING, ACQ_WAITING, ACQ_FAILED, ACQ_UNMANAGED = "ready", "loading", "waiting", "failed", "unmanaged"
 
 # what a request error says when the model's stub is gone (Triton 2.51's message)
-DEAD_STUB_MARKERS = ("is not healthy", "Stub process")
+DEAD_STUB_MARKERS = ("is not healthy", "Stub process", "died while serving this request")
 
 
 class LifecycleError(ValueError):

@@ -12,7 +12,7 @@ prewarm         yes     {}
 unload          yes     {}
 status          -       {}
 set_mode        -       {mode: co_resident|sequential, phases?: [..], cyclic?: bool}
-configure       -       {budget_bytes?, safety_buffer?, cooldown_s?, lease_ttl_s?, slow_load_s?, ...}
+configure       -       {budget_bytes? (bytes, '12G' or 'auto'), safety_buffer?, cooldown_s?, lease_ttl_s?, slow_load_s?, ...}
 canary_start    yes     {version, share?, min_requests?, promote_after?, max_error_rate?, max_latency_ratio?,
                          stable?, engine_dir?}
 canary_route    yes     {} -> {version}
@@ -93,6 +93,10 @@ def _check_field(what: str, value, kind: str, low=None, high=None):
     if kind == "bytes":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise InvalidInput(f"{what} must be a number of bytes or a size such as '12G', got {type_name(value)}")
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            from ragstack.lifecycle.triton_io import auto_budget_bytes  # here: triton_io imports this module
+
+            return auto_budget_bytes()
         try:
             size = parse_bytes(value)
         except (ValueError, OverflowError):

@@ -916,3 +916,27 @@ def test_a_device_measured_footprint_is_not_overwritten_by_process_memory():
     mgr.tick()
     m = mgr.status()["models"]["generate"]
     assert m["footprint_bytes"] == 123 * MB and m["footprint_source"] == "device"
+
+
+def test_configure_budget_auto_is_the_auto_budget():
+    """``tools/lifecycle.py configure --budget auto`` sends 'auto': the service resolves it like the server does."""
+    from ragstack.lifecycle.service import check_payload
+    from ragstack.lifecycle.triton_io import auto_budget_bytes
+
+    assert check_payload("configure", {"budget_bytes": "auto"})["budget_bytes"] == auto_budget_bytes()
+    assert check_payload("configure", {"budget_bytes": " AUTO "})["budget_bytes"] == auto_budget_bytes()
+
+
+def test_engine_unavailable_is_unavailable_and_names_the_engine():
+    from ragstack.errors import Unavailable
+    from ragstack.lifecycle.leasing import EngineUnavailable, acquire_lease
+
+    t = [0.0]
+
+    def clock():
+        t[0] += 1.0
+        return t[0]
+    with pytest.raises(Unavailable, match="engine 'embed' not available"):
+        acquire_lease(lambda op, m, p: {"status": "loading", "detail": "loading"}, "embed", timeout_s=3,
+                      sleep=lambda s: None, clock=clock)
+    assert issubclass(EngineUnavailable, Unavailable)
