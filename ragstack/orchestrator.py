@@ -47,6 +47,7 @@ class OrchestratorModel:
 
     def initialize(self, args):
         pb = self.pb
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.decoupled = pb.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
         self.embed_tok = EmbedTokenizer(ta.resolve_engine_dir(params["embed_dir"]))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -38,6 +39,52 @@ def model_parameters(args: dict) -> dict:
     """The ``parameters`` of the model config as {key: string}."""
     cfg = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+# A stub that outlives its server. Triton 2.51's stub checks every 300 ms that tritonserver is alive and exits
+# when it is not, but that exit first joins the stub-to-parent thread; when tritonserver dies while a thread of
+# the stub waits for the parent's answer to a round trip (a request's is_cancelled(), a response send, a custom
+# metric's set()), the join never returns and the stub stays forever with its memory. Seen with gdb on orphaned
+# generate and model_manager stubs: the health thread blocked in TerminateStubToParentQueueMonitor, one thread in
+# SendIsCancelled or Metric::SendSetValueRequest, the latter holding the GIL, so no Python thread of the stub can
+# act either. The fallback is therefore outside the interpreter: a small shell process per stub that kills the
+# stub PARENT_GRACE_S after tritonserver is gone (which leaves the stub's own check time to work when it can)
+# and ends by itself when the stub ends.
+PARENT_CHECK_S = 1.0
+PARENT_GRACE_S = 5.0
+_WATCH_SCRIPT = r"""
+server=$1 stub=$2 check=$3 grace=$4
+server_alive() { [ -r /proc/$server/stat ] && ! grep -q ') [ZX] ' /proc/$server/stat; }
+while kill -0 "$stub" 2>/dev/null; do
+    if ! server_alive; then
+        sleep "$grace"
+        kill -9 "$stub" 2>/dev/null
+        exit 0
+    fi
+    sleep "$check"
+done
+"""
+_watcher: Optional["subprocess.Popen"] = None
+_watcher_lock = threading.Lock()
+
+
+def watch_server(server_pid: int, stub_pid: int, check_s: float = PARENT_CHECK_S,
+                 grace_s: float = PARENT_GRACE_S) -> "subprocess.Popen":
+    """Start the shell process that kills ``stub_pid`` ``grace_s`` after ``server_pid`` is gone."""
+    return subprocess.Popen(["/bin/sh", "-c", _WATCH_SCRIPT, "ragstack-watch", str(server_pid), str(stub_pid),
+                             str(check_s), str(grace_s)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+
+
+def exit_with_server() -> "subprocess.Popen":
+    """Every Python model calls this in ``initialize``: once per stub process, a watcher that ends this stub when
+    the tritonserver that started it (its parent) is gone."""
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None or _watcher.poll() is not None:
+            _watcher = watch_server(os.getppid(), os.getpid())
+        return _watcher
 
 
 def _under(value: str, env: str, what: str) -> Path:

@@ -182,3 +182,47 @@ def test_kill_9_of_a_stub_under_traffic(srv, corpus_ingested, identity_headers, 
     missing = [d for d in acknowledged if get_document(http, "killtest", d) is None]
     assert not missing, f"acknowledged documents lost: {missing[:5]}"
     http.close()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+STUB_EXIT_LIMIT_S = 15.0      # ragstack's exit_with_server: 1 s checks + 5 s grace, on a loaded machine
+
+
+def test_no_stub_outlives_a_killed_server(srv, corpus_ingested, identity_headers):
+    """kill -9 of tritonserver itself under streaming traffic: every stub is gone within seconds. Triton 2.51's
+    own check deadlocks when the server dies during a stub-to-parent round trip (is_cancelled(), a send), and
+    such a stub lived on holding its memory; ragstack.triton_adapter.exit_with_server ends it. Last in this
+    module: it kills the module's server."""
+    server_pid = srv.proc.pid
+    stubs = stub_processes(server_pid)
+    assert len(stubs) >= 8, [s.model for s in stubs]
+    local = threading.local()
+
+    def request(i):
+        if i % 2:
+            generate_text_request(srv.grpc_url)
+        else:
+            if not hasattr(local, "http"):
+                local.http = httpclient.InferenceServerClient(srv.http_url, network_timeout=30)
+            rag_request(local.http, identity_headers)
+
+    traffic = Traffic(request, threads=4)
+    with traffic:
+        time.sleep(4)
+        os.kill(server_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        srv.proc.wait(10)
+        deadline = t_kill + STUB_EXIT_LIMIT_S
+        while time.monotonic() < deadline and any(_alive(s.pid) for s in stubs):
+            time.sleep(0.25)
+        survivors = [(s.model, s.pid) for s in stubs if _alive(s.pid)]
+        for _, pid in survivors:             # do not leave them behind for the rest of the run
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"stubs alive {STUB_EXIT_LIMIT_S:.0f} s after tritonserver was killed: {survivors}"

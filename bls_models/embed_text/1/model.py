@@ -11,6 +11,7 @@ C = contracts.EMBED_TEXT
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
 

@@ -23,6 +23,7 @@ DEFAULT_MAX_TOKENS = 256
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         tokenizer_dir = os.environ.get(ta.TOKENIZER_DIR_ENV)
         self.tokenizer = GeneratorTokenizer(ta.resolve_engine_dir(params["engine_dir"]),

@@ -17,6 +17,7 @@ DEFAULT_OVERLAP = 32
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
         # chunk_text counts what encode() adds (special tokens, end-of-text), so a chunk always fits the engine.

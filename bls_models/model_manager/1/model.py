@@ -18,6 +18,7 @@ C = contracts.MODEL_MANAGER
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         self.manager, self.service, self.events = build_manager(pb, args)
 
     def execute(self, requests):

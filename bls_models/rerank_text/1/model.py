@@ -10,6 +10,7 @@ C = contracts.RERANK_TEXT
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.tokenizer = RerankTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
 

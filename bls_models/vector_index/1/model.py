@@ -13,6 +13,7 @@ C = contracts.VECTOR_INDEX
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.store = open_store(ta.resolve_data_dir(params["index_dir"]), params)
 

@@ -20,6 +20,7 @@ C = contracts.GENERATE
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         ta.set_threads(params)
         engine_dir = ta.resolve_engine_dir(params["engine_dir"])

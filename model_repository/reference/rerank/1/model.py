@@ -8,6 +8,7 @@ from ragstack.engines.reranking import RerankEngine
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         ta.set_threads(params)
         self.engine = RerankEngine(ta.resolve_engine_dir(params["engine_dir"]))

@@ -6,11 +6,13 @@ torch CUDA buffers; same tensors and dynamic batching as ragstack.contracts.EMBE
 import triton_python_backend_utils as pb
 
 from ragstack import contracts
+from ragstack import triton_adapter as ta
 from ragstack.trt_plan import TritonPlanModel
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         self.model = TritonPlanModel(args, contracts.EMBED, "embedding")
 
     def execute(self, requests):
