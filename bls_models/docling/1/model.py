@@ -15,6 +15,7 @@ C = contracts.DOCLING
 
 class TritonPythonModel:
     def initialize(self, args):
+        ta.exit_with_server()
         params = ta.model_parameters(args)
         self.converter = documents.Converter(parser_threads=int(params.get("parser_threads", "1")))
 
