@@ -408,7 +408,16 @@ def main(argv=None) -> None:
     parser.add_argument("--pg-port", type=int, help="the private Postgres's port [a free one]")
     parser.add_argument("--out", type=Path, default=RESULTS / "index.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "index.png")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RUN.json",
+                        help="measure nothing: combine these runs' results into --out (+ --plot), every query set "
+                             "and upsert row tagged with the run it comes from (a later run's row replaces an earlier "
+                             "one of the same size)")
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge_runs([json.loads(p.read_text()) for p in args.merge], [p.name for p in args.merge])
+        write_json(args.out, result)
+        plot(result, args.plot)
+        return
     workdir = Path(tempfile.mkdtemp(prefix="ragstack-index-bench-"))
     workdir.chmod(0o755)
     pg = Pg(workdir, args) if ("pgvector" in args.stores or args.query_sets) else None
@@ -436,6 +445,25 @@ def main(argv=None) -> None:
     plot(result, args.plot)
 
 
+def merge_runs(runs: list, names: list) -> dict:
+    """One result from several runs: ``runs`` lists each run's when/args/machine/settings, each query set and upsert
+    row carries ``run`` (the run's file name and time)."""
+    queries, upserts = {}, {}
+    for name, run in zip(names, runs):
+        tag = f"{name} ({run['when']})"
+        for q in run["queries"]:
+            queries[(q["vectors"], q["dim"])] = {**q, "run": tag}
+        for u in run["upserts"]:
+            upserts[(u["store"], u["chunks"], u["dim"])] = {**u, "run": tag}
+    keep = ("when", "complete", "wall_s", "args", "machine", "postgres", "postgres_settings")
+    result = {"benchmark": "index", "merged": True,
+              "runs": [{"file": name, **{k: run.get(k) for k in keep}} for name, run in zip(names, runs)],
+              "args": runs[-1]["args"], "queries": sorted(queries.values(), key=lambda q: (q["dim"], q["vectors"])),
+              "upserts": sorted(upserts.values(), key=lambda u: (u["chunks"], u["store"]))}
+    result["targets"] = targets(result)
+    return result
+
+
 def targets(result: dict) -> dict:
     """The issue's two targets, judged on what this run measured (absent: not measured)."""
     out = {}
@@ -445,13 +473,14 @@ def targets(result: dict) -> dict:
         out["flat_upsert_cost_flat_within_25pct"] = {
             "sizes": [r["chunks"] for r in flat_after], "mean_ms": [r["mean"] for r in flat_after],
             "vs_smallest": [round(x, 2) for x in ratios], "met": all(0.75 <= x <= 1.25 for x in ratios)}
-    for q in result["queries"]:
-        if (q["vectors"], q["dim"]) != (1_000_000, 384):
-            continue
+    sets = sorted((q for q in result["queries"] if q["dim"] == 384), key=lambda q: q["vectors"])
+    if sets:
+        q = sets[-1]                                  # 1M x 384 is the target's size; say when it was not measured
         ok = [r for r in q["sweep"] if r["recall_at_10"] >= 0.95 and r["p50"] < 20]
-        best = min(ok, key=lambda r: r["p50"]) if ok else None
         out["pgvector_1M_x_384_recall_0.95_at_p50_under_20ms"] = {
-            "met": bool(ok), "fastest_meeting_it": best,
+            "measured_at": f"{q['vectors']}x384",
+            "met": bool(ok) if q["vectors"] >= 1_000_000 else None,
+            "fastest_with_recall_0.95_under_20ms": min(ok, key=lambda r: r["p50"]) if ok else None,
             "highest_recall_under_20ms": max((r for r in q["sweep"] if r["p50"] < 20),
                                              key=lambda r: r["recall_at_10"], default=None)}
     return out
