@@ -374,7 +374,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(0.95, color="grey", linewidth=0.8)
     ax.axvline(20, color="grey", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("p50 ms per query (annotated: ef_search; dotted: exact scan; grey: the 1M x 384 target)")
+    ax.set_xlabel("p50 ms per query (labels: ef_search; dotted: exact scan; grey: target)")
     ax.set_ylabel("recall@10 vs exact")
     ax.set_title("pgvector HNSW: recall vs latency")
     ax.legend(fontsize=8)

@@ -18,7 +18,8 @@ the cosine on unit vectors) and ``ORDER BY embedding <#> q`` may miss a true nei
 100k x 384 vectors ~0.97 at ``ef_search`` 100; see benchmarks/index.py). The index returns ``top_k + 32``
 candidates, which are then sorted exactly by (score, ``chunk_id``) in the "C" collation (Python's string
 order), so ties among them are broken by chunk id as the contract asks. ``exact=True`` turns the index off for
-this store's searches (a full scan: exact, O(rows)). Searches filtered by ``doc_ids`` use the ``doc_id`` index
+this store's searches (a full scan: exact, O(rows)); otherwise sequential scans are off for the search, since the
+planner underprices them for wide (TOASTed) vectors. Searches filtered by ``doc_ids`` use the ``doc_id`` index
 when the filter is selective (exact), otherwise pgvector's iterative index scan.
 
 Every mutation is one transaction, committed with ``synchronous_commit=on`` (durable once the method returns).
