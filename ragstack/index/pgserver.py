@@ -45,10 +45,13 @@ def free_port() -> int:
 class LocalPostgres:
     """One private server over ``data_dir`` (created by initdb on first start; kept across restarts)."""
 
-    def __init__(self, data_dir, port: Optional[int] = None, fsync: bool = True):
+    def __init__(self, data_dir, port: Optional[int] = None, fsync: bool = True,
+                 settings: Optional[dict] = None):
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.fsync = fsync                     # off only for throwaway test servers (initdb --no-sync too)
+        # Further server settings (-c name=value), e.g. a benchmark's shared_buffers; they win over the defaults.
+        self.settings = {"max_connections": 200, "shared_buffers": "128MB", **(settings or {})}
         self.user = None
         if os.geteuid() == 0:
             self.user = os.environ.get("RAG_PG_USER", "nobody")
@@ -76,8 +79,8 @@ class LocalPostgres:
                       "--locale=C", *(() if self.fsync else ("--no-sync",)))
         if self.port is None:
             self.port = self._recorded_port() or free_port()
-        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data_dir} -c fsync={'on' if self.fsync else 'off'}"
-                f" -c max_connections=200 -c shared_buffers=128MB")
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data_dir} -c fsync={'on' if self.fsync else 'off'} "
+                + " ".join(f"-c {k}={v}" for k, v in self.settings.items()))
         deadline = time.monotonic() + timeout
         while True:
             r = self._run("pg_ctl", "-D", self.data_dir, "-l", self.data_dir / "server.log", "-o", opts,
