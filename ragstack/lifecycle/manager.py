@@ -221,6 +221,7 @@ class ModelManager:
             if current is not None:
                 m.versions = (current,)
         self._leases: Dict[str, Lease] = {}
+        self._last_phase: Optional[str] = None   # the phase that last got a lease (sequential order)
         self._ids = itertools.count(1)
         self._health_due = self._reconcile_due = float("-inf")
         self._t0 = clock()
@@ -245,6 +246,8 @@ class ModelManager:
                 m.last_used = now
                 m.demand_since, m.demand_until = None, float("-inf")
                 m.unload_wanted = None
+                if m.name in self.phases:
+                    self._last_phase = m.name
                 self._on_use(m, now)
                 return AcquireResult(ACQ_READY, lease, "resident")
             if m.state == FAILED and now - m.failed_at < self.retry_after_s:
@@ -690,8 +693,11 @@ class ModelManager:
                 action = self._plan_version_job(m, now, unloading)
                 if action is not None:
                     return action
+        # In sequential mode demands are served in phase order (the phase after the one last served first), not
+        # in arrival order: a request that asks for embed while others wait for generate after rerank waits
+        # for the next cycle instead of breaking this one.
         demanded = sorted((m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
-                           and not m.busy and m.job is None), key=lambda m: m.demand_since)
+                           and not m.busy and m.job is None), key=lambda m: (self._phase_rank(m), m.demand_since))
         # Pre-warms do not chain: while a pre-warm's load is in flight the next one waits for it. A cold batch
         # loads its first phase (demanded) and pre-warms the second together; but once a request waits for a
         # pre-warm that has not finished, a third load beside it only slows the load that request waits for.
@@ -979,6 +985,13 @@ class ModelManager:
                 return m.canary.route()
             return m.canary.canary if m.canary_state == "promoting" else m.canary.stable
         return m.versions[0] if len(m.versions) == 1 else -1
+
+    def _phase_rank(self, m: _Model) -> int:
+        """Sequential mode: how many phases after the one last served ``m`` comes (0: the next one); 0 for every
+        model otherwise."""
+        if self.mode != SEQUENTIAL or m.name not in self.phases or self._last_phase not in self.phases:
+            return 0
+        return (self.phases.index(m.name) - self.phases.index(self._last_phase) - 1) % len(self.phases)
 
     def _on_use(self, m: _Model, now: float) -> None:
         """Sequential mode: pre-warm the next phase, retire the phases outside the window. Wakes the worker

@@ -515,6 +515,25 @@ def test_sequential_prewarm_waits_for_cooldown_and_never_evicts_the_phase_in_use
     assert loader.loads() == ["embed", "rerank"]
 
 
+def test_sequential_demands_are_served_in_phase_order_not_arrival_order():
+    """One engine fits. While rerank serves, a straggler asks for embed before the others ask for generate: the
+    phases keep their order (rerank -> generate -> embed) and the straggler waits for the next cycle."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    lease = use(mgr, "rerank", release=False)
+    assert mgr.acquire("embed").status == ACQ_WAITING     # the straggler, first
+    clock.advance(1)
+    assert mgr.acquire("generate").status == ACQ_WAITING
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate"]       # arrival order would have loaded embed
+    lease = use(mgr, "generate", release=False)
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate", "embed"]
+    mgr.set_mode(CO_RESIDENT)                             # co-resident: arrival order
+    assert mgr._phase_rank(mgr._models["rerank"]) == 0
+
+
 def test_mode_switch_validates():
     mgr, *_ = make()
     with pytest.raises(LifecycleError):
