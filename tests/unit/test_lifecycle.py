@@ -534,6 +534,27 @@ def test_sequential_demands_are_served_in_phase_order_not_arrival_order():
     assert mgr._phase_rank(mgr._models["rerank"]) == 0
 
 
+@pytest.mark.parametrize("start,end", [(UNLOADED, "unloading"), ("loading", UNLOADED), (DEAD, READY),
+                                       ("unloading", READY), (UNLOADED, DEAD)])
+def test_the_state_machine_refuses_a_transition_it_does_not_have(start, end):
+    from ragstack.lifecycle.state import IllegalTransition, ModelState
+
+    m = ModelState(spec=ModelSpec("embed", 1), state=start)
+    with pytest.raises(IllegalTransition):
+        m.move(end)
+    assert m.state == start
+
+
+def test_every_state_has_its_transitions_and_the_cycles_of_the_manager_are_legal():
+    from ragstack.lifecycle.state import TRANSITIONS, ModelState
+
+    assert set(TRANSITIONS) == {UNLOADED, "loading", READY, "unloading", DEAD, "failed"}
+    m = ModelState(spec=ModelSpec("embed", 1))
+    for state in ("loading", READY, DEAD, "loading", "failed", "loading", READY, "unloading", UNLOADED):
+        m.move(state)
+    assert m.state == UNLOADED
+
+
 def test_mode_switch_validates():
     mgr, *_ = make()
     with pytest.raises(LifecycleError):
