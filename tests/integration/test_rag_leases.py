@@ -158,8 +158,9 @@ def run_clients(clients, n_clients, n_questions, during=None):
 
 def one_engine_budget(mc, buffer=0.15):
     fp = {m: mc.status()["models"][m]["footprint_bytes"] for m in ENGINES}
-    watermark = int(max(fp.values()) * 1.05)
-    assert watermark < sum(sorted(fp.values())[:2]), fp            # no two engines fit at once
+    # room for the largest engine (and for its memory to grow a little as it serves), never for two
+    watermark = min(int(max(fp.values()) * 1.25), int(sum(sorted(fp.values())[:2]) * 0.95))
+    assert max(fp.values()) * 1.02 < watermark < sum(sorted(fp.values())[:2]), fp
     mc.call("configure", payload={"budget_bytes": int(watermark / (1 - buffer)) + 1, "safety_buffer": buffer,
                                   "cooldown_s": 0})
     return fp
