@@ -143,7 +143,8 @@ class ModelManager(SequentialPhases, Planner, Rollouts):
                 m.demand_since = now
             m.demand_until = now + self.demand_ttl_s
             m.unload_wanted = None
-            self._on_use(m, now)
+            if not self._other_phases_busy(m, now):   # a demand that starts a cycle steers it (pre-warm, retire)
+                self._on_use(m, now)
             self._wakeup.notify_all()
             status = ACQ_LOADING if m.state in (LOADING, DEAD) else ACQ_WAITING
             return AcquireResult(status, detail=m.blocked or m.state)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from ragstack.lifecycle.state import (CO_RESIDENT, FAILED, MODES, SEQUENTIAL, UNLOADED, LifecycleError,
-                                      ModelState)
+from ragstack.lifecycle.state import (CO_RESIDENT, FAILED, LOADING, MODES, SEQUENTIAL, UNLOADED,
+                                      LifecycleError, ModelState)
 
 
 class SequentialPhases:
@@ -54,6 +54,27 @@ class SequentialPhases:
         if self.mode != SEQUENTIAL or m.name not in self.phases or self._last_phase not in self.phases:
             return 0
         return (self.phases.index(m.name) - self.phases.index(self._last_phase) - 1) % len(self.phases)
+
+    def _load_order(self, m: ModelState) -> tuple:
+        """Which planned load goes first: demands by arrival, then pre-warms; in sequential mode the phases in
+        their order first, from the one after the phase last served, demanded or pre-warmed alike. A request that
+        asks for embed while the others are between rerank and generate then waits for the next cycle instead of
+        breaking this one (generate, pre-warmed by rerank's use, loads first)."""
+        demanded = m.demand_since is not None
+        rank = 0
+        if self.mode == SEQUENTIAL:
+            rank = self._phase_rank(m) if m.name in self.phases else (0 if demanded else len(self.phases))
+        return (rank, 0 if demanded else 1, m.demand_since if demanded else 0.0)
+
+    def _other_phases_busy(self, m: ModelState, now: float) -> bool:
+        """Sequential mode: whether a phase other than ``m`` is in use, wanted, pre-warming or loading. A request
+        that only *asks* for ``m`` then joins the cycle under way (served in its turn) instead of steering it:
+        its demand does not retire the phases the other requests are in, nor cancel their next one's pre-warm."""
+        if self.mode != SEQUENTIAL or m.name not in self.phases:
+            return False
+        others = (self._models[name] for name in self.phases if name != m.name)
+        return any(o.refcount > 0 or o.demand_since is not None or o.prewarm_until >= now or o.state == LOADING
+                   for o in others)
 
     def _on_use(self, m: ModelState, now: float) -> None:
         """Sequential mode: pre-warm the next phase, retire the phases outside the window. Wakes the worker

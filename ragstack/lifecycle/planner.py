@@ -28,18 +28,16 @@ class Planner:
                 action = self._plan_version_job(m, now, unloading)
                 if action is not None:
                     return action
-        # In sequential mode demands are served in phase order (the phase after the one last served first), not
-        # in arrival order: a request that asks for embed while others wait for generate after rerank waits
-        # for the next cycle instead of breaking this one.
-        demanded = sorted((m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
-                           and not m.busy and m.job is None), key=lambda m: (self._phase_rank(m), m.demand_since))
+        demanded = [m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
+                    and not m.busy and m.job is None]
         # Pre-warms do not chain: while a pre-warm's load is in flight the next one waits for it. A cold batch
         # loads its first phase (demanded) and pre-warms the second together; but once a request waits for a
         # pre-warm that has not finished, a third load beside it only slows the load that request waits for.
         prewarm_in_flight = any(m.state == LOADING and m.loading_for == "prewarm" for m in models)
         prewarms = [m for m in models if m.prewarm_until >= now and m.state in (UNLOADED, FAILED)
                     and not m.busy and m.demand_since is None and m.job is None and not prewarm_in_flight]
-        for m in (demanded + prewarms) if loads_open else ():   # 3. loads: demanded first, then pre-warms
+        # 3. loads: demands by arrival, then pre-warms; in sequential mode in phase order first (_load_order)
+        for m in sorted(demanded + prewarms, key=self._load_order) if loads_open else ():
             if m.state == FAILED and now - m.failed_at < self.retry_after_s:
                 continue
             need = m.estimate(len(m.versions) or 1)

@@ -534,6 +534,22 @@ def test_sequential_demands_are_served_in_phase_order_not_arrival_order():
     assert mgr._phase_rank(mgr._models["rerank"]) == 0
 
 
+def test_sequential_the_next_phase_prewarmed_goes_before_a_later_phase_demanded():
+    """One engine fits. Every rerank lease is back and the requests are between rerank and generate (CPU work, no
+    demand yet) when a straggler asks for embed: generate, pre-warmed by rerank's use, loads first."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    use(mgr, "rerank")
+    assert mgr.acquire("embed").status == ACQ_WAITING
+    mgr.run_once()                                        # one transition: evict rerank, load generate
+    assert loader.loads() == ["rerank", "generate"]
+    lease = use(mgr, "generate", release=False)          # the requests come for it
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate"]       # embed waits for its turn
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate", "embed"]
+
+
 @pytest.mark.parametrize("start,end", [(UNLOADED, "unloading"), ("loading", UNLOADED), (DEAD, READY),
                                        ("unloading", READY), (UNLOADED, DEAD)])
 def test_the_state_machine_refuses_a_transition_it_does_not_have(start, end):
