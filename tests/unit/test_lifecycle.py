@@ -996,3 +996,23 @@ def test_engine_unavailable_is_unavailable_and_names_the_engine():
         acquire_lease(lambda op, m, p: {"status": "loading", "detail": "loading"}, "embed", timeout_s=3,
                       sleep=lambda s: None, clock=clock)
     assert issubclass(EngineUnavailable, Unavailable)
+
+
+def test_a_phase_holds_one_lease_for_all_its_calls(monkeypatch):
+    """bls.phase: the embed calls of an ingest (256 texts each) reuse the phase's lease; outside it, each call
+    takes its own."""
+    from ragstack import bls
+
+    answers = {"acquire": {"status": "ready", "lease": "embed-1", "version": 3}, "release": {"released": True}}
+    _, pb, calls = _lease_module(monkeypatch, answers)
+    seen = []
+    with bls.phase(pb, "embed") as lease:
+        assert lease.managed and lease.version == 3
+        for _ in range(3):
+            bls.leased(pb, "embed", seen.append)
+        with bls.phase(pb, "embed"):                     # nested: the same lease
+            bls.leased(pb, "embed", seen.append)
+    assert seen == [3, 3, 3, 3]
+    assert [c[0] for c in calls] == ["acquire", "release"]
+    bls.leased(pb, "embed", seen.append)                  # outside the phase: a lease of its own
+    assert [c[0] for c in calls] == ["acquire", "release", "acquire", "release"]
