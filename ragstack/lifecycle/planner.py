@@ -44,6 +44,11 @@ class Planner:
             victims, reason = self._pick_victims(need, {m.name}, now)
             if victims and unloading:
                 continue
+            if victims and self.mode == SEQUENTIAL and m.demand_since is None and not demanded:
+                # A pre-warm takes spare memory; it retires an idle phase only when a request waits for a phase
+                # switch anyway. Else a phase idle for a moment between its requests (their CPU work) would be
+                # retired for the next one and be loaded back at once: the phases out of order, twice the loads.
+                continue
             if victims is None:
                 m.blocked = reason
                 if reason and reason.startswith("too big"):

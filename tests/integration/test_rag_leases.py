@@ -203,28 +203,84 @@ def test_sequential_one_engine_budget_serves_rag(clients, mc):
     print("phase log:", [(x["t"], x["action"], x["model"]) for x in log])
 
 
+def traffic(clients, n_clients, during):
+    """``n_clients`` threads (half HTTP, half gRPC) asking questions until ``during()`` (run on this thread)
+    returns: [(start, end, ok, error)] with monotonic times."""
+    records, stop, lock = [], threading.Event(), threading.Lock()
+
+    def worker(i):
+        protocol = "http" if i % 2 == 0 else "grpc"
+        own = dict(clients)
+        client = (httpclient.InferenceServerClient(clients["url_http"], network_timeout=300) if protocol == "http"
+                  else grpcclient.InferenceServerClient(clients["url_grpc"]))
+        own[protocol] = (protocol, client)
+        n = 0
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    ask(own, protocol, f"Question {i}.{n}?")
+                    ok, err = True, None
+                except Exception as e:  # noqa: BLE001 - recorded and asserted on
+                    ok, err = False, e
+                    time.sleep(0.2)
+                with lock:
+                    records.append((t0, time.monotonic(), ok, err))
+                n += 1
+        finally:
+            client.close()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    try:
+        during()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(300)
+    assert not any(t.is_alive() for t in threads), "a client request never ended"
+    return records
+
+
+def not_unavailable(records):
+    """The failures that are not the clear UNAVAILABLE (a 500 / INTERNAL, a timeout, ...)."""
+    return [str(e) for *_, ok, e in records
+            if not ok and not (isinstance(e, InferenceServerException) and is_unavailable(e))]
+
+
 def test_budget_cut_and_raised_mid_traffic_waits_or_is_unavailable(clients, mc):
+    roomy(mc)
+    warm(mc)
     fp = {m: mc.status()["models"][m]["footprint_bytes"] for m in ENGINES}
-    mc.call("set_mode", payload={"mode": "co_resident"})
-    big = int(sum(fp.values()) * 2)
-    mc.call("configure", payload={"budget_bytes": big, "safety_buffer": 0.15})
+    marks = {}
 
     def cut_and_raise():
-        time.sleep(2)
-        # below every engine's footprint: a request that needs an unloaded engine fails UNAVAILABLE at once
-        # ("too big"), one whose engine is still resident is served
+        time.sleep(3)
+        # below every engine's footprint: the idle engines are evicted, and a request that needs an unloaded
+        # engine fails UNAVAILABLE at once ("too big"); one whose engine is still resident is served
+        marks["cut"], marks["cut_clock"] = time.monotonic(), mc.status()["clock_s"]
         mc.call("configure", payload={"budget_bytes": int(min(fp.values()) * 0.5), "retry_after_s": 1})
         time.sleep(8)
-        mc.call("configure", payload={"budget_bytes": big})
-    results = run_clients(clients, 4, 6, during=cut_and_raise)
-    bad = [(p, str(e)) for p, _, e in results
-           if e is not None and not (isinstance(e, InferenceServerException) and is_unavailable(e))]
-    assert not bad, bad[:3]                                   # no 500 / INTERNAL, only the clear UNAVAILABLE
-    for p, _, e in results:
-        if e is not None:
+        marks["raised"] = time.monotonic()
+        mc.call("configure", payload={"budget_bytes": 64 << 30})
+        deadline = time.monotonic() + 120                  # until the engines are back and serving
+        mc.wait(lambda s: all(s["models"][m]["state"] == "ready" for m in ENGINES), timeout_s=120)
+        time.sleep(max(0.0, min(10.0, deadline - time.monotonic())))
+        marks["end"] = time.monotonic()
+    records = traffic(clients, 4, cut_and_raise)
+    bad = not_unavailable(records)
+    assert not bad, bad[:3]                                # no 500 / INTERNAL, only the clear UNAVAILABLE
+    for *_, ok, e in records:
+        if not ok:
             assert any(f"engine '{m}'" in str(e) for m in ENGINES), str(e)
-    assert any(e is None for _, _, e in results)
-    ask(clients, "grpc", "After the budget is back?")         # raised again: served
+    assert any(ok for t0, _, ok, _ in records if t0 < marks["cut"])              # served before the cut
+    cut = [x for x in mc.status()["transitions"] if x["t"] >= marks["cut_clock"] and x["action"] == "evict"]
+    assert cut, "the cut evicted nothing"
+    assert any(not ok for _, t1, ok, _ in records if t1 > marks["cut"]) or \
+        any(t1 - t0 > 2 for t0, t1, ok, _ in records if t0 < marks["raised"] < t1)  # failed or waited during it
+    after = [ok for t0, _, ok, _ in records if t0 > marks["end"] - 8]
+    assert after and all(after), after                     # raised again: served
+    ask(clients, "grpc", "After the budget is back?")
     ask(clients, "http", "After the budget is back?")
 
 
@@ -272,6 +328,7 @@ def warm(mc):
 def test_ingest_and_the_text_models_load_their_engine_on_demand_under_a_lease(clients, mc, rag_server, model,
                                                                                 engine):
     roomy(mc)
+    warm(mc)                                              # (the budget cut left engines failed or unloaded)
     mc.call("unload", engine)
     mc.wait(lambda s: s["models"][engine]["state"] == "unloaded", timeout_s=60)
     t0 = mc.status()["clock_s"]

@@ -512,6 +512,9 @@ def test_sequential_prewarm_waits_for_cooldown_and_never_evicts_the_phase_in_use
     assert loader.loads() == ["embed"]                    # embed idle but in its cooldown
     clock.advance(5)
     mgr.run_pending()
+    assert loader.loads() == ["embed"]                    # no spare memory: the pre-warm does not retire embed
+    assert mgr.acquire("rerank").status == ACQ_WAITING    # until a request waits for the switch
+    mgr.run_pending()
     assert loader.loads() == ["embed", "rerank"]
 
 
@@ -532,6 +535,22 @@ def test_sequential_demands_are_served_in_phase_order_not_arrival_order():
     assert loader.loads() == ["rerank", "generate", "embed"]
     mgr.set_mode(CO_RESIDENT)                             # co-resident: arrival order
     assert mgr._phase_rank(mgr._models["rerank"]) == 0
+
+
+def test_sequential_a_phase_idle_for_a_moment_is_not_retired_by_the_next_ones_prewarm():
+    """One engine fits. generate's last lease is back, but a request still on its way (CPU work between rerank
+    and generate) will ask for it: the cyclic pre-warm of embed must not retire it while nobody waits for embed
+    (seen through rag: embed loaded, then generate again, then embed: phases out of order, twice the loads)."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    use(mgr, "generate")                                  # pre-warms embed (cyclic)
+    mgr.run_pending()
+    assert loader.loads() == ["generate"]
+    straggler = mgr.acquire("generate")
+    assert straggler.status == ACQ_READY                  # the straggler: still resident
+    assert mgr.acquire("embed").status == ACQ_WAITING     # a request waits for embed: now the switch is due
+    mgr.release(straggler.lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["generate", "embed"]
 
 
 def test_sequential_the_next_phase_prewarmed_goes_before_a_later_phase_demanded():
