@@ -221,6 +221,37 @@ def plot(out: dict, path: Path) -> None:
     progress(f"wrote {path}")
 
 
+def report(args, started: str, machine: dict, fp: dict, loads_s: dict, by_batch: dict) -> dict:
+    out = {
+        "benchmark": "lifecycle",
+        "started": started,
+        "machine": machine,
+        "models": args.models,
+        "setup": {"batches": args.batches, "generate_max_tokens": args.max_tokens, "top_k": 4, "top_n": 2,
+                  "protocol": "N rag requests sent at once over one gRPC client (async_infer)",
+                  "rag_orchestrator": "3 instances x max batch 8: at most 24 requests in the pipeline at once",
+                  "abstention": "off (every request runs embed, rerank and generate)",
+                  "budgets": {"sequential_one": budget_for(fp, 1), "sequential_two": budget_for(fp, 2),
+                              "co_resident": 64 << 30, "safety_buffer": 0.15},
+                  "footprints_bytes": fp, "latest_load_seconds": loads_s},
+        "definitions": {
+            "resident": "co_resident, every engine loaded before the batch",
+            "co_resident_cold": "co_resident, budget for all three, none loaded: each loads at its first request",
+            "sequential_two": "sequential (cyclic), budget for two engines (the phase and the pre-warmed next), "
+                              "none loaded at the start",
+            "sequential_one": "sequential (cyclic), budget for one engine at a time, none loaded at the start",
+            "wall_s": "first request sent to last answer",
+            "loads / load_s": "the manager's loads during the batch and their seconds (load + warm-up)",
+            "hidden": "1 - (wall_s - wall_s of resident) / load_s, clamped to [0, 1] (hidden_raw unclamped)",
+        },
+        "by_batch": by_batch,
+        "summary": {case: {n: {k: by_batch[n][case].get(k) for k in ("wall_s", "ok", "failed", "loads", "load_s",
+                                                                      "hidden")}
+                           for n in by_batch} for case in CASES},
+    }
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=("demo", "tiny"), default="tiny")
@@ -258,39 +289,17 @@ def main() -> int:
         by_batch = {}
         for n in args.batches:
             by_batch[str(n)] = measure(rag, mc, fp, n, args.timeout)
+            # written after each batch size: a run stopped later keeps what it measured
+            partial = report(args, started, machine, fp, {}, by_batch)
+            write_json(args.out, partial)
+            plot(partial, args.out.with_suffix(".png"))
         rag.close()
         mc.call("set_mode", payload={"mode": "co_resident"})
         loads_s = {m: mc.model(m)["load_seconds"] for m in ENGINES}
         mc.close()
     finally:
         server.stop()
-    out = {
-        "benchmark": "lifecycle",
-        "started": started,
-        "machine": machine,
-        "models": args.models,
-        "setup": {"batches": args.batches, "generate_max_tokens": args.max_tokens, "top_k": 4, "top_n": 2,
-                  "protocol": "N rag requests sent at once over one gRPC client (async_infer)",
-                  "rag_orchestrator": "3 instances x max batch 8: at most 24 requests in the pipeline at once",
-                  "abstention": "off (every request runs embed, rerank and generate)",
-                  "budgets": {"sequential_one": budget_for(fp, 1), "sequential_two": budget_for(fp, 2),
-                              "co_resident": 64 << 30, "safety_buffer": 0.15},
-                  "footprints_bytes": fp, "latest_load_seconds": loads_s},
-        "definitions": {
-            "resident": "co_resident, every engine loaded before the batch",
-            "co_resident_cold": "co_resident, budget for all three, none loaded: each loads at its first request",
-            "sequential_two": "sequential (cyclic), budget for two engines (the phase and the pre-warmed next), "
-                              "none loaded at the start",
-            "sequential_one": "sequential (cyclic), budget for one engine at a time, none loaded at the start",
-            "wall_s": "first request sent to last answer",
-            "loads / load_s": "the manager's loads during the batch and their seconds (load + warm-up)",
-            "hidden": "1 - (wall_s - wall_s of resident) / load_s, clamped to [0, 1] (hidden_raw unclamped)",
-        },
-        "by_batch": by_batch,
-        "summary": {case: {n: {k: by_batch[n][case].get(k) for k in ("wall_s", "ok", "failed", "loads", "load_s",
-                                                                      "hidden")}
-                           for n in by_batch} for case in CASES},
-    }
+    out = report(args, started, machine, fp, loads_s, by_batch)
     write_json(args.out, out)
     plot(out, args.out.with_suffix(".png"))
     print(json.dumps(out["summary"]))
