@@ -170,7 +170,7 @@ def loads_since(mc, t0):
     return [x for x in mc.status()["transitions"] if x["t"] >= t0 and x["action"] in ("load", "unload", "evict")]
 
 
-@pytest.mark.timeout(300 + 90 * QUESTIONS)          # the server start, then about a cycle of loads per question
+@pytest.mark.timeout(600 + 180 * QUESTIONS)         # the server start, then a cycle of loads per question (a busy machine)
 def test_sequential_one_engine_budget_serves_rag(clients, mc):
     t0 = mc.status()["clock_s"]
     one_engine_budget(mc)
