@@ -34,7 +34,9 @@ pytestmark = pytest.mark.integration
 
 ENGINES = ("embed", "rerank", "generate")
 TEXT_MODELS = ("embed_text", "rerank_text", "generate_text")
-LEASE_TIMEOUT_S = 90
+# A request may wait a whole cycle of the three phases' loads for its turn (sequential mode serves the phases in
+# order): on the shared 2-core machine under other sessions' tests a load took 30-50 s.
+LEASE_TIMEOUT_S = 300
 IN_FLIGHT_LIMIT_S = 10.0      # a request in flight when its engine's stub dies fails within this, or is retried
 # Questions per client in sequential mode. Each engine switch costs 3-15 s of load on the shared 2-core machine
 # and one cycle of the three phases serves at most one question per client, so 10 (the issue's figure) takes
@@ -146,7 +148,7 @@ def run_clients(clients, n_clients, n_questions, during=None):
                     results.append((protocol, None, e))
         finally:
             client.close()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_clients)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_clients)]
     for t in threads:
         t.start()
     if during is not None:
@@ -320,7 +322,7 @@ def warm(mc):
     """Every engine loaded (co-resident mode loads only on demand: a test may have unloaded some)."""
     for m in ENGINES:
         mc.call("prewarm", m)
-    mc.wait(lambda s: all(s["models"][m]["state"] == "ready" for m in ENGINES), timeout_s=120)
+    mc.wait(lambda s: all(s["models"][m]["state"] == "ready" for m in ENGINES), timeout_s=400)
 
 
 @pytest.mark.parametrize("model,engine", [("ingest", "embed"), ("embed_text", "embed"),
@@ -447,7 +449,9 @@ def test_kill_9_of_the_generate_stub_under_rag_traffic(clients, mc, rag_server):
         mc.wait(lambda s: s["models"]["generate"]["heals"] > heals and s["models"]["generate"]["state"] == "ready",
                 timeout_s=120)
         t_healed = time.monotonic()
-        time.sleep(5)                                     # the next requests, after the heal
+        deadline = time.monotonic() + 180                 # the next requests, after the heal: a few of them
+        while time.monotonic() < deadline and sum(r[0] > t_healed for r in list(records)) < 4:
+            time.sleep(0.5)
     finally:
         stop.set()
         for t in threads:
