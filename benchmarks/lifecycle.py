@@ -166,16 +166,18 @@ def measure(rag: Rag, mc, fp: dict, n: int, timeout_s: float) -> dict:
     queries = queries_for(n)
     by_case = {}
     for case in CASES:
-        wait_idle(0.35, 30)
+        run_idle = wait_idle(0.35, 10)
         prepare(mc, case, fp)
         t0 = mc.status()["clock_s"]
         run = rag.batch(queries, timeout_s)
         t1 = mc.status()["clock_s"]
         # the log holds the last 100 transitions: enough for a batch's (about 2 per load) at these sizes
         run.update(lifecycle_during(mc.status()["transitions"], t0, t1))
+        run["others_busy_before"] = run_idle["other_busy_fraction"]
         by_case[case] = run
         progress(f"N={n} {case}: {run['wall_s']:.1f} s, {run['ok']}/{n} served, {run['loads']} loads "
-                 f"({run['load_s']:.1f} s), {run['evictions']} evictions")
+                 f"({run['load_s']:.1f} s), {run['evictions']} evictions"
+                 + (f"; errors {run['errors']}" if run["errors"] else ""))
     base = by_case["resident"]["wall_s"]
     for case in CASES[1:]:
         run = by_case[case]
@@ -256,7 +258,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=("demo", "tiny"), default="tiny")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a batch may take")
     ap.add_argument("--out", type=Path, default=RESULTS / "lifecycle.json")
     args = ap.parse_args()
