@@ -1,484 +1,309 @@
 #!/usr/bin/env python3
-"""What a request sees when its engine is cold, pre-warmed, or resident (model lifecycle, spec 001).
+"""A batch of N queries through `rag` under four lifecycle configurations (issue 12, spec 001).
 
-One run: this process starts one tritonserver (model_manager and the three reference engines) and drives the
-RAG phases the way spec 001's sequential mode runs them, over the manager's lease protocol (the same ops a BLS
-model uses, over HTTP): embed a batch of queries and search the corpus (CPU), rerank each query's candidates,
-then generate. For each target engine X (rerank: phase 2; generate: phase 3) it measures the latency of one
-request to X, from asking the manager for X to X's response:
+What a user of the stack sees: the batch is N `rag` requests sent at once (gRPC, asynchronous) to one
+tritonserver (the reference engines, `rag`, `ingest`, `vector_index`, `model_manager`). Every engine call of the
+pipeline runs under a lease from `model_manager`, so the manager loads, pre-warms and retires the engines the
+requests ask for. Measured for each batch size N (default 8, 64, 256), one case after the other:
 
-* **cold**: X not loaded (co-resident mode, no pre-warm): the request waits for the whole load;
-* **pre-warmed**: sequential mode; X not loaded when the previous phase starts: acquiring the previous phase's
-  engine makes the manager start loading X, the previous phase runs (its batch on its engine, plus the CPU
-  work: tokenisation and the search), then the request to X is made;
-* **resident**: X loaded;
-* **pre-warmed, cold start**: sequential mode, neither X nor the previous phase's engine loaded when the batch
-  arrives (a batch pipeline whose last batch ended on another engine): acquiring the previous engine demands its
-  load and pre-warms X. Measured twice, with the manager's ``parallel_loads`` at 2 (both loads run at once) and
-  at 1 (X's load waits for the previous engine's): the ratio of the two is measured side by side in each run.
+* **resident**: co-resident mode, every engine loaded before the batch (no load at all: the baseline);
+* **co_resident_cold**: co-resident mode under a budget that holds the three engines, none loaded when the
+  batch arrives: each engine loads at its first request and stays;
+* **sequential_two**: sequential mode under a budget that holds two engines (spec 001: the phase in use and the
+  next one, pre-warmed), none loaded when the batch arrives;
+* **sequential_one**: sequential mode under a budget that holds one engine at a time, none loaded when the batch
+  arrives: each phase switch retires an engine and loads the next (no pre-warm possible).
 
-``hidden = (cold - prewarmed) / (cold - resident)``: the share of X's load time the request no longer sees
-(target >= 0.8). The previous phase's duration with and without a concurrent load is reported too: on this
-2-core CPU machine the load (a Python stub importing torch) competes with the phase for the CPU.
+For each: the batch's wall time (first request sent to last answer), the requests served and failed, the loads
+the manager made during the batch (from its transition log: how many, why — demand or pre-warm — and their
+seconds, load plus warm-up), the evictions, and the share of the load time the batch did not wait for:
 
-Then a whole batch (embed + search, rerank, one answer) from nothing loaded: its wall time in co-resident mode
-(each phase waits for its own load), in sequential mode with parallel_loads 2 and 1, and with every engine
-resident: the share of the three loads the batch does not wait for.
+    hidden = 1 - (wall - wall_resident) / load_seconds        (clamped to [0, 1]; the raw value is kept too)
 
-Writes results/lifecycle.json. Progress goes to stderr.
+`wall - wall_resident` is what the loads (and the phase switching) cost the batch; `load_seconds` is what they
+took. The runtime policy is the project's with abstention off, so that every request runs the three phases
+(the tiny models' random reranker would make some answers abstain without generating).
 
-  .venv/bin/python benchmarks/lifecycle.py [--models demo|tiny] [--batches N ...] [--candidates 16] [--reps 2]
-                                           [--pipeline-batches N ...]
+Writes results/lifecycle.json and results/lifecycle.png. Progress goes to stderr.
 
-The pre-warmed latency is measured after previous phases over batches of several sizes: the overlap a pre-warm
-gets is the previous phase's duration, so the hidden share grows with it and reaches ~100 % once the phase
-lasts as long as the load (and the warm-up the manager runs after it).
+  .venv/bin/python benchmarks/lifecycle.py [--models tiny|demo] [--batches 8 64 256] [--max-tokens 16]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import queue
 import signal
-import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, corpus_paragraphs, eval_questions, machine_info, now_iso, progress, \
-    wait_idle, write_json  # noqa: E402
+from common import RESULTS, ROOT, eval_questions, machine_info, now_iso, progress, wait_idle, write_json  # noqa: E402
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
+from ragstack.manifest import read_manifest  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
-EMBED_CHUNK, RERANK_CHUNK = 32, 16
-TARGET_HIDDEN = 0.8
-# The previous phase of generate is the rerank of every query's candidates (long); of rerank, the embedding of
-# the queries and the search (short): a batch of 64 queries still embeds in about a second.
-DEFAULT_BATCHES = {"generate": [2, 8, 24], "rerank": [8, 64, 256, 1024]}
-COLD_START_PARALLEL = (2, 1)
+ENGINES = ("embed", "rerank", "generate")
+CASES = ("resident", "co_resident_cold", "sequential_two", "sequential_one")
 
 
-class Pipeline:
-    """The RAG phases as a client runs them: every engine call inside a lease from the manager."""
-
-    def __init__(self, server: TritonProcess, models: Path, max_tokens: int):
-        import tritonclient.grpc as grpcclient
-        import tritonclient.http as httpclient
-
-        from ragstack.chat import GeneratorTokenizer
-        from ragstack.text import EmbedTokenizer, RerankTokenizer
-
-        self.http = httpclient.InferenceServerClient(server.http_url, network_timeout=600, connection_timeout=600)
-        self.grpc_url = server.grpc_url
-        self._grpc = grpcclient
-        self._httpc = httpclient
-        self.mc = ManagerClient(server.http_url)
-        self.embed_tok = EmbedTokenizer(models / "embed")
-        self.rerank_tok = RerankTokenizer(models / "rerank")
-        self.gen_tok = GeneratorTokenizer(models / "generate")
-        self.max_tokens = max_tokens
-        self.docs = corpus_paragraphs()
-        self.doc_vectors = None
-
-    # --------------------------------------------------------------------------------------- engine calls
-    def _infer(self, model, ids, mask, output, version):
-        inputs = []
-        for name, arr in (("input_ids", ids), ("attention_mask", mask)):
-            t = self._httpc.InferInput(name, list(arr.shape), "INT32")
-            t.set_data_from_numpy(arr.astype(np.int32))
-            inputs.append(t)
-        kwargs = {"model_version": str(version)} if version > 0 else {}
-        return self.http.infer(model, inputs, **kwargs).as_numpy(output)
-
-    def embed(self, texts, input_type):
-        with self.mc.lease("embed") as lease:
-            ids, mask, _ = self.embed_tok.encode(texts, input_type)
-            return np.concatenate([self._infer("embed", ids[s:s + EMBED_CHUNK], mask[s:s + EMBED_CHUNK],
-                                               "embedding", lease.version) for s in range(0, len(ids), EMBED_CHUNK)])
-
-    def rerank(self, pairs):
-        """pairs: [(query, [docs])] -> [[scores]] (the whole batch under one lease)."""
-        with self.mc.lease("rerank") as lease:
-            out = []
-            for query, docs in pairs:
-                ids, mask = self.rerank_tok.encode_pairs(query, docs)
-                out.append(np.concatenate([self._infer("rerank", ids[s:s + RERANK_CHUNK], mask[s:s + RERANK_CHUNK],
-                                                       "score", lease.version).reshape(-1)
-                                           for s in range(0, len(ids), RERANK_CHUNK)]))
-            return out
-
-    def generate(self, prompt):
-        from ragstack.trtllm_io import generate_inputs
-
-        with self.mc.lease("generate") as lease:
-            ids = self.gen_tok.prompt_ids(prompt)
-            arrays = generate_inputs(ids, self.max_tokens, self.gen_tok.end_id, self.gen_tok.pad_id,
-                                     return_perf_metrics=False)
-            inputs = []
-            for name, arr in arrays.items():
-                dtype = "BYTES" if arr.dtype == object else {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-                                                             np.dtype(np.bool_): "BOOL",
-                                                             np.dtype(np.uint64): "UINT64"}[arr.dtype]
-                t = self._grpc.InferInput(name, list(arr.shape), dtype)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
-            responses = queue.Queue()
-            client = self._grpc.InferenceServerClient(self.grpc_url)
-            client.start_stream(callback=lambda result, error: responses.put((result, error)))
-            try:
-                client.async_stream_infer("generate", inputs, model_version=str(lease.version) if lease.version > 0
-                                          else "", enable_empty_final_response=True)
-                while True:
-                    result, error = responses.get(timeout=600)
-                    if error is not None:
-                        raise error
-                    if result.get_response().parameters["triton_final_response"].bool_param:
-                        return
-            finally:
-                client.stop_stream()
-                client.close()
-
-    # -------------------------------------------------------------------------------------------- phases
-    def index_corpus(self):
-        self.doc_vectors = self.embed(self.docs, "document")
-
-    def phase_embed_search(self, queries, candidates):
-        q = self.embed(queries, "query")
-        top = np.argsort(-(q @ self.doc_vectors.T), axis=1)[:, :candidates]         # CPU: exact search
-        return [(query, [self.docs[i] for i in row]) for query, row in zip(queries, top)]
-
-    def phase_rerank(self, pairs):
-        return self.rerank(pairs)
-
-    def request(self, model, pairs, queries):
-        """One request to ``model``: what the latency is measured on."""
-        if model == "rerank":
-            self.rerank(pairs[:1])
-        elif model == "generate":
-            self.generate(f"Answer from the context: {queries[0]}")
-        else:
-            self.embed(queries[:1], "query")
-
-    # ---------------------------------------------------------------------------------------- lifecycle
-    def unload(self, model):
-        self.mc.call("unload", model)
-        self.mc.wait_state(model, "unloaded", timeout_s=120)
-
-    def ensure(self, model):
-        with self.mc.lease(model):
-            pass
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
-
-
-def timeline_hidden(transitions: list, model: str, asked: float):
-    """The share of the target's load (+ the manager's warm-up) that was over before the request was made,
-    from the manager's own transition log: ``(asked - load start) / (ready - load start)``, clamped."""
-    loads = [x for x in transitions if x["model"] == model and x["action"] == "load"]
-    if not loads:
-        return None
-    last = loads[-1]
-    ready = last["t"]
-    start = ready - last["seconds"] - (last.get("warmup_ms") or 0) / 1000.0
-    if ready <= start:
-        return None
-    return round(max(0.0, min(1.0, (asked - start) / (ready - start))), 4)
+def policy_without_abstention(work: Path) -> Path:
+    policy = json.loads((ROOT / "config" / "runtime_policy.json").read_text())
+    for task in policy["tasks"].values():
+        task.pop("abstain_below_rerank", None)
+    path = work / "policy.json"
+    path.write_text(json.dumps(policy, indent=2))
+    return path
 
 
 def queries_for(n: int) -> list:
-    """The labelled questions, repeated until there are at least ``n`` of them."""
+    """The labelled questions, numbered and repeated until there are ``n`` of them."""
     questions = eval_questions()
-    return questions * -(-n // len(questions))
+    return [f"{questions[i % len(questions)]} ({i})" for i in range(n)]
 
 
-def clamped_median(values: list):
-    """The median of the hidden fractions of a batch's runs, clamped to [0, 1] (None when there are none)."""
-    return round(max(0.0, min(1.0, statistics.median(values))), 4) if values else None
+class Rag:
+    """N `rag` requests at once over one gRPC client; every answer (or error) is recorded."""
+
+    def __init__(self, url: str, headers: dict, max_tokens: int):
+        import tritonclient.grpc as grpcclient
+
+        self.grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        self.max_tokens = max_tokens
+
+    def _inputs(self, query: str):
+        arrays = {"query": np.array([[query.encode()]], dtype=object), "top_k": np.array([[4]], np.int32),
+                  "top_n": np.array([[2]], np.int32), "max_tokens": np.array([[self.max_tokens]], np.int32),
+                  "collection": np.array([[b"corpus"]], dtype=object)}
+        out = []
+        for name, arr in arrays.items():
+            t = self.grpc.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else "INT32")
+            t.set_data_from_numpy(arr)
+            out.append(t)
+        return out
+
+    def batch(self, queries: list, timeout_s: float) -> dict:
+        done = threading.Event()
+        lock = threading.Lock()
+        results = []
+        t0 = time.perf_counter()
+
+        def callback(result, error):
+            with lock:
+                results.append((time.perf_counter() - t0, error))
+                if len(results) == len(queries):
+                    done.set()
+        for q in queries:
+            self.client.async_infer("rag", self._inputs(q), callback, headers=dict(self.headers),
+                                    client_timeout=timeout_s)
+        if not done.wait(timeout_s + 30):
+            raise TimeoutError(f"{len(queries) - len(results)} of {len(queries)} requests unanswered")
+        errors = {}
+        for _, e in results:
+            if e is not None:
+                key = f"{e.status()}: {str(e.message())[:120]}"
+                errors[key] = errors.get(key, 0) + 1
+        return {"wall_s": round(max(t for t, _ in results), 3), "ok": sum(e is None for _, e in results),
+                "failed": sum(e is not None for _, e in results), "errors": errors,
+                "latency_p50_s": round(float(np.median([t for t, _ in results])), 3)}
+
+    def close(self):
+        self.client.close()
 
 
-def start_cold_sequential(p: Pipeline, models, parallel_loads: int) -> None:
-    """``models`` unloaded, then sequential mode for a batch pipeline with ``parallel_loads`` loads at once."""
-    p.mc.call("configure", payload={"parallel_loads": parallel_loads})
-    p.mc.call("set_mode", payload={"mode": "co_resident"})
-    for model in models:
-        p.unload(model)
-    p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})
+def footprints(mc) -> dict:
+    return {m: mc.model(m)["footprint_bytes"] for m in ENGINES}
 
 
-def measure_target(p: Pipeline, target: str, batches, candidates: int, reps: int) -> dict:
-    """Latency of one request to ``target``: per batch size of the previous phase, cold, pre-warmed and resident
-    measured back to back in each run (the machine is shared: a run's three see about the same background)."""
-    previous = {"rerank": "embed", "generate": "rerank"}[target]
-    queries_all = queries_for(max(max(batches), 4))
-    small = queries_all[:4]
-    small_pairs = p.phase_embed_search(small, candidates)
-    p.mc.call("set_mode", payload={"mode": "co_resident"})
-    p.ensure(previous)
-    p.ensure(target)
-    resident = [timed(p.request, target, small_pairs, small) for _ in range(5)]
-    med_res = statistics.median(resident)
-    progress(f"{target} resident {med_res * 1000:.0f} ms")
-    by_batch = {}
-    for n in batches:
-        queries = queries_all[:n]
-        pairs = p.phase_embed_search(queries, candidates)
+def budget_for(fp: dict, engines: int, buffer: float = 0.15) -> int:
+    """A budget whose high-watermark holds ``engines`` of the engines (the largest ones) and never one more."""
+    sizes = sorted(fp.values())
+    fits = sum(sizes[-engines:])
+    never = sum(sizes[:engines + 1]) if engines < len(sizes) else 10 * fits
+    watermark = min(int(fits * 1.25), int(never * 0.95))
+    if watermark <= fits:
+        raise RuntimeError(f"the engines' footprints {fp} leave no budget for exactly {engines} of them")
+    return int(watermark / (1 - buffer)) + 1
 
-        def previous_phase():
-            if previous == "embed":
-                p.phase_embed_search(queries, candidates)
-            else:
-                p.phase_rerank(pairs)
 
-        p.mc.call("set_mode", payload={"mode": "co_resident"})
-        p.ensure(previous)
-        p.ensure(target)
-        alone = [timed(previous_phase) for _ in range(max(1, reps - 1))]
-        runs = []
-        for rep in range(reps):
-            wait_idle(0.35, 30)
-            # cold: co-resident mode, nothing pre-warms the target
-            p.mc.call("set_mode", payload={"mode": "co_resident"})
-            p.ensure(previous)
-            p.unload(target)
-            cold = timed(p.request, target, small_pairs, small)
-            cold_model = p.mc.model(target)
-            # pre-warmed: sequential; acquiring the previous phase's engine starts the target's load
-            p.ensure(previous)
-            p.unload(target)
-            p.mc.call("set_mode", payload={"mode": "sequential", "cyclic": False})   # a batch pipeline
-            phase = timed(previous_phase)
-            asked = p.mc.status()["clock_s"]                  # the manager's clock when the request is made
-            pre = timed(p.request, target, small_pairs, small)
-            pre_model = p.mc.model(target)
-            covered = timeline_hidden(p.mc.status()["transitions"], target, asked)
-            res = timed(p.request, target, small_pairs, small)   # resident, under the same background load
-            hidden = (cold - pre) / (cold - res) if cold > res else None
-            cold_start = {}
-            for parallel in COLD_START_PARALLEL:
-                # pre-warmed from a cold start: the previous engine unloaded too, its load demanded by the phase
-                start_cold_sequential(p, (previous, target), parallel)
-                cs_phase = timed(previous_phase)
-                cs_asked = p.mc.status()["clock_s"]
-                cs_pre = timed(p.request, target, small_pairs, small)
-                cs_model = p.mc.model(target)
-                cs_hidden = (cold - cs_pre) / (cold - res) if cold > res else None
-                cold_start[f"parallel_loads_{parallel}"] = {
-                    "prewarmed_s": round(cs_pre, 4), "previous_phase_s": round(cs_phase, 3),
-                    "previous_load_s": round(p.mc.model(previous)["load_seconds"], 3),
-                    "prewarm_load_s": round(cs_model["load_seconds"], 3),
-                    "hidden_fraction": None if cs_hidden is None else round(cs_hidden, 4),
-                    "hidden_fraction_timeline": timeline_hidden(p.mc.status()["transitions"], target, cs_asked)}
-            p.mc.call("configure", payload={"parallel_loads": COLD_START_PARALLEL[0]})
-            runs.append({"cold_s": round(cold, 4), "prewarmed_s": round(pre, 4), "resident_s": round(res, 4),
-                         "previous_phase_s": round(phase, 3),
-                         "cold_load_s": round(cold_model["load_seconds"], 3),
-                         "cold_warmup_ms": cold_model["warmup_ms"],
-                         "prewarm_load_s": round(pre_model["load_seconds"], 3),
-                         "prewarm_warmup_ms": pre_model["warmup_ms"],
-                         "hidden_fraction": None if hidden is None else round(hidden, 4),
-                         "hidden_fraction_timeline": covered, "cold_start": cold_start})
-            progress(f"{target}, {n}-query {previous} phase of {phase:.2f} s: cold {cold:.2f} s (load "
-                     f"{cold_model['load_seconds']:.2f} s), pre-warmed {pre:.2f} s (load "
-                     f"{pre_model['load_seconds']:.2f} s): hidden {hidden if hidden is None else round(hidden, 3)}; "
-                     "cold start: " + ", ".join(f"{k} {v['prewarmed_s']:.2f} s (hidden {v['hidden_fraction']})"
-                                                for k, v in cold_start.items()))
-        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-        covered = [r["hidden_fraction_timeline"] for r in runs if r["hidden_fraction_timeline"] is not None]
-        hidden = clamped_median([r["hidden_fraction"] for r in runs if r["hidden_fraction"] is not None])
-        cold_start = {}
-        for key in (f"parallel_loads_{n}" for n in COLD_START_PARALLEL):
-            cs = [r["cold_start"][key] for r in runs]
-            cs_hidden = [c["hidden_fraction"] for c in cs if c["hidden_fraction"] is not None]
-            cs_timeline = [c["hidden_fraction_timeline"] for c in cs if c["hidden_fraction_timeline"] is not None]
-            cold_start[key] = {
-                "prewarmed_latency_s": round(statistics.median(c["prewarmed_s"] for c in cs), 4),
-                "previous_phase_s": round(statistics.median(c["previous_phase_s"] for c in cs), 3),
-                "hidden_fraction": clamped_median(cs_hidden),
-                "hidden_fraction_timeline": round(statistics.median(cs_timeline), 4) if cs_timeline else None}
-        par, ser = (cold_start[f"parallel_loads_{n}"]["prewarmed_latency_s"] for n in COLD_START_PARALLEL)
-        cold_start["serial_over_parallel_latency"] = round(ser / par, 3) if par > 0 else None
-        by_batch[str(n)] = {
-            "queries": n, "previous_phase_work": (f"{n * candidates} (query, document) pairs" if previous == "rerank"
-                                                  else f"{n} queries embedded + exact search"),
-            "cold_latency_s": round(med("cold_s"), 4), "prewarmed_latency_s": round(med("prewarmed_s"), 4),
-            "resident_latency_s": round(med("resident_s"), 4),
-            "previous_phase_s": {"alone": [round(x, 3) for x in alone],
-                                 "with_prewarm": round(med("previous_phase_s"), 3)},
-            "load_s": round(med("cold_load_s"), 3),
-            "hidden_fraction": hidden,
-            "hidden_fraction_timeline": round(statistics.median(covered), 4) if covered else None,
-            "cold_start": cold_start,
-            "runs": runs,
-        }
-        progress(f"{target}, {n}-query batch: hidden {by_batch[str(n)]['hidden_fraction']}; cold start: hidden "
-                 + ", ".join(f"{k} {v['hidden_fraction']}" for k, v in cold_start.items() if isinstance(v, dict)))
-    p.mc.call("set_mode", payload={"mode": "co_resident"})
-    return {
-        "previous_phase": previous,
-        "request": {"rerank": f"one query x {candidates} candidates",
-                    "generate": f"one prompt, {p.max_tokens} new tokens"}[target],
-        "resident_latency_s": {"median": round(med_res, 4), "runs": [round(x, 4) for x in resident]},
+def prepare(mc, case: str, fp: dict) -> None:
+    """Mode and budget of ``case``; every engine loaded (resident) or unloaded (the others)."""
+    mc.call("set_mode", payload={"mode": "co_resident"})
+    mc.call("configure", payload={"budget_bytes": 64 << 30, "safety_buffer": 0.15, "cooldown_s": 0})
+    if case == "resident":
+        for m in ENGINES:
+            mc.call("prewarm", m)
+        mc.wait(lambda s: all(s["models"][m]["state"] == "ready" for m in ENGINES), timeout_s=300)
+        return
+    for m in ENGINES:
+        mc.call("unload", m)
+    mc.wait(lambda s: all(s["models"][m]["state"] == "unloaded" for m in ENGINES), timeout_s=300)
+    if case.startswith("sequential"):
+        engines = 1 if case == "sequential_one" else 2
+        mc.call("configure", payload={"budget_bytes": budget_for(fp, engines), "safety_buffer": 0.15})
+        mc.call("set_mode", payload={"mode": "sequential", "cyclic": True})
+
+
+def lifecycle_during(transitions: list, t0: float, t1: float) -> dict:
+    loads = [x for x in transitions if t0 <= x["t"] <= t1 + 0.5 and x["action"] == "load"]
+    load_s = sum(x.get("seconds", 0.0) + (x.get("warmup_ms") or 0.0) / 1000.0 for x in loads)
+    return {"loads": len(loads), "loads_by_reason": {r: sum(x["detail"] == r for x in loads)
+                                                     for r in sorted({x["detail"] for x in loads})},
+            "load_order": [x["model"] for x in loads],
+            "load_s": round(load_s, 3),
+            "evictions": sum(t0 <= x["t"] <= t1 + 0.5 and x["action"] == "evict" for x in transitions),
+            "unloads": sum(t0 <= x["t"] <= t1 + 0.5 and x["action"] == "unload" for x in transitions)}
+
+
+def measure(rag: Rag, mc, fp: dict, n: int, timeout_s: float) -> dict:
+    queries = queries_for(n)
+    by_case = {}
+    for case in CASES:
+        run_idle = wait_idle(0.35, 10)
+        prepare(mc, case, fp)
+        t0 = mc.status()["clock_s"]
+        run = rag.batch(queries, timeout_s)
+        t1 = mc.status()["clock_s"]
+        # the log holds the last 100 transitions: enough for a batch's (about 2 per load) at these sizes
+        run.update(lifecycle_during(mc.status()["transitions"], t0, t1))
+        run["others_busy_before"] = run_idle["other_busy_fraction"]
+        by_case[case] = run
+        progress(f"N={n} {case}: {run['wall_s']:.1f} s, {run['ok']}/{n} served, {run['loads']} loads "
+                 f"({run['load_s']:.1f} s), {run['evictions']} evictions"
+                 + (f"; errors {run['errors']}" if run["errors"] else ""))
+    base = by_case["resident"]["wall_s"]
+    for case in CASES[1:]:
+        run = by_case[case]
+        if run["load_s"] > 0:
+            raw = 1.0 - (run["wall_s"] - base) / run["load_s"]
+            run["hidden_raw"] = round(raw, 4)
+            run["hidden"] = round(min(1.0, max(0.0, raw)), 4)
+        else:
+            run["hidden_raw"] = run["hidden"] = None
+        run["over_resident"] = round(run["wall_s"] / base, 3)
+    return by_case
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(out["by_batch"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    width = 0.8 / len(CASES)
+    for i, case in enumerate(CASES):
+        walls = [out["by_batch"][n][case]["wall_s"] for n in batches]
+        xs = [j + i * width for j in range(len(batches))]
+        bars = ax1.bar(xs, walls, width, label=case)
+        for x, n, bar in zip(xs, batches, bars):
+            ax1.annotate(f"{out['by_batch'][n][case]['loads']}", (x, bar.get_height()), ha="center",
+                         va="bottom", fontsize=7)
+    ax1.set_xticks([j + width * (len(CASES) - 1) / 2 for j in range(len(batches))], [f"N={n}" for n in batches])
+    ax1.set_ylabel("batch wall time (s)")
+    ax1.set_title("N rag requests at once (number above a bar: loads)")
+    ax1.legend(fontsize=8)
+    for case in CASES[1:]:
+        ax2.plot(batches, [out["by_batch"][n][case]["hidden"] for n in batches], marker="o", label=case)
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("queries in the batch")
+    ax2.set_ylabel("share of load time hidden")
+    ax2.set_title("1 - (wall - wall_resident) / load seconds")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"lifecycle through rag ({out['models']} models, {out['machine']['nproc']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    progress(f"wrote {path}")
+
+
+def report(args, started: str, machine: dict, fp: dict, loads_s: dict, by_batch: dict) -> dict:
+    out = {
+        "benchmark": "lifecycle",
+        "started": started,
+        "machine": machine,
+        "models": args.models,
+        "setup": {"batches": args.batches, "generate_max_tokens": args.max_tokens, "top_k": 4, "top_n": 2,
+                  "protocol": "N rag requests sent at once over one gRPC client (async_infer)",
+                  "rag_orchestrator": "3 instances x max batch 8: at most 24 requests in the pipeline at once",
+                  "abstention": "off (every request runs embed, rerank and generate)",
+                  "budgets": {"sequential_one": budget_for(fp, 1), "sequential_two": budget_for(fp, 2),
+                              "co_resident": 64 << 30, "safety_buffer": 0.15},
+                  "footprints_bytes": fp, "latest_load_seconds": loads_s},
+        "definitions": {
+            "resident": "co_resident, every engine loaded before the batch",
+            "co_resident_cold": "co_resident, budget for all three, none loaded: each loads at its first request",
+            "sequential_two": "sequential (cyclic), budget for two engines (the phase and the pre-warmed next), "
+                              "none loaded at the start",
+            "sequential_one": "sequential (cyclic), budget for one engine at a time, none loaded at the start",
+            "wall_s": "first request sent to last answer",
+            "loads / load_s": "the manager's loads during the batch and their seconds (load + warm-up)",
+            "hidden": "1 - (wall_s - wall_s of resident) / load_s, clamped to [0, 1] (hidden_raw unclamped)",
+        },
         "by_batch": by_batch,
+        "summary": {case: {n: {k: by_batch[n][case].get(k) for k in ("wall_s", "ok", "failed", "loads", "load_s",
+                                                                      "hidden")}
+                           for n in by_batch} for case in CASES},
     }
-
-
-PIPELINE_CASES = ("resident", "cold", "sequential_parallel_loads_2", "sequential_parallel_loads_1")
-
-
-def measure_pipeline(p: Pipeline, batches, candidates: int, reps: int) -> dict:
-    """A whole batch through the three phases (embed + search n queries, rerank their candidates, answer one
-    prompt), its wall time from the batch's arrival, in four cases measured back to back in each run:
-    every engine resident; every engine unloaded in co-resident mode (each phase waits for its own load); and
-    every engine unloaded in sequential mode (each phase pre-warms the next) with parallel_loads 2 and 1.
-    ``hidden`` = (cold - sequential) / (cold - resident): the share of the three loads the batch does not wait for."""
-    queries_all = queries_for(max(batches))
-    by_batch = {}
-    for n in batches:
-        queries = queries_all[:n]
-        pairs = p.phase_embed_search(queries, candidates)
-        runs = []
-        for _ in range(reps):
-            wait_idle(0.35, 30)
-            run = {}
-            for case in PIPELINE_CASES:
-                engines = ("embed", "rerank", "generate")
-                if case.startswith("sequential"):
-                    start_cold_sequential(p, engines, int(case.rsplit("_", 1)[1]))
-                else:
-                    p.mc.call("set_mode", payload={"mode": "co_resident"})
-                    for model in engines:
-                        if case == "resident":
-                            p.ensure(model)
-                        else:
-                            p.unload(model)
-                stages = {"embed_search_s": timed(p.phase_embed_search, queries, candidates),
-                          "rerank_s": timed(p.phase_rerank, pairs),
-                          "generate_s": timed(p.generate, f"Answer from the context: {queries[0]}")}
-                run[case] = {k: round(v, 3) for k, v in stages.items()}
-                run[case]["total_s"] = round(sum(stages.values()), 3)
-            p.mc.call("configure", payload={"parallel_loads": COLD_START_PARALLEL[0]})
-            for case in PIPELINE_CASES[2:]:
-                cold, res, seq = (run[c]["total_s"] for c in ("cold", "resident", case))
-                run[case]["hidden_fraction"] = round((cold - seq) / (cold - res), 4) if cold > res else None
-            runs.append(run)
-            progress(f"pipeline, {n} queries: " + ", ".join(f"{c} {run[c]['total_s']:.1f} s" for c in PIPELINE_CASES)
-                     + "; hidden " + ", ".join(f"{c[-1]} loads at once {run[c]['hidden_fraction']}"
-                                               for c in PIPELINE_CASES[2:]))
-        med = {c: {k: round(statistics.median(r[c][k] for r in runs), 3) for k in runs[0][c]
-                   if k != "hidden_fraction"} for c in PIPELINE_CASES}
-        for c in PIPELINE_CASES[2:]:
-            med[c]["hidden_fraction"] = clamped_median([r[c]["hidden_fraction"] for r in runs
-                                                        if r[c]["hidden_fraction"] is not None])
-        by_batch[str(n)] = {"queries": n, "pairs_reranked": n * candidates, "median": med,
-                            "parallel_over_serial_speedup": round(med[PIPELINE_CASES[3]]["total_s"]
-                                                                  / med[PIPELINE_CASES[2]]["total_s"], 3),
-                            "runs": runs}
-    p.mc.call("set_mode", payload={"mode": "co_resident"})
-    return {"cases": list(PIPELINE_CASES), "by_batch": by_batch}
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", choices=("demo", "tiny"), default="demo")
-    ap.add_argument("--batches", type=int, nargs="+",
-                    help="queries in the batch the previous phase works on, one pre-warmed measurement each "
-                         f"(default per target: {DEFAULT_BATCHES})")
-    ap.add_argument("--candidates", type=int, default=16, help="search results reranked per query")
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--targets", nargs="+", default=["rerank", "generate"])
-    ap.add_argument("--pipeline-batches", type=int, nargs="*", default=[8, 64],
-                    help="queries per batch of the whole-pipeline measurement (none: skip it)")
+    ap.add_argument("--models", choices=("demo", "tiny"), default="tiny")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a batch may take")
     ap.add_argument("--out", type=Path, default=RESULTS / "lifecycle.json")
     args = ap.parse_args()
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # so that the server is stopped on the way out
     models = ROOT / "build" / "models" / args.models
     work = Path(tempfile.mkdtemp(prefix="lifecycle-bench-"))
-    server = TritonProcess(models, load_models="model_manager embed rerank generate",
+    server = TritonProcess(models, load_models="model_manager rag ingest vector_index embed rerank generate",
                            log_path=ROOT / "build" / "logs" / "bench-lifecycle.log",
-                           env={"RAG_DATA_PATH": str(work), "RAGSTACK_EVENT_LOG": str(work / "events.jsonl")})
+                           env={"RAG_DATA_PATH": str(work / "data"),
+                                "RAG_POLICY_FILE": str(policy_without_abstention(work)),
+                                "RAG_LEASE_TIMEOUT_S": str(args.timeout)})
     progress(f"starting tritonserver on the {args.models} models")
     server.start()
     started = now_iso()
+    machine = machine_info()
     try:
-        p = Pipeline(server, models, args.max_tokens)
-        p.mc.wait(lambda s: all(m["state"] == "ready" for m in s["models"].values()), timeout_s=300)
-        p.mc.call("configure", payload={"budget_bytes": 64 << 30, "cooldown_s": 0})
-        p.index_corpus()
-        results = {t: measure_target(p, t, args.batches or DEFAULT_BATCHES[t], args.candidates, args.reps)
-                   for t in args.targets}
-        pipeline = (measure_pipeline(p, args.pipeline_batches, args.candidates, args.reps)
-                    if args.pipeline_batches else None)
-        status = p.mc.status()
+        import tritonclient.http as httpclient
+
+        from tests.integration.conftest import CORPUS, ingest
+
+        mc = ManagerClient(server.http_url)
+        mc.wait(lambda s: all(s["models"][m]["state"] == "ready" and s["models"][m]["measured"] for m in ENGINES),
+                timeout_s=300)
+        with httpclient.InferenceServerClient(server.http_url, network_timeout=600) as h:
+            ingest(("http", h), [p.stem for p in CORPUS], [p.read_text() for p in CORPUS])
+        fp = footprints(mc)
+        rag = Rag(server.grpc_url, read_manifest(models / "generate").headers(), args.max_tokens)
+        rag.batch(queries_for(4), args.timeout)                      # warm the CPU side (tokenizers, index)
+        by_batch = {}
+        for n in args.batches:
+            by_batch[str(n)] = measure(rag, mc, fp, n, args.timeout)
+            # written after each batch size: a run stopped later keeps what it measured
+            partial = report(args, started, machine, fp, {}, by_batch)
+            write_json(args.out, partial)
+            plot(partial, args.out.with_suffix(".png"))
+        rag.close()
+        mc.call("set_mode", payload={"mode": "co_resident"})
+        loads_s = {m: mc.model(m)["load_seconds"] for m in ENGINES}
+        mc.close()
     finally:
         server.stop()
-    summary = {"target": TARGET_HIDDEN, "hidden_fraction": {}, "previous_phase_s": {}, "load_s": {},
-               "smallest_batch_meeting_target": {}}
-    for t, r in results.items():
-        batches = r["by_batch"]
-        summary["hidden_fraction"][t] = {n: b["hidden_fraction"] for n, b in batches.items()}
-        summary.setdefault("hidden_fraction_timeline", {})[t] = {n: b["hidden_fraction_timeline"]
-                                                                  for n, b in batches.items()}
-        summary["previous_phase_s"][t] = {n: b["previous_phase_s"]["with_prewarm"] for n, b in batches.items()}
-        for key in (f"parallel_loads_{n}" for n in COLD_START_PARALLEL):
-            summary.setdefault(f"hidden_fraction_cold_start_{key}", {})[t] = {
-                n: b["cold_start"][key]["hidden_fraction"] for n, b in batches.items()}
-        summary["load_s"][t] = {n: b["load_s"] for n, b in batches.items()}
-        met = [int(n) for n, b in batches.items() if b["hidden_fraction"] is not None
-               and b["hidden_fraction"] >= TARGET_HIDDEN]
-        summary["smallest_batch_meeting_target"][t] = min(met) if met else None
-        key = f"parallel_loads_{COLD_START_PARALLEL[0]}"
-        met = [int(n) for n, b in batches.items() if b["cold_start"][key]["hidden_fraction"] is not None
-               and b["cold_start"][key]["hidden_fraction"] >= TARGET_HIDDEN]
-        summary.setdefault(f"smallest_batch_meeting_target_cold_start_{key}", {})[t] = min(met) if met else None
-    out = {
-        "benchmark": "lifecycle",
-        "started": started,
-        "machine": machine_info(),
-        "models": args.models,
-        "model_set": str(models.relative_to(ROOT)),
-        "setup": {"batches": {t: args.batches or DEFAULT_BATCHES[t] for t in args.targets},
-                  "pipeline_batches": args.pipeline_batches,
-                  "candidates_per_query": args.candidates, "reps": args.reps,
-                  "generate_max_tokens": args.max_tokens, "corpus_paragraphs": len(p.docs),
-                  "protocol": "manager lease ops over HTTP; embed/rerank over HTTP, generate over a gRPC stream"},
-        "definitions": {
-            "cold": "co_resident mode, the engine unloaded: the request waits for its load",
-            "prewarmed": "sequential mode, the engine unloaded when the previous phase's engine is acquired; "
-                         "the previous phase (its batch + CPU tokenisation/search) runs, then the request",
-            "resident": "the engine loaded",
-            "hidden_fraction": "median over runs of (cold - prewarmed) / (cold - resident), each run measuring "
-                               "the three back to back (the machine is shared), clamped to [0, 1]",
-            "hidden_fraction_timeline": "from the manager's transition log: the share of the load + warm-up that "
-                                        "was over when the request was made (median over runs); insensitive to "
-                                        "the background load of the shared machine",
-            "cold_start": "sequential mode, the previous phase's engine unloaded too: the phase demands its load, "
-                          "which pre-warms the target; with parallel_loads 2 the two loads run together, with 1 "
-                          "the target's load waits; hidden_fraction as above, against the same run's cold and "
-                          "resident latencies",
-        },
-        "targets": results,
-        "pipeline": pipeline,
-        "footprints_bytes": {m: v["footprint_bytes"] for m, v in status["models"].items()},
-        "summary": summary,
-    }
-    if pipeline is not None:
-        summary["pipeline_hidden_fraction"] = {c: {n: b["median"][c]["hidden_fraction"]
-                                                   for n, b in pipeline["by_batch"].items()}
-                                               for c in PIPELINE_CASES[2:]}
-        summary["pipeline_total_s"] = {c: {n: b["median"][c]["total_s"] for n, b in pipeline["by_batch"].items()}
-                                       for c in PIPELINE_CASES}
+    out = report(args, started, machine, fp, loads_s, by_batch)
     write_json(args.out, out)
+    plot(out, args.out.with_suffix(".png"))
     print(json.dumps(out["summary"]))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,15 +28,45 @@ LEASE_TIMEOUT_ENV = "RAG_LEASE_TIMEOUT_S"
 DEFAULT_LEASE_TIMEOUT_S = 120.0
 
 
+_phases = threading.local()          # the leases a thread holds for a whole phase (see phase())
+
+
+def _lease_timeout_s() -> float:
+    return float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT_S)
+
+
 def leased(pb, model: str, fn: Callable, retry_if: Optional[Callable] = None):
     """``fn(version)`` under one engine lease from ``model_manager`` (a no-op lease when the manager is not
     loaded): the engine is loaded on demand and kept while ``fn`` runs, ``version`` is the one the lease names
     (-1: whichever Triton serves), the outcome feeds the manager's canary, and a call that met a dead stub is
-    retried once after the manager's reload. One lease covers a whole phase (every chunk of a batch)."""
+    retried once after the manager's reload. One lease covers a whole call (every chunk of a batch); inside
+    :func:`phase` the phase's lease covers it."""
     from ragstack.lifecycle.bls_client import call_with_lease
 
-    timeout_s = float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT_S)
-    return call_with_lease(pb, model, lambda lease: fn(lease.version), timeout_s=timeout_s, retry_if=retry_if)
+    held = getattr(_phases, "leases", {}).get(model)
+    if held is not None:
+        return fn(held.version)
+    return call_with_lease(pb, model, lambda lease: fn(lease.version), timeout_s=_lease_timeout_s(),
+                           retry_if=retry_if)
+
+
+@contextlib.contextmanager
+def phase(pb, model: str):
+    """One lease on ``model`` for a phase made of several calls (an ingest's embed calls, 256 texts each): the
+    calls inside reuse it instead of taking one each, so the engine cannot be retired between them. No dead-stub
+    retry inside: the phase fails UNAVAILABLE, and its release tells the manager, which reloads the engine."""
+    from ragstack.lifecycle.bls_client import engine_lease
+
+    held = _phases.__dict__.setdefault("leases", {})
+    if model in held:                  # nested: the outer phase's lease
+        yield held[model]
+        return
+    with engine_lease(pb, model, timeout_s=_lease_timeout_s()) as lease:
+        held[model] = lease
+        try:
+            yield lease
+        finally:
+            del held[model]
 
 
 def _stage(timer, name):

@@ -5,6 +5,7 @@ The Triton ``ingest`` model wires ``embed`` (BLS to the embed engine) and ``inde
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -120,13 +121,14 @@ def parse_documents(op: str, doc_ids: list, texts: list | None, metadata: list |
 
 def ingest(op: str, collection: str, docs: list, *, chunk: Callable, embed: Callable, index: Callable,
            settings: dict, progress: Callable | None = None, chunk_file: Callable | None = None,
-           embed_batch: int = EMBED_CALL_TEXTS) -> dict:
+           embed_batch: int = EMBED_CALL_TEXTS, embed_phase: Callable | None = None) -> dict:
     """Apply ``op`` to ``docs``. ``chunk(text) -> [Chunk]``; ``chunk_file(doc) -> [Chunk]`` for a document given
     as a file (Docling); ``embed([text]) -> [n, dim]``; ``index(op, payload, vectors) -> dict``.
 
     Upserts run in three phases: (1) every changed document is converted and chunked, so a file that fails
     conversion refuses the request before anything is written; (2) the chunks of the whole batch are embedded
-    together, ``embed_batch`` texts per ``embed`` call (which splits them into engine-sized batches); (3) each
+    together, ``embed_batch`` texts per ``embed`` call (which splits them into engine-sized batches), all of them
+    inside ``embed_phase()`` if given (the Triton model's: one engine lease for the phase); (3) each
     document is upserted and acknowledged only once the index has stored it. A document whose content hash
     (text or file, metadata, ``settings``) is already stored is not converted or embedded again."""
     report: list = [None] * len(docs)
@@ -163,7 +165,8 @@ def ingest(op: str, collection: str, docs: list, *, chunk: Callable, embed: Call
         pending.append((i, content_hash, chunks))
 
     texts = [c.text for _, _, chunks in pending for c in chunks]
-    vectors = [embed(texts[s:s + embed_batch]) for s in range(0, len(texts), embed_batch)]
+    with embed_phase() if embed_phase is not None and texts else contextlib.nullcontext():
+        vectors = [embed(texts[s:s + embed_batch]) for s in range(0, len(texts), embed_batch)]
     vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
     at = 0

@@ -28,6 +28,11 @@ The rules
   warming it up and reporting ``rollback_completed`` with the root cause). A manual ``rollback`` restores the
   version the current one replaced (:class:`VersionHistory`).
 
+Where things are: the model states and their legal transitions in :mod:`~ragstack.lifecycle.state`, what to do
+next in :mod:`~ragstack.lifecycle.planner`, sequential mode in :mod:`~ragstack.lifecycle.phases`, canaries and
+rollbacks in :mod:`~ragstack.lifecycle.rollouts` (mixins of :class:`ModelManager`, which keeps the requests,
+the views, the housekeeping, the worker and the transitions themselves: load, unload, heal).
+
 Never blocking: ``acquire`` answers at once (``ready`` with a lease, or ``loading``/``waiting``); the one worker
 (:meth:`run_once`, driven by :meth:`start`'s thread in production) plans every transition under the lock, so the
 accounting never races with itself. It performs them one at a time, except loads: with ``parallel_loads`` > 1
@@ -38,69 +43,24 @@ other; the budget counts a loading model at its footprint from the moment the lo
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import Callable, Dict, Iterable, Mapping, Optional
 
 from ragstack.lifecycle.budget import MemoryBudget
-from ragstack.lifecycle.canary import CONTINUE, PROMOTE, ROLLBACK, CanaryRouter
 from ragstack.lifecycle.history import VersionHistory
+from ragstack.lifecycle.phases import SequentialPhases
+from ragstack.lifecycle.planner import Planner
+from ragstack.lifecycle.rollouts import Rollouts
+from ragstack.lifecycle.state import (  # noqa: F401 - re-exported: the manager's public names
+    ACQ_FAILED, ACQ_LOADING, ACQ_READY, ACQ_UNMANAGED, ACQ_WAITING, CO_RESIDENT, DEAD, DEAD_STUB_MARKERS,
+    DEFAULT_PHASES, FAILED, LOADING, MODES, READY, SEQUENTIAL, TRANSITIONS, UNLOADED, UNLOADING, AcquireResult,
+    IllegalTransition, Lease, LifecycleError, LoadJob, ModelSpec, ModelState, VersionJob)
 
 log = logging.getLogger("ragstack.lifecycle")
-
-# model states
-UNLOADED, LOADING, READY, UNLOADING, DEAD, FAILED = "unloaded", "loading", "ready", "unloading", "dead", "failed"
-CO_RESIDENT, SEQUENTIAL = "co_resident", "sequential"
-MODES = (CO_RESIDENT, SEQUENTIAL)
-DEFAULT_PHASES = ("embed", "rerank", "generate")
-
-# acquire outcomes
-ACQ_READY, ACQ_LOADING, ACQ_WAITING, ACQ_FAILED, ACQ_UNMANAGED = "ready", "loading", "waiting", "failed", "unmanaged"
-
-# what a request error says when the model's stub is gone (Triton 2.51's message)
-DEAD_STUB_MARKERS = ("is not healthy", "Stub process", "died while serving this request")
-
-
-class LifecycleError(ValueError):
-    """A request the manager cannot honour as asked (unknown mode, no canary running, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    seed_bytes: int               # footprint estimate before the first measurement
-    engine_dir: Optional[str] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Lease:
-    id: str
-    model: str
-    version: int                  # -1: whichever version Triton serves
-    acquired_at: float
-    expires_at: float
-
-
-@dataclasses.dataclass(frozen=True)
-class AcquireResult:
-    status: str
-    lease: Optional[Lease] = None
-    detail: str = ""
-
-    @property
-    def version(self) -> int:
-        return self.lease.version if self.lease else -1
-
-    def to_dict(self) -> dict:
-        out = {"status": self.status, "detail": self.detail}
-        if self.lease:
-            out.update(lease=self.lease.id, version=self.lease.version)
-        return out
-
 
 class LifecycleSink:
     """What the manager reports (metrics, events). No-ops here; the Triton model and the tests override."""
@@ -115,80 +75,7 @@ class LifecycleSink:
     def usage(self, used_bytes: int, budget: MemoryBudget, resident: Mapping[str, int]) -> None: ...
 
 
-@dataclasses.dataclass
-class _VersionJob:
-    kind: str                     # canary_start | promote | rollback
-    versions: tuple               # what to serve afterwards
-    reason: str = ""
-    trigger: str = ""             # auto | manual
-    from_version: int = -1
-    to_version: int = -1
-    stats: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class _Model:
-    spec: ModelSpec
-    state: str = UNLOADED
-    footprint: int = 0
-    per_version: Optional[int] = None
-    measured: bool = False
-    footprint_source: str = "seed"            # seed | process (probe, refreshed) | device (loader: NVML delta)
-    refcount: int = 0
-    version_refs: Counter = dataclasses.field(default_factory=Counter)
-    last_used: float = float("-inf")
-    loaded_at: Optional[float] = None
-    unloaded_at: Optional[float] = None
-    load_seconds: Optional[float] = None
-    warmup_ms: Optional[float] = None
-    loads: int = 0
-    unloads: int = 0
-    evictions: int = 0
-    heals: int = 0
-    versions: tuple = ()
-    slots: frozenset = frozenset()
-    error: Optional[str] = None
-    failed_at: float = float("-inf")
-    dead_since: Optional[float] = None
-    demand_since: Optional[float] = None
-    demand_until: float = float("-inf")
-    prewarm_until: float = float("-inf")
-    unload_wanted: Optional[str] = None
-    suspect: bool = False                     # a request failed on a dead stub: no leases until checked
-    busy: bool = False
-    loading_for: Optional[str] = None         # why the load in flight began: demand | prewarm | heal
-    blocked: Optional[str] = None
-    load_times: deque = dataclasses.field(default_factory=lambda: deque(maxlen=64))
-    last_oscillation_alert: float = float("-inf")
-    canary: Optional[CanaryRouter] = None
-    canary_state: Optional[str] = None        # starting | running | promoting | rolling_back
-    job: Optional[_VersionJob] = None
-    last_canary: Optional[dict] = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def resident(self) -> bool:
-        return self.state in (LOADING, READY, UNLOADING, DEAD)
-
-    def estimate(self, n_versions: int = 1) -> int:
-        per = self.per_version if self.per_version is not None else self.spec.seed_bytes
-        return per * max(1, n_versions)
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoadJob:
-    """A planned load (demand, pre-warm or heal): what the worker may run on a thread of its own."""
-    model: str
-    run: Callable[[], object]
-
-    def __call__(self):
-        return self.run()
-
-
-class ModelManager:
+class ModelManager(SequentialPhases, Planner, Rollouts):
     def __init__(self, models: Iterable, *, budget: MemoryBudget, loader, probe=None,
                  sink: Optional[LifecycleSink] = None, history: Optional[VersionHistory] = None,
                  clock: Callable[[], float] = time.monotonic, mode: str = CO_RESIDENT,
@@ -199,7 +86,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         specs = [m if isinstance(m, ModelSpec) else ModelSpec(str(m), 0) for m in models]
-        self._models: Dict[str, _Model] = {s.name: _Model(spec=s, footprint=s.seed_bytes) for s in specs}
+        self._models: Dict[str, ModelState] = {s.name: ModelState(spec=s, footprint=s.seed_bytes) for s in specs}
         self.budget = budget
         self.loader, self.probe = loader, probe
         self.sink = sink or LifecycleSink()
@@ -221,6 +108,7 @@ class ModelManager:
             if current is not None:
                 m.versions = (current,)
         self._leases: Dict[str, Lease] = {}
+        self._last_phase: Optional[str] = None   # the phase that last got a lease (sequential order)
         self._ids = itertools.count(1)
         self._health_due = self._reconcile_due = float("-inf")
         self._t0 = clock()
@@ -245,6 +133,8 @@ class ModelManager:
                 m.last_used = now
                 m.demand_since, m.demand_until = None, float("-inf")
                 m.unload_wanted = None
+                if m.name in self.phases:
+                    self._last_phase = m.name
                 self._on_use(m, now)
                 return AcquireResult(ACQ_READY, lease, "resident")
             if m.state == FAILED and now - m.failed_at < self.retry_after_s:
@@ -253,7 +143,8 @@ class ModelManager:
                 m.demand_since = now
             m.demand_until = now + self.demand_ttl_s
             m.unload_wanted = None
-            self._on_use(m, now)
+            if not self._other_phases_busy(m, now):   # a demand that starts a cycle steers it (pre-warm, retire)
+                self._on_use(m, now)
             self._wakeup.notify_all()
             status = ACQ_LOADING if m.state in (LOADING, DEAD) else ACQ_WAITING
             return AcquireResult(status, detail=m.blocked or m.state)
@@ -273,13 +164,7 @@ class ModelManager:
                 del m.version_refs[lease.version]
             m.last_used = now
             self.sink.request(m.name, lease.version, ok, latency_s)
-            if m.canary is not None and m.canary_state == "running" and lease.version in m.canary.stats:
-                m.canary.record(lease.version, ok, latency_s, error)
-                decision = m.canary.decide()
-                if decision.action == ROLLBACK:
-                    self._begin_canary_end(m, ROLLBACK, decision.reason, trigger="auto")
-                elif decision.action == PROMOTE:
-                    self._begin_canary_end(m, PROMOTE, decision.reason, trigger="auto")
+            self._judge_canary(m, lease.version, ok, latency_s, error)
             if not ok and error and any(s in error for s in DEAD_STUB_MARKERS):
                 # No new lease until the worker has looked at the stubs (next tick, at once): the caller's
                 # retry then waits for the reload instead of meeting the dead stub again.
@@ -307,30 +192,6 @@ class ModelManager:
             m.demand_since = None
             self._wakeup.notify_all()
             return m.state
-
-    def set_mode(self, mode: str, phases: Optional[Iterable] = None, cyclic: Optional[bool] = None) -> None:
-        """``co_resident`` or ``sequential`` (over ``phases``, default: the managed ones of embed, rerank,
-        generate, in that order). ``cyclic`` (default on): the last phase pre-warms the first, for a stream of
-        queries; off for a batch pipeline, where nothing follows the last phase."""
-        if mode not in MODES:
-            raise LifecycleError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        with self._lock:
-            if phases is not None:
-                phases = tuple(phases)
-                unknown = [p for p in phases if p not in self._models]
-                if unknown or len(set(phases)) != len(phases) or len(phases) < 2:
-                    raise LifecycleError(f"phases must be two or more distinct managed models, got {phases}")
-                self.phases = phases
-            if mode == SEQUENTIAL and len(self.phases) < 2:
-                raise LifecycleError(f"sequential mode needs two or more phases, got {self.phases}")
-            self.mode = mode
-            if cyclic is not None:
-                self.cyclic = bool(cyclic)
-            if mode == CO_RESIDENT:
-                for m in self._models.values():
-                    if m.unload_wanted == SEQUENTIAL:
-                        m.unload_wanted = None
-            self._wakeup.notify_all()
 
     def configure(self, *, budget: Optional[MemoryBudget] = None, **settings) -> None:
         """Change the budget or a timing setting (cooldown_s, lease_ttl_s, ...) while running."""
@@ -361,86 +222,11 @@ class ModelManager:
             if m.state != READY:
                 return
             now = self.clock()
-            m.state, m.dead_since, m.suspect = DEAD, now, False
+            m.move(DEAD)
+            m.dead_since, m.suspect = now, False
             self._log("dead", m, detail)
             self.sink.alert("model_stub_died", model=m.name, detail=detail, versions=list(m.versions))
             self._wakeup.notify_all()
-
-    # ====================================================================================== public: canary
-    def canary_start(self, model: str, version: int, *, share: float = 0.1, min_requests: int = 50,
-                     promote_after: int = 200, max_error_rate: float = 0.02,
-                     max_latency_ratio: Optional[float] = None, stable: Optional[int] = None,
-                     engine_info: Optional[dict] = None) -> dict:
-        with self._lock:
-            m = self._get(model)
-            if m.canary is not None or m.job is not None:
-                raise LifecycleError(f"{model}: a rollout is already in progress ({m.canary_state or m.job.kind})")
-            if stable is None:
-                stable = self.history.current(model) or (m.versions[0] if len(m.versions) == 1 else 1)
-            router = CanaryRouter(model, int(stable), int(version), share, min_requests, promote_after,
-                                  max_error_rate, max_latency_ratio)
-            self.history.ensure_current(model, int(stable))
-            self.history.canary_started(model, int(stable), int(version), engine_info, share=share,
-                                        min_requests=min_requests, promote_after=promote_after,
-                                        max_error_rate=max_error_rate)
-            m.canary, m.canary_state = router, "starting"
-            if not m.versions:
-                m.versions = (int(stable),)
-            m.job = _VersionJob("canary_start", (int(stable), int(version)), trigger="manual",
-                                from_version=int(stable), to_version=int(version))
-            self._log("canary_start", m, f"v{stable} + v{version} at {share:.0%}")
-            self._wakeup.notify_all()
-            return router.to_dict()
-
-    def canary_record(self, model: str, version: int, ok: bool, latency_s: Optional[float] = None,
-                      error: Optional[str] = None) -> str:
-        """An outcome reported outside a lease (a caller that routes by itself); returns the decision."""
-        with self._lock:
-            m = self._get(model)
-            if m.canary is None or m.canary_state != "running":
-                raise LifecycleError(f"{model}: no canary is running")
-            m.canary.record(int(version), ok, latency_s, error)
-            decision = m.canary.decide()
-            if decision.action != CONTINUE:
-                self._begin_canary_end(m, decision.action, decision.reason, trigger="auto")
-            self._wakeup.notify_all()
-            return decision.action
-
-    def canary_route(self, model: str) -> int:
-        with self._lock:
-            return self._route(self._get(model))
-
-    def rollback(self, model: str, root_cause: str) -> dict:
-        """Operator rollback: abort the running canary, or restore the version the current one replaced."""
-        if not root_cause:
-            raise LifecycleError("a rollback needs a root cause")
-        with self._lock:
-            m = self._get(model)
-            if m.canary is not None and m.canary_state in ("starting", "running"):
-                self._begin_canary_end(m, ROLLBACK, root_cause, trigger="manual")
-                return {"rolling_back": m.name, "to_version": m.canary.stable}
-            if m.job is not None:
-                raise LifecycleError(f"{model}: a {m.job.kind} is in progress; try again when it is done")
-            current, previous = self.history.current(model), self.history.previous(model)
-            if current is None or previous is None:
-                raise LifecycleError(f"{model}: no previous version to roll back to (history: {current})")
-            m.job = _VersionJob(ROLLBACK, (previous,), reason=root_cause, trigger="manual",
-                                from_version=current, to_version=previous)
-            self._log("rollback_start", m, f"v{current} -> v{previous}: {root_cause}")
-            self._wakeup.notify_all()
-            return {"rolling_back": m.name, "to_version": previous}
-
-    def _begin_canary_end(self, m: _Model, action: str, reason: str, trigger: str) -> None:
-        router = m.canary
-        stats = router.to_dict()
-        if action == PROMOTE:
-            m.canary_state = "promoting"
-            m.job = _VersionJob(PROMOTE, (router.canary,), reason, trigger, router.stable, router.canary, stats)
-        else:
-            m.canary_state = "rolling_back"
-            m.job = _VersionJob(ROLLBACK, (router.stable,), reason, trigger, router.canary, router.stable, stats)
-        self._log(f"{action}_start", m, reason)
-        self._wakeup.notify_all()
 
     # ======================================================================================= public: views
     def used_bytes(self) -> int:
@@ -462,7 +248,7 @@ class ModelManager:
                 "transitions": list(self.transitions)[-100:],
             }
 
-    def _model_status(self, m: _Model, now: float) -> dict:
+    def _model_status(self, m: ModelState, now: float) -> dict:
         return {
             "state": m.state, "loading_for": m.loading_for, "refcount": m.refcount,
             "footprint_bytes": m.footprint, "measured": m.measured, "footprint_source": m.footprint_source,
@@ -489,7 +275,8 @@ class ModelManager:
             if m.state != UNLOADED:
                 return
             now = self.clock()
-            m.state, m.loaded_at, m.last_used = READY, now, now
+            m.move(READY)
+            m.loaded_at, m.last_used = now, now
             self._log("adopt", m, "")
         self._refresh(initial={model})
 
@@ -534,7 +321,8 @@ class ModelManager:
                 if m.busy or m.job is not None:
                     continue
                 if m.state == READY and not is_ready and m.refcount == 0:
-                    m.state, m.unloaded_at, m.slots = UNLOADED, self.clock(), frozenset()
+                    m.move(UNLOADED)
+                    m.unloaded_at, m.slots = self.clock(), frozenset()
                     self._log("external_unload", m, "not ready in Triton")
                     self._report_usage()
             if is_ready and self._models[name].state == UNLOADED:
@@ -586,13 +374,14 @@ class ModelManager:
                 with self._lock:
                     m = self._models[name]
                     if m.state == READY and not m.busy:
-                        m.state, m.unloaded_at, m.slots, m.suspect = UNLOADED, self.clock(), frozenset(), False
+                        m.move(UNLOADED)
+                        m.unloaded_at, m.slots, m.suspect = self.clock(), frozenset(), False
                         self._log("external_unload", m, detail)
                         self._report_usage()
                 continue
             self.on_stub_dead(name, detail)
 
-    def _expected_slots(self, m: _Model, slots: frozenset) -> frozenset:
+    def _expected_slots(self, m: ModelState, slots: frozenset) -> frozenset:
         if m.versions:
             return frozenset(s for s in slots if s[0] is None or s[0] in m.versions)
         return frozenset(slots)
@@ -653,7 +442,7 @@ class ModelManager:
             action = self._plan(self.clock())
             if action is None:
                 return False
-            threaded = background and self.parallel_loads > 1 and isinstance(action, _LoadJob)
+            threaded = background and self.parallel_loads > 1 and isinstance(action, LoadJob)
             if threaded:
                 self._loads_running += 1
         if not threaded:
@@ -663,7 +452,7 @@ class ModelManager:
                          daemon=True).start()
         return True
 
-    def _run_load_job(self, job: "_LoadJob") -> None:
+    def _run_load_job(self, job: "LoadJob") -> None:
         try:
             job()
         except Exception:  # noqa: BLE001 - _load reports its own failures; anything else must not kill the count
@@ -673,141 +462,8 @@ class ModelManager:
                 self._loads_running -= 1
                 self._wakeup.notify_all()
 
-    # ------------------------------------------------------------------------------------------- planning
-    def _plan(self, now: float) -> Optional[Callable[[], None]]:
-        models = list(self._models.values())
-        loads_open = self._loads_running < self.parallel_loads
-        # With loads on their own threads the planner can see transitions in flight. Memory being unloaded
-        # still counts as used until it is gone, so no eviction is planned against it (it would evict more
-        # than needed): such plans wait for the unloads to finish.
-        unloading = any(m.state == UNLOADING for m in models)
-        for m in models:                                    # 1. heal dead stubs
-            if m.state == DEAD and not m.busy and loads_open:
-                m.busy, m.loading_for = True, "heal"
-                return _LoadJob(m.name, lambda m=m: self._heal(m))
-        for m in models:                                    # 2. version changes (canary, promote, rollback)
-            if m.job is not None and not m.busy and m.state not in (LOADING, UNLOADING):
-                action = self._plan_version_job(m, now, unloading)
-                if action is not None:
-                    return action
-        demanded = sorted((m for m in models if m.demand_since is not None and m.state in (UNLOADED, FAILED)
-                           and not m.busy and m.job is None), key=lambda m: m.demand_since)
-        # Pre-warms do not chain: while a pre-warm's load is in flight the next one waits for it. A cold batch
-        # loads its first phase (demanded) and pre-warms the second together; but once a request waits for a
-        # pre-warm that has not finished, a third load beside it only slows the load that request waits for.
-        prewarm_in_flight = any(m.state == LOADING and m.loading_for == "prewarm" for m in models)
-        prewarms = [m for m in models if m.prewarm_until >= now and m.state in (UNLOADED, FAILED)
-                    and not m.busy and m.demand_since is None and m.job is None and not prewarm_in_flight]
-        for m in (demanded + prewarms) if loads_open else ():   # 3. loads: demanded first, then pre-warms
-            if m.state == FAILED and now - m.failed_at < self.retry_after_s:
-                continue
-            need = m.estimate(len(m.versions) or 1)
-            victims, reason = self._pick_victims(need, {m.name}, now)
-            if victims and unloading:
-                continue
-            if victims is None:
-                m.blocked = reason
-                if reason and reason.startswith("too big"):
-                    m.state, m.error, m.failed_at = FAILED, reason, now
-                    self.sink.alert("model_over_budget", model=m.name, detail=reason)
-                continue
-            m.blocked = None
-            self._mark(victims, m, now)
-            why = "demand" if m.demand_since is not None else "prewarm"
-            m.loading_for = why
-            return _LoadJob(m.name, lambda m=m, v=victims, why=why: self._evict_then_load(v, m, m.versions, why))
-        for m in models:                                    # 4. wanted unloads (sequential, operator)
-            if m.unload_wanted and m.state == READY and m.refcount == 0 and not m.busy and m.job is None:
-                if m.unload_wanted != "explicit" and now - (m.loaded_at or now) < self.cooldown_s:
-                    continue
-                m.state, m.busy = UNLOADING, True
-                reason = m.unload_wanted
-                m.unload_wanted = None
-                return lambda m=m, reason=reason: self._unload(m, reason)
-        used = self.used_bytes()                            # 5. back under the watermark (once settled)
-        if used > self.budget.watermark_bytes and not any(m.state in (LOADING, UNLOADING) for m in models):
-            victims, _ = self._pick_victims(used - self.budget.watermark_bytes, set(), now, free_first=False)
-            if victims:
-                self._mark(victims, None, now)
-                return lambda v=victims: self._evict_all(v)
-        return None
-
-    def _mark(self, victims, target: Optional[_Model], now: float) -> None:
-        for v in victims:
-            v.state, v.busy = UNLOADING, True
-        if target is not None:
-            target.state, target.busy = LOADING, True
-
-    def _pick_victims(self, need: int, exclude: set, now: float, free_first: bool = True):
-        """Idle models to unload so that ``need`` more bytes fit: ([victims], None) or (None, why not)."""
-        watermark = self.budget.watermark_bytes
-        free = watermark - self.used_bytes() if free_first else 0
-        if need <= free:
-            return [], None
-        if free_first and need > watermark:
-            return None, (f"too big: needs {need / 2**20:.0f} MiB, the high-watermark is "
-                          f"{watermark / 2**20:.0f} MiB")
-        candidates = [m for m in self._models.values() if m.state == READY and not m.busy
-                      and m.name not in exclude and m.job is None]
-        # A model someone is waiting for (loaded for a demand not yet turned into a lease) counts as in use:
-        # evicting it before its caller's next poll would starve that caller.
-        idle = [m for m in candidates if m.refcount == 0 and m.demand_since is None]
-        cold = [m for m in idle if now - (m.loaded_at if m.loaded_at is not None else now) >= self.cooldown_s]
-        window = self._phase_window()
-        cold.sort(key=lambda m: (0 if (self.mode == SEQUENTIAL and m.name not in window) else 1, m.last_used))
-        victims, freed = [], 0
-        for m in cold:
-            if free + freed >= need:
-                break
-            victims.append(m)
-            freed += m.footprint
-        if free + freed >= need:
-            return victims, None
-        in_cooldown = [m for m in idle if m not in cold]
-        if in_cooldown and free + sum(m.footprint for m in idle) >= need:
-            first = min(in_cooldown, key=lambda m: m.loaded_at)
-            wait = self.cooldown_s - (now - first.loaded_at)
-            return None, f"cooldown: {first.name} stays resident {wait:.1f} s more"
-        busy = [m.name for m in candidates if m not in idle]
-        return None, f"in use: {', '.join(busy) or 'nothing evictable'}; waiting for a release"
-
-    def _phase_window(self) -> set:
-        """In sequential mode: the phase now in use and the next one (pre-warmed)."""
-        if self.mode != SEQUENTIAL:
-            return set()
-        window = set()
-        for i, name in enumerate(self.phases):
-            m = self._models[name]
-            if m.refcount > 0 or m.demand_since is not None:
-                window.update({name, self.phases[(i + 1) % len(self.phases)]})
-        return window
-
-    def _plan_version_job(self, m: _Model, now: float, unloading: bool):
-        job = m.job
-        removed = [v for v in m.versions if v not in job.versions]
-        if any(m.version_refs.get(v, 0) > 0 for v in removed):
-            m.blocked = f"{job.kind}: waiting for requests on v{removed} to finish"
-            return None
-        if job.kind == "canary_start" and m.state != READY and m.state not in (UNLOADED, FAILED):
-            return None
-        extra = m.estimate(len(job.versions))   # Triton brings up the new configuration before retiring the old
-        victims, reason = self._pick_victims(extra, {m.name}, now)
-        if victims and unloading:
-            return None                         # planned against memory still being freed (see _plan)
-        if victims is None:
-            m.blocked = f"{job.kind}: {reason}"
-            return None
-        m.blocked = None
-        was_ready = m.state == READY
-        for v in victims:
-            v.state, v.busy = UNLOADING, True
-        m.busy = True
-        if not was_ready:
-            m.state = LOADING
-        return lambda: self._run_version_job(m, victims, was_ready)
-
-    # ---------------------------------------------------------------------------------------- transitions
-    def _evict_then_load(self, victims, m: _Model, versions: tuple, why: str) -> bool:
+    # ---------------------------------------------------------------- transitions (what the planner returns)
+    def _evict_then_load(self, victims, m: ModelState, versions: tuple, why: str) -> bool:
         for v in victims:
             self._unload(v, "evict", for_model=m.name)
         return self._load(m, versions, why)
@@ -816,7 +472,7 @@ class ModelManager:
         for v in victims:
             self._unload(v, "evict", for_model="the budget")
 
-    def _load(self, m: _Model, versions: tuple, why: str) -> bool:
+    def _load(self, m: ModelState, versions: tuple, why: str) -> bool:
         t0 = self.clock()
         try:
             reload = getattr(self.loader, "reload", None) if why == "heal" else None
@@ -825,7 +481,8 @@ class ModelManager:
         except Exception as e:  # noqa: BLE001 - a failed load is this model's state, not the worker's crash
             with self._lock:
                 now = self.clock()
-                m.state, m.busy, m.error, m.failed_at = FAILED, False, f"{type(e).__name__}: {e}", now
+                m.move(FAILED)
+                m.busy, m.error, m.failed_at = False, f"{type(e).__name__}: {e}", now
                 m.loading_for = None
                 self._log("load_failed", m, m.error)
                 self.sink.alert("model_load_failed", model=m.name, error=m.error)
@@ -843,7 +500,8 @@ class ModelManager:
         with self._lock:
             now = self.clock()
             m.versions = tuple(versions)
-            m.state, m.busy, m.error, m.blocked = READY, False, None, None
+            m.move(READY)
+            m.busy, m.error, m.blocked = False, None, None
             m.loaded_at, m.last_used, m.load_seconds, m.warmup_ms = now, now, seconds, warmup_ms
             m.loading_for = None
             m.prewarm_until = float("-inf")
@@ -866,14 +524,15 @@ class ModelManager:
             self._wakeup.notify_all()
         return True
 
-    def _unload(self, m: _Model, reason: str, for_model: Optional[str] = None) -> None:
+    def _unload(self, m: ModelState, reason: str, for_model: Optional[str] = None) -> None:
         try:
             self.loader.unload(m.name)
         except Exception as e:  # noqa: BLE001
             log.error("unloading %s failed: %s", m.name, e)
         with self._lock:
             now = self.clock()
-            m.state, m.busy, m.unloaded_at, m.slots = UNLOADED, False, now, frozenset()
+            m.move(UNLOADED)
+            m.busy, m.unloaded_at, m.slots = False, now, frozenset()
             m.unloads += 1
             if reason == "evict":
                 m.evictions += 1
@@ -883,7 +542,7 @@ class ModelManager:
             self._report_usage()
             self._wakeup.notify_all()
 
-    def _heal(self, m: _Model) -> None:
+    def _heal(self, m: ModelState) -> None:
         """Reload a model whose stub died: new instances replace the old ones, with no unload first where the
         loader can (``reload``: Triton 2.51 cannot finish unloading a stub that died inside a BLS call)."""
         t0 = self.clock()
@@ -893,7 +552,7 @@ class ModelManager:
             except Exception as e:  # noqa: BLE001
                 log.warning("unloading dead %s: %s", m.name, e)
         with self._lock:
-            m.state = LOADING
+            m.move(LOADING)
         if self._load(m, m.versions, "heal"):
             with self._lock:
                 seconds = self.clock() - (m.dead_since if m.dead_since is not None else t0)
@@ -901,58 +560,6 @@ class ModelManager:
                 m.dead_since = None
                 self._log("healed", m, "", seconds)
                 self.sink.healed(m.name, seconds)
-
-    def _run_version_job(self, m: _Model, victims, was_ready: bool) -> None:
-        job = m.job
-        for v in victims:
-            self._unload(v, "evict", for_model=m.name)
-        ok = self._load(m, job.versions, job.kind)
-        with self._lock:
-            if not ok:
-                m.job = None
-                if job.kind == "canary_start":
-                    # The new version does not even load: that is the root cause of its rollback.
-                    self.sink.alert("canary_load_failed", model=m.name, version=job.to_version, error=m.error)
-                    m.state, m.busy = (READY, False) if was_ready else (m.state, False)
-                    self._begin_canary_end(m, ROLLBACK, f"canary v{job.to_version} failed to load: {m.error}",
-                                           trigger="auto")
-                else:
-                    self.sink.alert(f"{job.kind}_failed", model=m.name, error=m.error)
-                    m.canary, m.canary_state = None, None
-                return
-        if job.kind == "canary_start":
-            warm_ok, warm_ms, warm_err = self._warmup(m.name, job.to_version)
-            with self._lock:
-                m.job, m.canary_state = None, "running"
-                if not warm_ok and m.canary is not None:
-                    m.canary.record(job.to_version, False, None, f"warm-up: {warm_err}")
-                self._log("canary_running", m, f"warm-up {'ok' if warm_ok else 'failed'}")
-            return
-        if job.kind == PROMOTE:
-            with self._lock:
-                self.history.promoted(m.name, job.from_version, job.to_version, job.reason, job.stats)
-                m.last_canary = {"outcome": PROMOTE, "reason": job.reason, **job.stats}
-                m.canary, m.canary_state, m.job = None, None, None
-                self._log("promoted", m, job.reason)
-                self.sink.promoted(model=m.name, from_version=job.from_version, to_version=job.to_version,
-                                   reason=job.reason, stats=job.stats,
-                                   **self.history.version_info(m.name, job.to_version))
-            return
-        # rollback: warm up the restored version, then record and report
-        warm_ok, warm_ms, warm_err = self._warmup(m.name, job.to_version)
-        with self._lock:
-            if m.canary is not None:
-                self.history.canary_aborted(m.name, job.to_version, job.from_version, job.reason, job.stats,
-                                            job.trigger)
-                m.last_canary = {"outcome": ROLLBACK, "reason": job.reason, **job.stats}
-            else:
-                self.history.rolled_back(m.name, job.from_version, job.to_version, job.reason, job.trigger)
-            m.canary, m.canary_state, m.job = None, None, None
-            self._log("rolled_back", m, job.reason)
-            self.sink.rollback_completed(
-                model=m.name, from_version=job.from_version, to_version=job.to_version, root_cause=job.reason,
-                trigger=job.trigger, warmup_ok=warm_ok, warmup_ms=warm_ms, warmup_error=warm_err,
-                stats=job.stats, **self.history.version_info(m.name, job.to_version))
 
     def _warmup(self, model: str, version: int):
         warm = getattr(self.loader, "warmup", None)
@@ -967,45 +574,13 @@ class ModelManager:
                 return False, round((self.clock() - t0) * 1000, 3), f"{type(e).__name__}: {e}"
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _get(self, model: str) -> _Model:
+    def _get(self, model: str) -> ModelState:
         m = self._models.get(model)
         if m is None:
             raise LifecycleError(f"{model!r} is not a managed model; managed: {', '.join(self._models)}")
         return m
 
-    def _route(self, m: _Model) -> int:
-        if m.canary is not None:
-            if m.canary_state == "running":
-                return m.canary.route()
-            return m.canary.canary if m.canary_state == "promoting" else m.canary.stable
-        return m.versions[0] if len(m.versions) == 1 else -1
-
-    def _on_use(self, m: _Model, now: float) -> None:
-        """Sequential mode: pre-warm the next phase, retire the phases outside the window. Wakes the worker
-        when that gives it something to do: a pre-warm that waits for the next tick starts up to ``tick_s``
-        late (or later, behind a reconcile), which is all the overlap a short phase has."""
-        if self.mode != SEQUENTIAL or m.name not in self.phases:
-            return
-        i = self.phases.index(m.name)
-        nxt = self.phases[(i + 1) % len(self.phases)] if self.cyclic or i + 1 < len(self.phases) else None
-        wake = False
-        if nxt is not None:
-            n = self._models[nxt]
-            if n.state in (UNLOADED, FAILED) and n.demand_since is None:
-                wake = wake or n.prewarm_until < now
-                n.prewarm_until = now + self.demand_ttl_s
-            n.unload_wanted = None if n.unload_wanted == SEQUENTIAL else n.unload_wanted
-        for name in self.phases:
-            if name not in (m.name, nxt):
-                other = self._models[name]
-                if other.demand_since is None and other.refcount == 0 and other.unload_wanted is None:
-                    other.unload_wanted = SEQUENTIAL
-                    other.prewarm_until = float("-inf")
-                    wake = True
-        if wake:
-            self._wakeup.notify_all()
-
-    def _check_oscillation(self, m: _Model, now: float) -> None:
+    def _check_oscillation(self, m: ModelState, now: float) -> None:
         m.load_times.append(now)
         recent = [t for t in m.load_times if now - t <= self.oscillation_window_s]
         if len(recent) >= self.oscillation_loads and now - m.last_oscillation_alert > self.oscillation_window_s:
@@ -1014,7 +589,7 @@ class ModelManager:
                             window_s=self.oscillation_window_s, cooldown_s=self.cooldown_s,
                             hint="raise cooldown_s or the budget, or pin the model (spec 001 tuning playbook)")
 
-    def _log(self, action: str, m: _Model, detail: str, seconds: Optional[float] = None, **extra) -> None:
+    def _log(self, action: str, m: ModelState, detail: str, seconds: Optional[float] = None, **extra) -> None:
         entry = {"t": round(self.clock() - self._t0, 3), "model": m.name, "action": action, "detail": detail}
         if seconds is not None:
             entry["seconds"] = round(seconds, 3)

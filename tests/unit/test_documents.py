@@ -88,8 +88,15 @@ def test_batch_is_checked_before_anything_is_written_and_embedded_together():
 
     from ragstack.chunking import Chunk
     fake = lambda n: [Chunk(i, f"t{i}", 0, 1, 1, {}) for i in range(n)]  # noqa: E731
+    import contextlib
+
+    @contextlib.contextmanager
+    def embed_phase():                              # the Triton model's: one engine lease for the phase
+        calls.append("phase")
+        yield
+        calls.append("end")
     report = ingest("upsert", "c", docs, chunk=lambda text: fake(2), chunk_file=lambda doc: fake(3),
-                    embed=embed, index=index, settings={}, embed_batch=4)
-    assert calls == [4, 3]                          # 7 chunks of the batch in calls of at most 4
+                    embed=embed, index=index, settings={}, embed_batch=4, embed_phase=embed_phase)
+    assert calls == ["phase", 4, 3, "end"]          # 7 chunks of the batch in calls of at most 4, in one phase
     assert written == [("a", 2), ("b", 2), ("c", 3)]
     assert [d["status"] for d in report["documents"]] == ["created"] * 3

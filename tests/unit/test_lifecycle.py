@@ -512,7 +512,82 @@ def test_sequential_prewarm_waits_for_cooldown_and_never_evicts_the_phase_in_use
     assert loader.loads() == ["embed"]                    # embed idle but in its cooldown
     clock.advance(5)
     mgr.run_pending()
+    assert loader.loads() == ["embed"]                    # no spare memory: the pre-warm does not retire embed
+    assert mgr.acquire("rerank").status == ACQ_WAITING    # until a request waits for the switch
+    mgr.run_pending()
     assert loader.loads() == ["embed", "rerank"]
+
+
+def test_sequential_demands_are_served_in_phase_order_not_arrival_order():
+    """One engine fits. While rerank serves, a straggler asks for embed before the others ask for generate: the
+    phases keep their order (rerank -> generate -> embed) and the straggler waits for the next cycle."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    lease = use(mgr, "rerank", release=False)
+    assert mgr.acquire("embed").status == ACQ_WAITING     # the straggler, first
+    clock.advance(1)
+    assert mgr.acquire("generate").status == ACQ_WAITING
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate"]       # arrival order would have loaded embed
+    lease = use(mgr, "generate", release=False)
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate", "embed"]
+    mgr.set_mode(CO_RESIDENT)                             # co-resident: arrival order
+    assert mgr._phase_rank(mgr._models["rerank"]) == 0
+
+
+def test_sequential_a_phase_idle_for_a_moment_is_not_retired_by_the_next_ones_prewarm():
+    """One engine fits. generate's last lease is back, but a request still on its way (CPU work between rerank
+    and generate) will ask for it: the cyclic pre-warm of embed must not retire it while nobody waits for embed
+    (seen through rag: embed loaded, then generate again, then embed: phases out of order, twice the loads)."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    use(mgr, "generate")                                  # pre-warms embed (cyclic)
+    mgr.run_pending()
+    assert loader.loads() == ["generate"]
+    straggler = mgr.acquire("generate")
+    assert straggler.status == ACQ_READY                  # the straggler: still resident
+    assert mgr.acquire("embed").status == ACQ_WAITING     # a request waits for embed: now the switch is due
+    mgr.release(straggler.lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["generate", "embed"]
+
+
+def test_sequential_the_next_phase_prewarmed_goes_before_a_later_phase_demanded():
+    """One engine fits. Every rerank lease is back and the requests are between rerank and generate (CPU work, no
+    demand yet) when a straggler asks for embed: generate, pre-warmed by rerank's use, loads first."""
+    mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0, total=400 * MB)
+    use(mgr, "rerank")
+    assert mgr.acquire("embed").status == ACQ_WAITING
+    mgr.run_once()                                        # one transition: evict rerank, load generate
+    assert loader.loads() == ["rerank", "generate"]
+    lease = use(mgr, "generate", release=False)          # the requests come for it
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate"]       # embed waits for its turn
+    mgr.release(lease.id)
+    mgr.run_pending()
+    assert loader.loads() == ["rerank", "generate", "embed"]
+
+
+@pytest.mark.parametrize("start,end", [(UNLOADED, "unloading"), ("loading", UNLOADED), (DEAD, READY),
+                                       ("unloading", READY), (UNLOADED, DEAD)])
+def test_the_state_machine_refuses_a_transition_it_does_not_have(start, end):
+    from ragstack.lifecycle.state import IllegalTransition, ModelState
+
+    m = ModelState(spec=ModelSpec("embed", 1), state=start)
+    with pytest.raises(IllegalTransition):
+        m.move(end)
+    assert m.state == start
+
+
+def test_every_state_has_its_transitions_and_the_cycles_of_the_manager_are_legal():
+    from ragstack.lifecycle.state import TRANSITIONS, ModelState
+
+    assert set(TRANSITIONS) == {UNLOADED, "loading", READY, "unloading", DEAD, "failed"}
+    m = ModelState(spec=ModelSpec("embed", 1))
+    for state in ("loading", READY, DEAD, "loading", "failed", "loading", READY, "unloading", UNLOADED):
+        m.move(state)
+    assert m.state == UNLOADED
 
 
 def test_mode_switch_validates():
@@ -940,3 +1015,23 @@ def test_engine_unavailable_is_unavailable_and_names_the_engine():
         acquire_lease(lambda op, m, p: {"status": "loading", "detail": "loading"}, "embed", timeout_s=3,
                       sleep=lambda s: None, clock=clock)
     assert issubclass(EngineUnavailable, Unavailable)
+
+
+def test_a_phase_holds_one_lease_for_all_its_calls(monkeypatch):
+    """bls.phase: the embed calls of an ingest (256 texts each) reuse the phase's lease; outside it, each call
+    takes its own."""
+    from ragstack import bls
+
+    answers = {"acquire": {"status": "ready", "lease": "embed-1", "version": 3}, "release": {"released": True}}
+    _, pb, calls = _lease_module(monkeypatch, answers)
+    seen = []
+    with bls.phase(pb, "embed") as lease:
+        assert lease.managed and lease.version == 3
+        for _ in range(3):
+            bls.leased(pb, "embed", seen.append)
+        with bls.phase(pb, "embed"):                     # nested: the same lease
+            bls.leased(pb, "embed", seen.append)
+    assert seen == [3, 3, 3, 3]
+    assert [c[0] for c in calls] == ["acquire", "release"]
+    bls.leased(pb, "embed", seen.append)                  # outside the phase: a lease of its own
+    assert [c[0] for c in calls] == ["acquire", "release", "acquire", "release"]

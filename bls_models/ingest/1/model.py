@@ -69,7 +69,7 @@ class TritonPythonModel:
                     "dim": self.tokenizer.spec.dim}
         report = ingest(op, collection, docs, embed=embed, index=index, settings=settings,
                         chunk=lambda text: chunk_text(text, self.tokenizer, max_tokens, overlap),
-                        chunk_file=chunk_file,
+                        chunk_file=chunk_file, embed_phase=lambda: bls.phase(pb, "embed"),
                         progress=lambda msg: pb.Logger.log_info(f"ingest[{collection}] {msg}"))
         out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
