@@ -10,7 +10,7 @@ Modes, side by side on data/answer_eval.json in one run (MODES below; --modes pi
 * answer_today: the `answer` task as on main before issue 18 (no citation required, neutral penalties, no
   abstention);
 * answer: the `answer` task under config/runtime_policy.json (>= 1 citation, its penalties, abstention);
-* quote: the `quote` task exactly as config/runtime_policy.json configures it;
+* quote: the `quote` task exactly as config/runtime_policy.json configures it, top_n 5 (as tools/demo.sh asks);
 * quote_lines: the first `quote` task (issue 18's first cut): spans are the chunk's lines/sentences, scored
   bare, 4 candidates, up to 2 quotes, the generator writes them;
 * gen_cC_qQ, index_cC_qQ, rerank_qQ (+ _top5): the `quote` task with structure-aware spans (list items
@@ -46,6 +46,7 @@ import json
 import re
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +65,7 @@ TORCH_THREADS = 2
 MODES = {
     "answer_today": ("answer", None, None),
     "answer": ("answer", None, None),
-    "quote": ("quote", None, None),
+    "quote": ("quote", None, 5),          # as configured, with top_n 5 as tools/demo.sh asks
     "quote_lines": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 2, "spans": "lines"},
                     None),
     "gen_c4_q2": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 2}, None),
@@ -140,6 +141,10 @@ class Pipeline:
         self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
         self.store = FlatFileStore(index_dir)
         self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
+        # One Hugging Face fast tokenizer per model, shared by the request threads: its truncation settings are
+        # per-object state that concurrent calls overwrite (a 259-token pair reached the 256-token reranker in a
+        # run at concurrency 8), so the harness tokenizes one call at a time.
+        self.tok_lock = threading.Lock()
 
     def ingest_corpus(self) -> dict:
         """data/corpus chunked as the `ingest` model does (its default chunk size and overlap)."""
@@ -171,7 +176,8 @@ class Pipeline:
         from ragstack.trtllm_io import finish_reason
 
         def embed_query(query, timer):
-            ids, mask, lengths = self.embed_tok.encode([query], "query")
+            with self.tok_lock:
+                ids, mask, lengths = self.embed_tok.encode([query], "query")
             return self.embed(ids, mask)[0], int(lengths[0])
 
         def search(collection, vector, top_k):
@@ -180,13 +186,15 @@ class Pipeline:
                     for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
 
         def rerank(query, texts, timer):
-            ids, mask = self.rerank_tok.encode_pairs(query, texts)
+            with self.tok_lock:
+                ids, mask = self.rerank_tok.encode_pairs(query, texts)
             return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
                                    for s in range(0, len(ids), RERANK_BATCH)])
 
         def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
             guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
-            ids = self.gen_tok.prompt_ids(user, system)
+            with self.tok_lock:
+                ids = self.gen_tok.prompt_ids(user, system)
             self.gen_tok.check_budget(len(ids), max_tokens)
             req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
                                     pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
@@ -230,8 +238,8 @@ def mode_policy(policy, mode: str, threshold):
 
 def today_schema(original):
     """main's answer schema: citations may be empty."""
-    def schema(task, context_ids, caller_schema, max_tokens=256):
-        out = original(task, context_ids, caller_schema, max_tokens)
+    def schema(task, context_ids, caller_schema, max_tokens=256, *args):
+        out = original(task, context_ids, caller_schema, max_tokens, *args)
         if task == "answer" and caller_schema is None:
             out = json.loads(json.dumps(out))
             out["properties"]["citations"].pop("minItems", None)
@@ -362,7 +370,8 @@ def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
     if task == "quote":
         tp = task_policy
         out["quote_policy"] = {"quote_select": tp.quote_select, "quote_candidates": tp.quote_candidates,
-                               "max_quotes": tp.max_quotes,
+                               "max_quotes": tp.max_quotes, "abstain_on": tp.abstain_on,
+                               "abstain_below_rerank": tp.abstain_below_rerank,
                                "spans": (MODES[mode][1] or {}).get("spans", "structured")}
         ranked = [r for r in answerable if "fact_span_rank" in r]
         offered = tp.max_quotes if tp.quote_select == "rerank" else tp.quote_candidates
