@@ -6,17 +6,29 @@ ragstack/orchestrator.py wires its BLS calls (EmbedTokenizer + EmbeddingEngine, 
 chunked as the `ingest` model chunks it, RerankTokenizer + RerankEngine, InflightBatchingEngine with the task's
 guide and penalties), torch threads 2, a few requests at a time so the in-flight batcher batches them.
 
-Modes, side by side on data/answer_eval.json in one run:
+Modes, side by side on data/answer_eval.json in one run (MODES below; --modes picks some):
 * answer_today: the `answer` task as on main before issue 18 (no citation required, neutral penalties, no
   abstention);
 * answer: the `answer` task under config/runtime_policy.json (>= 1 citation, its penalties, abstention);
-* quote: the extractive `quote` task under config/runtime_policy.json.
+* quote: the `quote` task exactly as config/runtime_policy.json configures it, top_n 5 (as tools/demo.sh asks);
+* quote_lines: the first `quote` task (issue 18's first cut): spans are the chunk's lines/sentences, scored
+  bare, 4 candidates, up to 2 quotes, the generator writes them;
+* gen_cC_qQ, index_cC_qQ, rerank_qQ (+ _top5): the `quote` task with structure-aware spans (list items
+  whole, table rows scored with their header, sentences across wrapped lines, spans labelled with their
+  heading), C candidates offered, at most Q quotes, chosen by the generator writing them (gen), by the
+  generator naming their number (index) or by the reranker alone, no generation (rerank); _top5: top_n 5
+  contexts instead of the run's --top-n; _span: abstain when the best *span* scores below 0.7188 (abstain_on
+  "span"; 0.7188 is where --calibrate put the span-score threshold on this same labelled set, so these modes'
+  abstention figures are fitted, not held out).
 
 Metrics over the answerable questions: fact_in_answer (every gold fact string in the answer, whole words,
 case-insensitive; an abstention is a miss), gold_citation (a cited context comes from the gold document and
 contains every gold fact), citations_supported (rag's lexical support check); over all questions:
 abstention_correct (abstained exactly when the corpus does not answer). Retrieval: gold context among the
-reranked top_n contexts (the same for every mode: generation does not touch retrieval).
+reranked top_n contexts (the same for every mode with the same top_n: generation does not touch retrieval).
+Quote modes also record, per question, the rank of the first span that holds every fact among all the spans
+of the contexts as the mode scores them (fact_span_rank; fact_among_candidates: that rank is within the
+candidates offered), which separates "the span was not offered" from "the chooser picked another one".
 
 Calibration (--calibrate; --use-calibrated runs the modes at this run's value instead of the policy's): the reranker's best score per question on the
 same labelled set; the threshold is the midpoint between the highest unanswerable and the lowest answerable
@@ -34,6 +46,7 @@ import json
 import re
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +61,50 @@ from common import RESULTS, machine_info, now_iso, write_json  # noqa: E402
 
 EVAL = ROOT / "data" / "answer_eval.json"
 TORCH_THREADS = 2
-MODES = ("answer_today", "answer", "quote")
+# name -> (task, quote-policy overrides, top_n override or None)
+MODES = {
+    "answer_today": ("answer", None, None),
+    "answer": ("answer", None, None),
+    "quote": ("quote", None, 5),          # as configured, with top_n 5 as tools/demo.sh asks
+    "quote_lines": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 2, "spans": "lines"},
+                    None),
+    "gen_c4_q2": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 2}, None),
+    "gen_c4_q1": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 1}, None),
+    "gen_c2_q1": ("quote", {"quote_select": "generate", "quote_candidates": 2, "max_quotes": 1}, None),
+    "gen_c8_q1": ("quote", {"quote_select": "generate", "quote_candidates": 8, "max_quotes": 1}, None),
+    "index_c4_q1": ("quote", {"quote_select": "index", "quote_candidates": 4, "max_quotes": 1}, None),
+    "rerank_q1": ("quote", {"quote_select": "rerank", "max_quotes": 1}, None),
+    "rerank_q2": ("quote", {"quote_select": "rerank", "max_quotes": 2}, None),
+    "rerank_q1_top5": ("quote", {"quote_select": "rerank", "max_quotes": 1}, 5),
+    "gen_c4_q1_top5": ("quote", {"quote_select": "generate", "quote_candidates": 4, "max_quotes": 1}, 5),
+    "rerank_q1_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 1, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188}, 5),
+    "rerank_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188}, 5),
+    "rerank_q1_span": ("quote", {"quote_select": "rerank", "max_quotes": 1, "abstain_on": "span",
+                                 "abstain_below_rerank": 0.7188}, None),
+    "rerank_q2_top5": ("quote", {"quote_select": "rerank", "max_quotes": 2}, 5),
+}
+
+
+def line_units(text: str, heading_path: str = "") -> list:
+    """The first quote task's spans (kept here as the baseline): the chunk split at line breaks and sentence
+    ends, list/heading markup stripped, each span scored as it is."""
+    from ragstack import rag
+
+    spans = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
+        pieces = [sentence] if len(sentence) <= rag.QUOTE_MAX_CHARS else re.split(r"(?<=[;:])\s+", sentence)
+        for piece in pieces:
+            piece = piece.strip()
+            stripped = piece.lstrip("-*#>|0123456789. \t").strip()
+            if stripped and not stripped[0].isdigit() and any(c.isalpha() for c in stripped[:1]):
+                piece = stripped
+            if len(piece) > rag.QUOTE_MAX_CHARS:
+                piece = piece[:rag.QUOTE_MAX_CHARS].rsplit(" ", 1)[0]
+            if len(piece) >= rag.QUOTE_MIN_CHARS and piece not in spans:
+                spans.append(piece)
+    return [rag.QuoteUnit(s, s) for s in spans]
 
 
 def progress(msg: str) -> None:
@@ -85,6 +141,10 @@ class Pipeline:
         self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
         self.store = FlatFileStore(index_dir)
         self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
+        # One Hugging Face fast tokenizer per model, shared by the request threads: its truncation settings are
+        # per-object state that concurrent calls overwrite (a 259-token pair reached the 256-token reranker in a
+        # run at concurrency 8), so the harness tokenizes one call at a time.
+        self.tok_lock = threading.Lock()
 
     def ingest_corpus(self) -> dict:
         """data/corpus chunked as the `ingest` model does (its default chunk size and overlap)."""
@@ -116,7 +176,8 @@ class Pipeline:
         from ragstack.trtllm_io import finish_reason
 
         def embed_query(query, timer):
-            ids, mask, lengths = self.embed_tok.encode([query], "query")
+            with self.tok_lock:
+                ids, mask, lengths = self.embed_tok.encode([query], "query")
             return self.embed(ids, mask)[0], int(lengths[0])
 
         def search(collection, vector, top_k):
@@ -125,13 +186,15 @@ class Pipeline:
                     for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
 
         def rerank(query, texts, timer):
-            ids, mask = self.rerank_tok.encode_pairs(query, texts)
+            with self.tok_lock:
+                ids, mask = self.rerank_tok.encode_pairs(query, texts)
             return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
                                    for s in range(0, len(ids), RERANK_BATCH)])
 
         def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
             guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
-            ids = self.gen_tok.prompt_ids(user, system)
+            with self.tok_lock:
+                ids = self.gen_tok.prompt_ids(user, system)
             self.gen_tok.check_budget(len(ids), max_tokens)
             req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
                                     pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
@@ -151,15 +214,18 @@ class Pipeline:
 
 
 def mode_policy(policy, mode: str, threshold):
-    """The runtime policy a mode runs under: answer_today = main's answer task (neutral penalties, no
-    abstention); the others as configured, with the calibrated threshold when --threshold/--calibrate say so."""
-    task_name = "quote" if mode == "quote" else "answer"
+    """(task, runtime policy, top_n override) of a mode: answer_today = main's answer task (neutral penalties, no
+    abstention); the others as configured with the mode's quote settings, and the calibrated threshold when
+    --use-calibrated says so."""
+    task_name, overrides, top_n = MODES[mode]
     base = policy.task(task_name)
     if mode == "answer_today":
         t = dataclasses.replace(base, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                 min_tokens=0, len_penalty=0.0, abstain_below_rerank=None)
     else:
-        t = base if threshold is None else dataclasses.replace(base, abstain_below_rerank=threshold)
+        t = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if k != "spans"})
+        if threshold is not None:
+            t = dataclasses.replace(t, abstain_below_rerank=threshold)
 
     class _Policy:
         def __getattr__(self, name):
@@ -167,13 +233,13 @@ def mode_policy(policy, mode: str, threshold):
 
         def task(self, name=None):
             return t if (name or policy.default_task) == task_name else policy.task(name)
-    return _Policy()
+    return task_name, _Policy(), top_n
 
 
 def today_schema(original):
     """main's answer schema: citations may be empty."""
-    def schema(task, context_ids, caller_schema, max_tokens=256):
-        out = original(task, context_ids, caller_schema, max_tokens)
+    def schema(task, context_ids, caller_schema, max_tokens=256, *args):
+        out = original(task, context_ids, caller_schema, max_tokens, *args)
         if task == "answer" and caller_schema is None:
             out = json.loads(json.dumps(out))
             out["properties"]["citations"].pop("minItems", None)
@@ -181,30 +247,49 @@ def today_schema(original):
     return schema
 
 
-def best_scores(pipe: Pipeline, items: list, top_k: int) -> list:
+def best_scores(pipe: Pipeline, items: list, top_k: int, top_n: int) -> tuple:
+    """Per question: the reranker's best context score (what abstention uses) and, for comparison, the best
+    quote-span score among the top_n contexts' spans."""
+    from ragstack import rag
+
     eng = pipe.engines()
-    out = []
+    best, span_best = [], []
     for item in items:
         vec, _ = eng.embed_query(item["question"], None)
         hits = eng.search("default", vec, top_k)
         scores = eng.rerank(item["question"], [h.text for h in hits], None)
-        out.append(float(max(scores)) if len(scores) else 0.0)
-    return out
+        best.append(float(max(scores)) if len(scores) else 0.0)
+        top = [h for _, h in sorted(zip(scores, hits), key=lambda p: -float(p[0]))][:top_n]
+        spans = rag.quote_candidates(item["question"], top, eng, rag.Timer(), limit=1)
+        span_best.append(spans[0].rerank_score if spans else 0.0)
+    return best, span_best
 
 
-def calibrate(items: list, scores: list) -> dict:
+def _threshold(items: list, scores: list) -> tuple:
     pos = [s for it, s in zip(items, scores) if it["answerable"]]
     neg = [s for it, s in zip(items, scores) if not it["answerable"]]
     if neg and pos and max(neg) < min(pos):
-        thr, how = (max(neg) + min(pos)) / 2, "midpoint between the highest unanswerable and lowest answerable"
-    else:
-        cands = sorted(set(scores))
-        def acc(t):
-            return sum((s >= t) == it["answerable"] for it, s in zip(items, scores))
-        thr = max(cands, key=lambda t: (acc(t), -t))
-        how = "the best score that classifies most questions right (classes overlap)"
+        return (max(neg) + min(pos)) / 2, "midpoint between the highest unanswerable and lowest answerable"
+
+    def acc(t):
+        return sum((s >= t) == it["answerable"] for it, s in zip(items, scores))
+    return (max(sorted(set(scores)), key=lambda t: (acc(t), -t)),
+            "the best score that classifies most questions right (classes overlap)")
+
+
+def calibrate(items: list, scores: list) -> dict:
+    """The threshold on the whole set, its accuracy there (optimistic: fitted on the same questions), and a
+    leave-one-out estimate (each question classified by the threshold fitted on the others)."""
+    pos = [s for it, s in zip(items, scores) if it["answerable"]]
+    neg = [s for it, s in zip(items, scores) if not it["answerable"]]
+    thr, how = _threshold(items, scores)
     correct = sum((s >= thr) == it["answerable"] for it, s in zip(items, scores))
+    loo = 0
+    for i, (it, s) in enumerate(zip(items, scores)):
+        t, _ = _threshold(items[:i] + items[i + 1:], scores[:i] + scores[i + 1:])
+        loo += (s >= t) == it["answerable"]
     return {"threshold": round(thr, 4), "method": how, "accuracy_on_set": round(correct / len(items), 3),
+            "accuracy_leave_one_out": round(loo / len(items), 3),
             "answerable_min": round(min(pos), 4) if pos else None,
             "unanswerable_max": round(max(neg), 4) if neg else None,
             "per_question": {it["id"]: round(s, 4) for it, s in zip(items, scores)}}
@@ -213,15 +298,16 @@ def calibrate(items: list, scores: list) -> dict:
 def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
     from ragstack import rag
 
-    policy = mode_policy(pipe.policy, mode, threshold)
+    task, policy, top_n = mode_policy(pipe.policy, mode, threshold)
+    top_n = top_n or args.top_n
+    task_policy = policy.task(task)
     engines = pipe.engines()
-    task = "quote" if mode == "quote" else "answer"
 
     def one(item):
         t0 = time.perf_counter()
         try:
             req = rag.validate_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
-                                                      top_n=args.top_n, max_tokens=args.max_tokens))
+                                                      top_n=top_n, max_tokens=args.max_tokens))
             res = rag.run(req, engines, policy)
         except Exception as e:   # noqa: BLE001  an error is a result here (counted, shown)
             return {"id": item["id"], "error": f"{type(e).__name__}: {e}"[:300],
@@ -233,31 +319,43 @@ def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
                "abstained": abstained, "tokens_out": res.usage["tokens_out"],
                "finish_reason": res.usage["finish_reason"],
                "citations_supported": res.usage.get("citations_supported"),
+               "best_rerank_score": res.usage.get("best_rerank_score"),
                "gold_in_contexts": item["answerable"] and any(is_gold(c, item) for c in res.contexts),
                "seconds": round(time.perf_counter() - t0, 2)}
         if item["answerable"]:
             rec["fact_in_answer"] = (not abstained) and all(has_fact(ans.get("answer") or "", f) for f in item["facts"])
             rec["gold_cited"] = any(is_gold(c, item) for c in cited)
+            if task == "quote" and res.contexts:
+                # where the fact's span ranks among all spans of the contexts, scored as the mode scores them
+                spans = rag.quote_candidates(item["question"], [dataclasses.replace(c) for c in res.contexts],
+                                             engines, rag.Timer(), limit=10_000)
+                rank = next((n for n, c in enumerate(spans, 1) if all(has_fact(c.text, f) for f in item["facts"])),
+                            None)
+                rec["fact_span_rank"], rec["spans"] = rank, len(spans)
         return rec
 
-    original = rag.answer_schema
+    original_schema, original_units = rag.answer_schema, rag.quote_units
     if mode == "answer_today":
-        rag.answer_schema = today_schema(original)
+        rag.answer_schema = today_schema(original_schema)
+    if (MODES[mode][1] or {}).get("spans") == "lines":
+        rag.quote_units = line_units
     try:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             records = list(pool.map(one, items))
         wall = time.perf_counter() - t0
     finally:
-        rag.answer_schema = original
+        rag.answer_schema, rag.quote_units = original_schema, original_units
     by_id = {it["id"]: it for it in items}
     answerable = [r for r in records if by_id[r["id"]]["answerable"]]
     ok = [r for r in records if "error" not in r]
+    answered = [r for r in ok if not r["abstained"]]
 
     def rate(rs, key):
         return round(sum(bool(r.get(key)) for r in rs) / len(rs), 3) if rs else None
-    return {
-        "task": task, "questions": len(records), "errors": len(records) - len(ok), "wall_s": round(wall, 1),
+    out = {
+        "task": task, "top_n": top_n, "questions": len(records), "errors": len(records) - len(ok),
+        "wall_s": round(wall, 1),
         "fact_in_answer": rate(answerable, "fact_in_answer"),
         "gold_citation": rate(answerable, "gold_cited"),
         "gold_citation_when_retrieved": rate([r for r in answerable if r.get("gold_in_contexts")], "gold_cited"),
@@ -267,69 +365,106 @@ def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
         "false_abstentions": sum(bool(r.get("abstained")) for r in answerable),
         "retrieval_gold_in_top_n": rate(answerable, "gold_in_contexts"),
         "mean_tokens_out": round(float(np.mean([r["tokens_out"] for r in ok])), 1) if ok else None,
-        "records": records,
+        "mean_answer_chars": round(float(np.mean([len(r["answer"] or "") for r in answered])), 1) if answered else None,
     }
+    if task == "quote":
+        tp = task_policy
+        out["quote_policy"] = {"quote_select": tp.quote_select, "quote_candidates": tp.quote_candidates,
+                               "max_quotes": tp.max_quotes, "abstain_on": tp.abstain_on,
+                               "abstain_below_rerank": tp.abstain_below_rerank,
+                               "spans": (MODES[mode][1] or {}).get("spans", "structured")}
+        ranked = [r for r in answerable if "fact_span_rank" in r]
+        offered = tp.max_quotes if tp.quote_select == "rerank" else tp.quote_candidates
+        out["fact_among_candidates"] = (round(sum((r["fact_span_rank"] or 10**9) <= offered for r in ranked)
+                                              / len(ranked), 3) if ranked else None)
+        out["fact_span_is_top1"] = (round(sum(r["fact_span_rank"] == 1 for r in ranked) / len(ranked), 3)
+                                    if ranked else None)
+    out["records"] = records
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--top-n", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--limit", type=int, default=0, help="first N answerable + all unanswerable (0: all)")
-    ap.add_argument("--calibrate", action="store_true", help="only calibrate the abstention threshold")
+    ap.add_argument("--calibrate", action="store_true", help="only calibrate the abstention threshold (every run "
+                    "records the calibration in its results)")
     ap.add_argument("--use-calibrated", action="store_true",
                     help="run the grounded modes at this run's calibrated threshold instead of the policy's")
+    ap.add_argument("--no-calibration", action="store_true", help="do not record the calibration after the modes")
     ap.add_argument("--out", type=Path, default=RESULTS / "answers.json")
     args = ap.parse_args()
 
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"unknown modes {unknown}; known: {', '.join(MODES)}")
     items = json.loads(EVAL.read_text())["questions"]
     if args.limit:
         items = [i for i in items if i["answerable"]][:args.limit] + [i for i in items if not i["answerable"]]
     t_start = time.perf_counter()
+    cal, modes = None, {}
+
+    def write(pipe, threshold, complete):
+        """The results so far (after each mode: a run stopped early keeps the modes it finished)."""
+        best = max((m for m in modes if m != "answer_today"), default=None,
+                   key=lambda m: (modes[m]["fact_in_answer"] or 0) + (modes[m]["gold_citation"] or 0))
+        out = {
+            "benchmark": "answers", "when": now_iso(), "complete": complete, "machine": machine_info(TORCH_THREADS),
+            "path": "in-process pipeline (ragstack.rag.run with in-process engines), not the served Triton path",
+            "models": str(args.models.relative_to(ROOT)) if args.models.is_relative_to(ROOT) else str(args.models),
+            "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
+            "top_n": args.top_n, "concurrency": args.concurrency, "modes_asked": args.modes.split(","),
+            "calibration": cal, "threshold_used": threshold if threshold is not None else {
+                m: None if m == "answer_today" else pipe.policy.task(MODES[m][0]).abstain_below_rerank for m in modes},
+            "modes": modes, "best_mode": best,
+            "targets": None if best is None else {
+                "fact_in_answer_best": {"value": modes[best]["fact_in_answer"], "goal": 0.7,
+                                        "met": (modes[best]["fact_in_answer"] or 0) >= 0.7},
+                "gold_citation_best": {"value": modes[best]["gold_citation"], "goal": 0.9,
+                                       "met": (modes[best]["gold_citation"] or 0) >= 0.9}},
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+        write_json(args.out, out)
+        return out
+
     with tempfile.TemporaryDirectory(prefix="answers-index-") as index_dir:
         pipe = Pipeline(args.models, Path(index_dir))
         try:
             progress(f"ingesting data/corpus: {pipe.ingest_corpus()}")
-            cal, threshold = None, None
+            threshold = None
             if args.calibrate or args.use_calibrated:
-                cal = calibrate(items, best_scores(pipe, items, args.top_k))
-                progress(f"calibration: {json.dumps({k: v for k, v in cal.items() if k != 'per_question'})}")
+                cal = run_calibration(pipe, items, args)
                 if args.calibrate:
                     print(json.dumps(cal, indent=1))
                     return
                 threshold = cal["threshold"]
-            modes = {}
             for mode in args.modes.split(","):
                 progress(f"mode {mode}: {len(items)} questions")
                 modes[mode] = run_mode(pipe, items, mode, threshold, args)
                 summary = {k: v for k, v in modes[mode].items() if k != "records"}
                 progress(f"mode {mode}: {json.dumps(summary)}")
+                write(pipe, threshold, complete=False)
+            if cal is None and not args.no_calibration:
+                # Cheap next to generation: every run records where the threshold falls on this set (the modes
+                # above ran at the policy's threshold).
+                cal = run_calibration(pipe, items, args)
+            out = write(pipe, threshold, complete=True)
         finally:
             pipe.generator.shutdown(10)
-    best = max((m for m in modes if m != "answer_today"),
-               key=lambda m: (modes[m]["fact_in_answer"] or 0) + (modes[m]["gold_citation"] or 0))
-    out = {
-        "benchmark": "answers", "when": now_iso(), "machine": machine_info(TORCH_THREADS),
-        "path": "in-process pipeline (ragstack.rag.run with in-process engines), not the served Triton path",
-        "models": str(args.models.relative_to(ROOT)) if args.models.is_relative_to(ROOT) else str(args.models),
-        "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
-        "top_n": args.top_n, "concurrency": args.concurrency,
-        "calibration": cal, "threshold_used": threshold if threshold is not None else {
-            m: None if m == "answer_today" else pipe.policy.task("quote" if m == "quote" else "answer").abstain_below_rerank
-            for m in modes},
-        "modes": modes, "best_mode": best,
-        "targets": {"fact_in_answer_best": {"value": modes[best]["fact_in_answer"], "goal": 0.7,
-                                            "met": (modes[best]["fact_in_answer"] or 0) >= 0.7},
-                    "gold_citation_best": {"value": modes[best]["gold_citation"], "goal": 0.9,
-                                           "met": (modes[best]["gold_citation"] or 0) >= 0.9}},
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    }
-    write_json(args.out, out)
-    progress(f"wrote {args.out} in {out['wall_s']} s; best mode {best}")
+    progress(f"wrote {args.out} in {out['wall_s']} s; best mode {out['best_mode']}")
+
+
+def run_calibration(pipe: Pipeline, items: list, args) -> dict:
+    context_best, span_best = best_scores(pipe, items, args.top_k, args.top_n)
+    cal = calibrate(items, context_best)
+    cal["best_span_score_for_comparison"] = calibrate(items, span_best)
+    progress(f"calibration: {json.dumps({k: v for k, v in cal.items() if k != 'per_question'})}")
+    return cal
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
 _TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity"}
 _PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "len_penalty")
+_QUOTE_KEYS = ("quote_candidates", "max_quotes", "quote_select", "abstain_on")
+ABSTAIN_ON = ("context", "span")
+QUOTE_SELECT = ("generate", "index", "rerank")
 _TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank",
-              *_PENALTY_KEYS}
+              *_PENALTY_KEYS, *_QUOTE_KEYS}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -69,6 +72,15 @@ class TaskPolicy:
     # Grounded tasks: when the reranker's best score is below this, the answer is "not in the documents"
     # without generating (None: never). Calibrated by benchmarks/answers.py --calibrate.
     abstain_below_rerank: Optional[float] = None
+    # The quote task: how many reranked spans are offered, how many may be quoted, and who picks them —
+    # "generate" (the generator writes them under the spans' EBNF), "index" (it picks them by number) or
+    # "rerank" (no generation: the reranker's best). Measured by benchmarks/answers.py.
+    quote_candidates: int = 4
+    max_quotes: int = 2
+    quote_select: str = "generate"
+    # What abstain_below_rerank is compared with for the quote task: the best context's reranker score, or the
+    # best quotable span's (its label scored by the reranker).
+    abstain_on: str = "context"
 
     def penalties(self) -> dict:
         """The task's penalty inputs, by their tensorrt_llm names."""
@@ -374,7 +386,18 @@ def _task(v: _Validator, name: str, data, thresholds: Thresholds) -> TaskPolicy:
         abstain_below_rerank=(None if d.get("abstain_below_rerank") is None else
                               float(v.number(d["abstain_below_rerank"], f"{field}.abstain_below_rerank",
                                              high=1.0))),
+        quote_candidates=v.number(d.get("quote_candidates", 4), f"{field}.quote_candidates", integer=True, low=1,
+                                  high=32),
+        max_quotes=v.number(d.get("max_quotes", 2), f"{field}.max_quotes", integer=True, low=1, high=8),
+        quote_select=_choice(v, d.get("quote_select", "generate"), f"{field}.quote_select", QUOTE_SELECT),
+        abstain_on=_choice(v, d.get("abstain_on", "context"), f"{field}.abstain_on", ABSTAIN_ON),
     )
+
+
+def _choice(v: _Validator, value, field: str, allowed: tuple) -> str:
+    if value not in allowed:
+        v.fail(field, f"{value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def _events(v: _Validator, data) -> EventSettings:

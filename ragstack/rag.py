@@ -134,7 +134,8 @@ def text_budget(max_tokens: int, n_contexts: int) -> int:
     return max(16, min(ANSWER_MAX_CHARS, (max_tokens - 24 - 8 * n_contexts) // 2))
 
 
-def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], max_tokens: int = 256) -> dict:
+def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], max_tokens: int = 256,
+                  max_quotes: int = MAX_QUOTES) -> dict:
     """The JSON Schema the answer is decoded under. Citations are an enum of the given context ids, so the
     model cannot cite a context it was not shown; strings are bounded so decoding terminates within budget."""
     if caller_schema is not None:
@@ -143,7 +144,7 @@ def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], m
     cite = {"type": "array", "items": {"enum": context_ids}, "maxItems": max(1, len(context_ids))}
     if task == "quote":
         return {"type": "object", "properties": {"quotes": {
-            "type": "array", "minItems": 1, "maxItems": MAX_QUOTES, "items": {
+            "type": "array", "minItems": 1, "maxItems": max_quotes, "items": {
                 "type": "object", "properties": {"context": {"enum": context_ids}, "text": {"type": "string"}},
                 "required": ["context", "text"], "additionalProperties": False}}},
             "required": ["quotes"], "additionalProperties": False}
@@ -163,29 +164,118 @@ def answer_schema(task: str, context_ids: list, caller_schema: Optional[dict], m
 
 
 # ---- the quote task: verbatim spans of the contexts -------------------------------------------------------------
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
-_CLAUSE_BREAK = re.compile(r"(?<=;)\s+|(?<=:)\s+")
-_LEADING_MARKUP = "-*#>|0123456789. \t"
+# A chunk is read as Markdown blocks: headings (not quotable; they label what follows), pipe-table rows, list
+# items (with their wrapped continuation lines) and paragraphs. A quote is a table row, a list item, or one
+# sentence of a paragraph (or of a list item too long to quote whole) — always a verbatim substring of the
+# chunk, wrapped lines included. What the reranker scores is the span's *label*: the span with its section
+# heading, and a table row as "header: cell" pairs, so "SEV1 | … | 5 minutes" is scored as what it says.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_CLAUSE_BREAK = re.compile(r"(?<=[;:])\s+")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d{1,3}[.)])\s+(?:\[[ xX]\]\s+)?")
+_EMPHASIS = re.compile(r"\*\*|__|`")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 QUOTE_MIN_CHARS = 12
 QUOTE_MAX_CHARS = 240
 
 
-def quote_spans(text: str) -> list:
-    """The spans a quote may be: the context's sentences (lines, or clauses of a sentence longer than
-    QUOTE_MAX_CHARS, cut at a word at worst), without list/heading markup, each a verbatim substring."""
-    spans = []
-    for sentence in _SENTENCE_BREAK.split(text):
+@dataclasses.dataclass(frozen=True)
+class QuoteUnit:
+    text: str        # verbatim substring of the context: what a quote may be
+    label: str       # what the reranker scores: the text with its heading / table header, whitespace folded
+
+
+def _fold(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _cells(row: str) -> list:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def _sentences(text: str) -> list:
+    """Verbatim sentences of ``text`` (clauses of one longer than QUOTE_MAX_CHARS, cut at a word at worst)."""
+    out = []
+    for sentence in _SENTENCE_END.split(text):
         pieces = [sentence] if len(sentence) <= QUOTE_MAX_CHARS else _CLAUSE_BREAK.split(sentence)
         for piece in pieces:
             piece = piece.strip()
-            stripped = piece.lstrip(_LEADING_MARKUP).strip()
-            if stripped and not stripped[0].isdigit() and any(c.isalpha() for c in stripped[:1]):
-                piece = stripped         # drop "- ", "## ", "3. " but keep a span that starts with a number
             if len(piece) > QUOTE_MAX_CHARS:
                 piece = piece[:QUOTE_MAX_CHARS].rsplit(" ", 1)[0]
-            if len(piece) >= QUOTE_MIN_CHARS and piece not in spans:
-                spans.append(piece)
-    return spans
+            out.append(piece)
+    return out
+
+
+def quote_units(text: str, heading_path: str = "") -> list:
+    """The quotable units of one context (see above), in order, each once. ``heading_path`` (the chunk's
+    metadata, "# A > ## B") labels the spans before the chunk's first heading of its own."""
+    lines = text.split("\n")
+    blocks = []                  # (kind, verbatim text, heading, table header cells or None)
+    heading = heading_path.rsplit(">", 1)[-1].strip().lstrip("#").strip() if heading_path else ""
+    header, current = None, None
+
+    def close():
+        nonlocal current
+        if current is not None:
+            blocks.append((current[0], "\n".join(current[1]), heading, None))
+        current = None
+
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped:
+            close()
+            header = None
+            continue
+        m = _HEADING.match(line)
+        if m:
+            close()
+            heading, header = m.group(1), None
+            continue
+        if stripped.startswith("|"):
+            close()
+            if _TABLE_RULE.match(stripped):
+                continue
+            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if header is None and _TABLE_RULE.match(nxt):
+                header = _cells(stripped)           # the header row labels the rows below it
+                continue
+            row = stripped.strip("|").strip()
+            cells = _cells(stripped)
+            pairs = "; ".join(f"{h}: {c}" for h, c in zip(header, cells)) if header else " | ".join(cells)
+            blocks.append(("row", row, heading, pairs))
+            continue
+        m = _LIST_ITEM.match(line)
+        if m:
+            close()
+            current = ["item", [line[m.end():].rstrip()]]
+        elif current is None:
+            current = ["para", [line.strip()]]
+        else:
+            current[1].append(line.rstrip())
+    close()
+
+    units, seen = [], set()
+    for n, (kind, body, head, pairs) in enumerate(blocks):
+        if kind == "row":
+            texts = [(body, pairs)]
+        elif kind == "item" and len(body) <= QUOTE_MAX_CHARS:
+            texts = [(body.strip(), None)]
+        else:
+            texts = [(s, None) for s in _sentences(body)]
+            if n == 0 and kind == "para" and text[:1].islower():
+                texts = texts[1:]      # the chunk starts inside a sentence: its tail is no sentence of its own
+        for span, label in texts:
+            if len(span) < QUOTE_MIN_CHARS or span in seen or span not in text:
+                continue
+            seen.add(span)
+            label = _fold(_EMPHASIS.sub("", label or span))
+            units.append(QuoteUnit(span, f"{head}: {label}" if head else label))
+    return units
+
+
+def quote_spans(text: str) -> list:
+    """The verbatim spans a quote may be (:func:`quote_units`' texts)."""
+    return [u.text for u in quote_units(text)]
 
 
 def _ebnf_literal(value: str) -> str:
@@ -193,7 +283,7 @@ def _ebnf_literal(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _quote_grammar(spans_per_context: tuple) -> str:
+def _quote_grammar(spans_per_context: tuple, max_quotes: int) -> str:
     rules = []
     for n, (ctx_id, spans) in enumerate(spans_per_context, 1):
         head = json.dumps({"context": ctx_id, "text": ""})[:-3]       # '{"context": "ctx-1", "text": '
@@ -202,44 +292,64 @@ def _quote_grammar(spans_per_context: tuple) -> str:
         rules.append(f"q{n} ::= {_ebnf_literal(head)} ({texts}) {close}")
     quote = " | ".join(f"q{n}" for n in range(1, len(spans_per_context) + 1))
     sep, opening, closing = _ebnf_literal(", "), _ebnf_literal('{"quotes": ['), _ebnf_literal("]}")
-    more = " ".join(f"({sep} quote)?" for _ in range(MAX_QUOTES - 1))
+    more = " ".join(f"({sep} quote)?" for _ in range(max_quotes - 1))
     return "\n".join([f"root ::= {opening} quote {more} {closing}", f"quote ::= {quote}", *rules])
 
 
 QUOTE_CANDIDATES = 4
 
 
-def quote_candidates(query: str, contexts: list, engines: "Engines", timer) -> list:
-    """The spans a quote may choose from: every context's :func:`quote_spans`, scored against the query by the
-    reranker (one batched call), best QUOTE_CANDIDATES kept, as contexts of one span each (same ids), best
-    first. A 135M generator picks the context's first sentence when offered all of them; among a few relevant
-    ones it picks well, and the grammar still makes every quote verbatim."""
-    pairs = [(c, span) for c in contexts for span in quote_spans(c.text)]
+def quote_candidates(query: str, contexts: list, engines: "Engines", timer, limit: int = QUOTE_CANDIDATES) -> list:
+    """The spans a quote may choose from: every context's :func:`quote_units` (a span that two overlapping
+    chunks share counted once, for the better-ranked one), their labels scored against the query by the
+    reranker (one batched call), best ``limit`` kept, as contexts of one span each (same ids), best first."""
+    pairs, seen = [], set()
+    for c in contexts:
+        path = (c.metadata or {}).get("heading_path")
+        for unit in quote_units(c.text, path if isinstance(path, str) else ""):
+            if unit.text not in seen:
+                seen.add(unit.text)
+                pairs.append((c, unit))
     if not pairs:
         return []
     with timer.stage("rerank"):
-        scores = engines.rerank(query, [span for _, span in pairs], timer)
-    ranked = sorted(zip(pairs, scores), key=lambda p: -float(p[1]))[:QUOTE_CANDIDATES]
-    return [dataclasses.replace(c, text=span, rerank_score=float(score)) for (c, span), score in ranked]
+        scores = engines.rerank(query, [unit.label for _, unit in pairs], timer)
+    # Stable sort: equal scores keep the contexts' order.
+    ranked = sorted(zip(pairs, scores), key=lambda p: -float(p[1]))[:limit]
+    return [dataclasses.replace(c, text=unit.text, rerank_score=float(score)) for (c, unit), score in ranked]
 
 
-def quote_grammar(contexts: list) -> str:
+def quote_grammar(contexts: list, max_quotes: int = MAX_QUOTES, whole: bool = False) -> str:
     """EBNF (xgrammar's dialect) for the quote task's answer: {"quotes": [{"context": id, "text": span}, ...]}
-    with 1..MAX_QUOTES quotes, each text one of :func:`quote_spans` of the context it names, JSON-encoded as
-    json.dumps writes it. Built per request from the contexts; the text for a given set of contexts is cached
-    here, and the generate engine caches its compiled grammar by that text."""
-    per_context = tuple((c.id, tuple(quote_spans(c.text))) for c in contexts)
-    return _quote_grammar(tuple(pc for pc in per_context if pc[1]))
+    with 1..max_quotes quotes, each text one of :func:`quote_spans` of the context it names (``whole``: the
+    context's text itself, for candidates that are one span each), JSON-encoded as json.dumps writes it. Built
+    per request; the text for a given set of spans is cached here, and the generate engine caches its compiled
+    grammar by that text."""
+    per_context = tuple((c.id, (c.text,) if whole else tuple(quote_spans(c.text))) for c in contexts)
+    return _quote_grammar(tuple(pc for pc in per_context if pc[1]), max_quotes)
+
+
+def index_schema(n_candidates: int, max_quotes: int) -> dict:
+    """What the generator writes when it picks candidates by number (quote_select "index")."""
+    return {"type": "object", "properties": {"quotes": {
+        "type": "array", "minItems": 1, "maxItems": max_quotes,
+        "items": {"enum": list(range(1, n_candidates + 1))}}}, "required": ["quotes"], "additionalProperties": False}
+
+
+def index_prompt(query: str, candidates: list) -> tuple:
+    blocks = "\n".join(f"[{n}] {_fold(c.text)}" for n, c in enumerate(candidates, 1))
+    return INSTRUCTIONS["quote_index"], f"Sentences:\n{blocks}\n\nQuestion: {query}"
 
 
 def check_quotes(answer: dict, contexts: list) -> dict:
-    """Every quote must be a verbatim substring of the context it cites; adds "answer" (the quotes joined) and
-    "citations" (the cited ids, in order) so that a quote answer reads like an answer-task one."""
+    """Every quote must be a verbatim substring of the context it cites; adds "answer" (the quotes joined,
+    line breaks folded to spaces) and "citations" (the cited ids, in order) so that a quote answer reads like an
+    answer-task one."""
     by_id = {c.id: c.text for c in contexts}
     for q in answer["quotes"]:
         if q["text"] not in by_id.get(q["context"], ""):
             raise RuntimeError(f"quote is not verbatim from {q['context']}: {q['text'][:80]!r}")
-    answer["answer"] = " ".join(q["text"] for q in answer["quotes"])
+    answer["answer"] = " ".join(_fold(q["text"]) for q in answer["quotes"])
     answer["citations"] = list(dict.fromkeys(q["context"] for q in answer["quotes"]))
     return answer
 
@@ -288,7 +398,10 @@ INSTRUCTIONS = {
                        "JSON: \"ranking\" (context ids, best first).",
     "judge": "Judge whether the contexts support an answer to the question. Reply with JSON: \"verdict\", "
              "\"reason\" and \"citations\".",
-    "quote": "Answer the question by quoting, word for word, the sentence that answers it. Reply with JSON: \"quotes\" (each with the \"context\" id and the quoted \"text\").",
+    "quote": "Answer the question by quoting, word for word, the sentence that answers it. Reply with JSON: "
+             "\"quotes\" (each with the \"context\" id and the quoted \"text\").",
+    "quote_index": "Which numbered sentence answers the question? Reply with JSON: \"quotes\" (the numbers of the "
+                   "sentences that answer it, best first).",
 }
 
 
@@ -434,7 +547,9 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     max_tokens = task_policy.sampling(max_tokens=req.max_tokens)["max_tokens"]
     best = max((c.rerank_score for c in contexts), default=None)
     threshold = task_policy.abstain_below_rerank
-    if req.task in GROUNDED_TASKS and threshold is not None and (best is None or best < threshold):
+    # quote with abstain_on "span": the threshold applies to the best quotable span's score, further down
+    by_span = req.task == "quote" and req.schema is None and task_policy.abstain_on == "span"
+    if req.task in GROUNDED_TASKS and threshold is not None and (best is None or (best < threshold and not by_span)):
         return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta)
     with timer.stage("tokenize"):
         contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
@@ -445,21 +560,21 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
                                      "limit_usd": decision.limit_usd, "prompt_tokens": prompt_tokens,
                                      "max_tokens": max_tokens})
     context_ids = [c.id for c in contexts]
-    schema = answer_schema(req.task, context_ids, req.schema, max_tokens)
-    system, user = build_prompt(req.task, req.query, contexts)
+    schema = answer_schema(req.task, context_ids, req.schema, max_tokens, task_policy.max_quotes)
     candidates = None
     if req.task == "quote" and req.schema is None:
-        candidates = quote_candidates(req.query, contexts, engines, timer)
-        system, user = build_prompt(req.task, req.query, candidates)
-    with timer.stage("generate"):
-        if candidates is not None:
-            guide = ("ebnf_grammar", quote_grammar(candidates))
-            gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer, guide=guide)
-        else:
+        candidates = quote_candidates(req.query, contexts, engines, timer, task_policy.quote_candidates)
+        if not candidates or (by_span and threshold is not None and candidates[0].rerank_score < threshold):
+            # no quotable span, or none relevant enough: say so
+            return _abstain(req, contexts, candidates[0].rerank_score if by_span and candidates else best,
+                            threshold, n_query_tokens, timer, t0, on_delta)
+        answer, gen = _quote(req.query, candidates, contexts, schema, engines, task_policy, max_tokens, on_delta,
+                             timer)
+    else:
+        system, user = build_prompt(req.task, req.query, contexts)
+        with timer.stage("generate"):
             gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer)
-    answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
-    if candidates is not None:
-        answer = check_quotes(answer, contexts)
+        answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
     usage = {
         "task": req.task,
         "tokens_in": gen["num_input_tokens"], "tokens_out": gen["num_output_tokens"],
@@ -480,8 +595,42 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         usage["best_rerank_score"] = best
         usage["abstained"] = False
         if candidates is not None:
+            usage["best_span_score"] = candidates[0].rerank_score
             usage["quote_candidates"] = len(candidates)
+            usage["quote_select"] = task_policy.quote_select
     return RagResult(answer=answer, contexts=contexts, usage=usage)
+
+
+def _quote(query: str, candidates: list, contexts: list, schema: dict, engines: Engines, task_policy,
+           max_tokens: int, on_delta, timer: Timer) -> tuple:
+    """The quote task's answer from its candidates, as the task policy's ``quote_select`` says: "generate" (the
+    generator writes the quotes under the EBNF of the candidates' verbatim spans), "index" (it picks candidates
+    by number, under a JSON schema of their numbers) or "rerank" (no generation: the best max_quotes candidates
+    by the reranker). Returns (answer, generation result)."""
+    context_ids = [c.id for c in contexts]
+    n_quotes = task_policy.max_quotes
+    if task_policy.quote_select == "rerank":
+        answer = {"quotes": [{"context": c.id, "text": c.text} for c in candidates[:n_quotes]]}
+        if on_delta is not None:
+            on_delta(json.dumps(answer, ensure_ascii=False))
+        gen = {"text": "", "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": "extracted"}
+    elif task_policy.quote_select == "index":
+        system, user = index_prompt(query, candidates)
+        picked_schema = index_schema(len(candidates), n_quotes)
+        with timer.stage("generate"):
+            gen = engines.generate(system, user, picked_schema, task_policy, max_tokens, None, timer)
+        picked = check_answer(gen["text"], picked_schema, gen["finish_reason"], [])["quotes"]
+        answer = {"quotes": [{"context": candidates[n - 1].id, "text": candidates[n - 1].text}
+                             for n in dict.fromkeys(picked)]}
+        if on_delta is not None:
+            on_delta(json.dumps(answer, ensure_ascii=False))
+    else:
+        system, user = build_prompt("quote", query, candidates)
+        guide = ("ebnf_grammar", quote_grammar(candidates, n_quotes, whole=True))
+        with timer.stage("generate"):
+            gen = engines.generate(system, user, schema, task_policy, max_tokens, on_delta, timer, guide=guide)
+        answer = check_answer(gen["text"], schema, gen["finish_reason"], context_ids)
+    return check_quotes(answer, contexts), gen
 
 
 def _abstain(req: RagRequest, contexts: list, best, threshold: float, n_query_tokens: int, timer: Timer,

@@ -223,3 +223,45 @@ def test_long_answers_do_not_hold_back_short_ones(server, corpus):
     assert all(len(r["answer"]["essay"]) == 600 for _, r in long_results)      # the whole string, decoded
     assert all(0 <= r["answer"]["n"] <= 9 for _, r in short_results)
     assert max(done for done, _ in short_results) < min(done for done, _ in long_results)
+
+
+QUOTE_DOCS = [
+    "## Rotations\n\n- **Storage team:** the rotation lasts 7 days. Handover happens every Monday at 10:00 local\n"
+    "  time, so that it never meets the release.\n- **Network team:** the rotation lasts 14 days.",
+    "| Severity | Acknowledge within |\n|----------|--------------------|\n| SEV1 | 5 minutes |\n"
+    "| SEV2 | 15 minutes |\n\nA SEV1 also needs an incident channel within 10 minutes. Nobody fixes a \"SEV1\" alone.",
+    "Stipends are paid pro rata for partial weeks; they appear on the next regular payroll. The primary gets $250\n"
+    "per week of rotation.",
+]
+
+
+@pytest.fixture(scope="module")
+def quote_server(tiny_models, tmp_path_factory):
+    """A server whose quote task never abstains and lets the generator write its quotes: the tiny reranker's
+    scores sit below the configured threshold, so on the session server every quote request abstains."""
+    from tests.integration.conftest import private_server
+    from ragstack.server import ROOT
+
+    policy = json.loads((ROOT / "config" / "runtime_policy.json").read_text())
+    policy["tasks"]["quote"].update(abstain_below_rerank=None, quote_select="generate", quote_candidates=4,
+                                    max_quotes=2)
+    path = tmp_path_factory.mktemp("quote-policy") / "runtime_policy.json"
+    path.write_text(json.dumps(policy))
+    with private_server(tiny_models, tmp_path_factory, "integration-quote", RAG_POLICY_FILE=str(path)) as proc:
+        yield proc
+
+
+@pytest.mark.parametrize("query", ["How long is the storage rotation?", "How fast must a SEV1 be acknowledged?",
+                                   "What is the stipend?"])
+def test_served_quotes_are_verbatim_substrings_of_the_cited_context(quote_server, query):
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(quote_server.http_url, network_timeout=300) as c:
+        result = ask(("http", c), query=query, task="quote", documents=QUOTE_DOCS, top_n=3, collection="no-such")
+    texts = {ctx["id"]: ctx["text"] for ctx in result["contexts"]}
+    answer = result["answer"]
+    assert result["usage"]["finish_reason"] == "stop" and not result["usage"]["abstained"]
+    assert 1 <= len(answer["quotes"]) <= 2 and answer["citations"]
+    for quote in answer["quotes"]:
+        assert quote["text"] and quote["text"] in texts[quote["context"]]
+    assert answer["citations"] == list(dict.fromkeys(q["context"] for q in answer["quotes"]))
