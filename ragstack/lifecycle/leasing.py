@@ -45,6 +45,17 @@ class EngineLease:
 POLL_S, MAX_POLL_S = 0.005, 0.2
 
 
+# A load that failed because the manager could not reach the server's repository API (the server starts its
+# gRPC/HTTP services only after every start-up model is loaded, and the manager may try before that) says
+# nothing about the engine: the lease keeps waiting, within its timeout, for the manager's next attempt.
+SERVER_UNREACHABLE_MARKERS = ("failed to connect to all addresses", "Connection refused", "Socket closed",
+                              "StatusCode.UNAVAILABLE")
+
+
+def _server_unreachable(detail) -> bool:
+    return bool(detail) and any(marker in detail for marker in SERVER_UNREACHABLE_MARKERS)
+
+
 def acquire_lease(call: Call, model: str, timeout_s: float = 300.0, poll_s: float = POLL_S,
                   max_poll_s: float = MAX_POLL_S, sleep=time.sleep, clock=time.monotonic) -> EngineLease:
     start = clock()
@@ -57,7 +68,7 @@ def acquire_lease(call: Call, model: str, timeout_s: float = 300.0, poll_s: floa
             return EngineLease(model, int(last.get("version", -1)), last["lease"], True, clock() - start)
         if status == "unmanaged":
             return EngineLease(model)
-        if status == "failed":
+        if status == "failed" and not _server_unreachable(last.get("detail")):
             raise EngineUnavailable(f"engine '{model}' cannot be loaded: {last.get('detail') or 'load failed'}")
         if clock() - start > timeout_s:
             raise EngineUnavailable(f"engine '{model}' not available after waiting {timeout_s:.0f} s for the "
