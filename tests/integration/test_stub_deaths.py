@@ -17,6 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from ragstack.lifecycle.procmem import stub_processes
+from ragstack.soak import pid_alive
 from tests.integration.conftest import CORPUS, private_server
 from tests.integration.helpers import infer, stream, strings
 
@@ -184,13 +185,6 @@ def test_kill_9_of_a_stub_under_traffic(srv, corpus_ingested, identity_headers, 
     http.close()
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
 
 STUB_EXIT_LIMIT_S = 15.0      # ragstack's exit_with_server: 1 s checks + 5 s grace, on a loaded machine
 
@@ -220,9 +214,9 @@ def test_no_stub_outlives_a_killed_server(srv, corpus_ingested, identity_headers
         t_kill = time.monotonic()
         srv.proc.wait(10)
         deadline = t_kill + STUB_EXIT_LIMIT_S
-        while time.monotonic() < deadline and any(_alive(s.pid) for s in stubs):
+        while time.monotonic() < deadline and any(pid_alive(s.pid) for s in stubs):
             time.sleep(0.25)
-        survivors = [(s.model, s.pid) for s in stubs if _alive(s.pid)]
+        survivors = [(s.model, s.pid) for s in stubs if pid_alive(s.pid)]
         for _, pid in survivors:             # do not leave them behind for the rest of the run
             os.kill(pid, signal.SIGKILL)
     assert not survivors, f"stubs alive {STUB_EXIT_LIMIT_S:.0f} s after tritonserver was killed: {survivors}"

@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 
 from ragstack import triton_adapter as ta
+from ragstack.soak import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _wait(cond, limit):
@@ -47,7 +41,7 @@ def test_the_stub_is_killed_a_grace_period_after_the_server_is_gone(procs):
     server, stub = procs(), procs()
     watcher = ta.watch_server(server.pid, stub.pid, check_s=0.1, grace_s=1.0)
     time.sleep(0.5)
-    assert _alive(stub.pid) and watcher.poll() is None      # the server lives: nothing happens
+    assert pid_alive(stub.pid) and watcher.poll() is None      # the server lives: nothing happens
     server.kill()
     server.wait()
     t0 = time.monotonic()
