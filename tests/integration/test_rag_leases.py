@@ -111,7 +111,7 @@ def clients(rag_server, mc, identity):
 
 def ask(clients, protocol, query):
     arrays = {"query": strings([query]).reshape(1, 1), "top_k": np.array([[4]], np.int32),
-              "top_n": np.array([[2]], np.int32), "max_tokens": np.array([[48]], np.int32),
+              "top_n": np.array([[2]], np.int32), "max_tokens": np.array([[256]], np.int32),
               "collection": strings(["corpus"]).reshape(1, 1)}
     headers = dict(clients["headers"])
     if protocol == "grpc":
