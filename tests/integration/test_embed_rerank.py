@@ -6,7 +6,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from tritonclient.utils import InferenceServerException
 
 from ragstack.engine_spec import EngineSpec
-from tests.integration.helpers import infer, is_invalid_arg, make_input, strings
+from tests.integration.helpers import admin_headers, infer, is_invalid_arg, make_input, strings
 from tests.reference import (TASK, qwen3_embedding_ids, qwen3_rerank_ids, reference_embedding,
                              reference_yes_no)
 
@@ -47,7 +47,7 @@ def test_concurrent_embed_requests_are_batched_and_exact(http, embed_reference):
     vectors = [p.get_result().as_numpy("embedding")[0] for p in pending]
     for text, vector in zip(texts, vectors):
         assert np.abs(vector - embed_reference(text, "document")).max() < TOL
-    stats = http.get_inference_statistics("embed")["model_stats"][0]
+    stats = http.get_inference_statistics("embed", headers=admin_headers())["model_stats"][0]
     assert int(stats["execution_count"]) < int(stats["inference_count"])     # some executions held > 1 row
 
 
