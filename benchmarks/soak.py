@@ -191,7 +191,8 @@ def main() -> int:
             result["ingest"] = ingest_corpus(http_url)
             progress(f"ingested {result['ingest']['documents']} documents, {result['ingest']['chunks']} chunks "
                      f"in {result['ingest']['seconds']} s")
-        cfg = SoakConfig(http_url=http_url, grpc_url=grpc_url, identity=identity_headers(models), api_key=admin_key(),
+        cfg = SoakConfig(http_url=http_url, grpc_url=grpc_url, identity=identity_headers(models),
+                         api_key=admin_key(),
                          metrics_url=metrics_url, server_pid=server_pid, server_log=server_log,
                          clients=args.clients, duration_s=args.duration, timeout_s=args.timeout,
                          bad_fraction=args.bad_fraction, cancel_fraction=args.cancel_fraction,
