@@ -429,7 +429,8 @@ def test_bad_input_never_yields_a_server_error(server, http, identity):
     with httpclient.InferenceServerClient(server.http_url, network_timeout=120) as client:
         seed = {"doc_ids": strings(["fuzz-seed"]), "texts": strings(["Triton serves models over HTTP and gRPC."]),
                 "collection": strings([COLLECTION])}
-        client.infer("ingest", [make_input("http", k, v) for k, v in seed.items()], headers=wire_headers("http", None))
+        client.infer("ingest", [make_input("http", k, v) for k, v in seed.items()],
+                     headers=wire_headers("http", None))
     good_rag(server, identity)
     pids_before = stub_pids(server)
     assert pids_before, "no Python stub found under the server: the stub-death check would prove nothing"
