@@ -437,7 +437,7 @@ def test_bad_input_never_yields_a_server_error(server, http, identity):
     log_start = server.log_path.stat().st_size
     only = os.environ.get("FUZZ_MODELS")                 # e.g. FUZZ_MODELS=generate,rag while debugging
     work = []
-    headers = {**auth_headers(), **identity}            # the operator's key and internal proof: every model is reachable
+    headers = {**auth_headers(), **identity}            # operator key + internal proof: every model reachable
     for m in models if not only else [m for m in models if m.name in only.split(",")]:
         for case in catalogue(m):
             if m.decoupled:
