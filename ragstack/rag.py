@@ -21,7 +21,7 @@ MAX_DOCUMENTS = 64
 MAX_DOCUMENT_CHARS = 20_000
 ANSWER_MAX_CHARS = 600
 # Request limits (issue 16): each breach is the caller's INVALID_ARG.
-MAX_QUERY_CHARS = 4_000
+MAX_QUERY_CHARS = 32_000               # the prompt-token budget then applies (policy)
 MAX_SCHEMA_CHARS = 32_000
 MAX_SCHEMA_DEPTH = 32                 # JSON nesting: a schema level takes two (properties -> name -> schema)
 STAGES = ("tokenize", "embed", "search", "rerank", "generate")
