@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import admin_headers, admin_key, key_headers  # noqa: E402
 from common import RESULTS, ROOT, corpus_paragraphs, eval_questions, machine_info, now_iso, progress, \
     wait_idle, write_json  # noqa: E402
 
@@ -77,7 +78,7 @@ class Pipeline:
         self.grpc_url = server.grpc_url
         self._grpc = grpcclient
         self._httpc = httpclient
-        self.mc = ManagerClient(server.http_url)
+        self.mc = ManagerClient(server.http_url, api_key=admin_key())
         self.embed_tok = EmbedTokenizer(models / "embed")
         self.rerank_tok = RerankTokenizer(models / "rerank")
         self.gen_tok = GeneratorTokenizer(models / "generate")
@@ -406,7 +407,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lifecycle-bench-"))
     server = TritonProcess(models, load_models="model_manager embed rerank generate",
                            log_path=ROOT / "build" / "logs" / "bench-lifecycle.log",
-                           env={"RAG_DATA_PATH": str(work), "RAGSTACK_EVENT_LOG": str(work / "events.jsonl")})
+                           env={"RAG_DATA_PATH": str(work), "RAGSTACK_EVENT_LOG": str(work / "events.jsonl"),
+                                "RAG_DIRECT_MODELS": "*"})   # it measures the engines directly
     progress(f"starting tritonserver on the {args.models} models")
     server.start()
     started = now_iso()

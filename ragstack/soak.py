@@ -98,6 +98,7 @@ class SoakConfig:
     max_tokens: Optional[int] = None      # None: the task policy's default
     strict_frontend: bool = False         # count Triton's own 500 on unparseable JSON bodies as server errors
     seed: int = 0
+    api_key: Optional[str] = None         # a writer (or admin) key for ingest (X-Api-Key; ragstack.access)
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -263,6 +264,9 @@ class Worker:
 
     def identity(self, grpc: bool = False) -> dict:
         return {k.lower(): v for k, v in self.cfg.identity.items()} if grpc else dict(self.cfg.identity)
+
+    def key_headers(self) -> Optional[dict]:
+        return {"x-api-key": self.cfg.api_key} if self.cfg.api_key else None
 
     def http_post(self, path: str, body, headers: Optional[dict] = None, timeout: Optional[float] = None):
         host, port = self.cfg.http_url.rsplit(":", 1)
@@ -467,9 +471,11 @@ class Worker:
 
     def _ingest(self, arrays: dict, use_grpc: bool, timeout: Optional[float] = None) -> tuple:
         if use_grpc:
-            result = self.grpc().infer("ingest", _grpc_inputs(arrays), client_timeout=timeout or self.cfg.timeout_s)
+            result = self.grpc().infer("ingest", _grpc_inputs(arrays), client_timeout=timeout or self.cfg.timeout_s,
+                                       headers=self.key_headers())
             return "ok", json.loads(result.as_numpy("report").reshape(-1)[0])
-        status, text = self.http_post("/v2/models/ingest/infer", {"inputs": _json_inputs(arrays)})
+        status, text = self.http_post("/v2/models/ingest/infer", {"inputs": _json_inputs(arrays)},
+                                      headers=self.key_headers())
         outcome = classify_http(status, text, "ok")
         if outcome != "ok":
             return outcome, f"HTTP {status}: {text[:300]}"

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts, json_input
+from ragstack import access, contracts, json_input
 from ragstack import triton_adapter as ta
 from ragstack.lifecycle.triton_io import build_manager
 
@@ -26,7 +26,10 @@ class TritonPythonModel:
             try:
                 payload = ta.input_string(pb, request, C, "payload")
                 payload = json_input.loads(payload, "model_manager: payload", expect=dict) if payload else {}
-                result = self.service.handle(ta.input_string(pb, request, C, "op"),
+                op = ta.input_string(pb, request, C, "op")
+                if op != "status":
+                    access.require_role(request.parameters(), "admin", f"model_manager op {op[:40]!r}")
+                result = self.service.handle(op,
                                              ta.input_string(pb, request, C, "model"), payload)
                 out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))

@@ -1,0 +1,175 @@
+"""Access control over HTTP and gRPC (issue 16): keys for admin and write paths, internal models closed to direct
+calls, Triton's admin APIs behind the admin key, keys never echoed nor logged, limits answered as INVALID_ARG."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from ragstack.server import access_keys
+from tests.integration.helpers import generate_json, infer, is_invalid_arg, stream, strings
+
+WRONG = "wrong-key-7f3a9c"
+
+
+def denied(exc) -> bool:
+    return is_invalid_arg(exc) and "permission denied" in str(exc)
+
+
+def ingest_arrays(doc="acl-doc"):
+    return {"doc_ids": strings([doc]), "texts": strings(["Access control keeps the index safe."]),
+            "collection": strings(["acl"])}
+
+
+@pytest.mark.parametrize("key", [None, WRONG, "reader"])
+def test_ingest_refuses_without_a_writer_key(server, client, key):
+    headers = {} if key is None else {"X-Api-Key": key}
+    for op in ("upsert", "delete"):
+        with pytest.raises(InferenceServerException) as e:
+            infer(client, "ingest", {**ingest_arrays(), "op": strings([op])}, ["report"], headers=headers, auth=False)
+        assert denied(e.value), e.value
+        assert WRONG not in str(e.value)
+
+
+def test_ingest_accepts_writer_and_admin_keys(server, client):
+    keys = access_keys()
+    for key in (keys.writer_key, keys.admin_key):
+        out = infer(client, "ingest", ingest_arrays(), ["report"], headers={"X-Api-Key": key}, auth=False)
+        assert json.loads(out["report"].reshape(-1)[0])["documents"][0]["status"] in ("created", "updated",
+                                                                                      "unchanged")
+
+
+def manager(client, op, headers, payload=None):
+    return infer(client, "model_manager", {"op": strings([op]), "model": strings(["embed"]),
+                                           "payload": strings([json.dumps(payload or {})])},
+                 ["result"], headers=headers, auth=False)
+
+
+def test_model_manager_admin_ops_need_the_admin_key(server, client):
+    manager(client, "status", {})                                   # status stays open
+    for headers in ({}, {"X-Api-Key": WRONG}, {"X-Api-Key": access_keys().writer_key}):
+        for op, payload in (("set_budget", {"budget_bytes": 1}), ("release", {"lease_id": "x"}),
+                            ("rollback", {})):
+            with pytest.raises(InferenceServerException) as e:
+                manager(client, op, headers, payload)
+            assert denied(e.value), (op, e.value)
+    # the admin key passes the check (the op itself may still refuse its payload, but not for permission)
+    try:
+        manager(client, "release", {"X-Api-Key": access_keys().admin_key}, {"lease_id": "no-such-lease"})
+    except InferenceServerException as e:
+        assert not denied(e), e
+
+
+ENGINE_IDS = np.array([[5, 6, 7, 8]], dtype=np.int32)
+UNARY_INTERNAL = {
+    "vector_index": {"op": strings(["stats"]), "collection": strings(["acl"])},
+    "embed": {"input_ids": ENGINE_IDS, "attention_mask": np.ones_like(ENGINE_IDS)},
+    "rerank": {"input_ids": ENGINE_IDS, "attention_mask": np.ones_like(ENGINE_IDS)},
+    "embed_text": {"text": strings(["hello"]).reshape(1, 1)},
+    "rerank_text": {"query": strings(["q"]), "documents": strings(["d"])},
+}
+
+
+@pytest.mark.parametrize("forged", [None, "guess"])
+def test_internal_models_refuse_direct_calls(server, client, forged):
+    headers = {"X-Api-Key": access_keys().admin_key}                 # not even the admin key opens them
+    if forged:
+        headers["X-Ragstack-Internal"] = forged
+    for model, arrays in UNARY_INTERNAL.items():
+        with pytest.raises(InferenceServerException) as e:
+            infer(client, model, arrays, headers=headers, auth=False)
+        assert denied(e.value), (model, e.value)
+    if client[0] == "grpc":
+        from ragstack.trtllm_io import generate_inputs
+
+        for model, arrays in (("generate", generate_inputs(ENGINE_IDS[0], 2, 0, 0)),
+                              ("generate_text", {"prompt": strings(["hi"]), "max_tokens": np.array([2], np.int32)})):
+            with pytest.raises(InferenceServerException) as e:
+                stream(server.grpc_url, model, arrays, headers=headers, auth=False)
+            assert "permission denied" in str(e.value), (model, str(e.value))   # a stream error has no status
+
+
+def test_generate_endpoint_carries_the_key_in_the_body(server):
+    status, body = generate_json(server.http_url, "generate_text", {"prompt": "hi", "max_tokens": 2}, auth=False)
+    assert status == 400 and "permission denied" in body["error"]
+    status, body = generate_json(server.http_url, "ingest", {"doc_ids": "acl-gen", "texts": "x", "x-api-key": WRONG},
+                                 auth=False)
+    assert status == 400 and "permission denied" in body["error"] and WRONG not in json.dumps(body)
+
+
+def test_triton_admin_apis_need_the_admin_key(server, http):
+    key = access_keys().admin_key
+    for call in (lambda **kw: http.get_model_repository_index(**kw), lambda **kw: http.get_model_config("embed", **kw),
+                 lambda **kw: http.get_inference_statistics("embed", **kw),
+                 lambda **kw: http.unload_model("no_such_model", **kw)):
+        for headers in (None, {"admin-key": WRONG}):
+            with pytest.raises(InferenceServerException) as e:
+                call(headers=headers)
+            assert "403" in str(e.value.status()) or "restricted" in str(e.value).lower() or \
+                "unauthorized" in str(e.value).lower(), e.value
+    assert http.get_model_repository_index(headers={"admin-key": key})
+    with grpcclient.InferenceServerClient(server.grpc_url) as g:
+        for headers in (None, {"triton-grpc-protocol-admin-key": WRONG}):
+            with pytest.raises(InferenceServerException) as e:
+                g.get_model_repository_index(headers=headers)
+            assert "UNAVAILABLE" in str(e.value.status()) or "PERMISSION" in str(e.value.status()) or \
+                "restricted" in str(e.value).lower() or "unauthenticated" in str(e.value.status()).lower(), e.value
+        assert g.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": key}) is not None
+        with pytest.raises(InferenceServerException):
+            g.unload_model("vector_index")                           # no key: the model stays
+    assert http.is_model_ready("vector_index")
+
+
+def test_writer_keys_rotate_without_a_restart(server, client):
+    keys = access_keys()
+    path = keys.dir / "writer_keys"
+    original = path.read_text()
+    try:
+        path.write_text(original + "rotated-writer-key\n")
+        infer(client, "ingest", ingest_arrays("acl-rot"), ["report"], headers={"X-Api-Key": "rotated-writer-key"},
+              auth=False)
+        path.write_text("rotated-writer-key\n")                       # the old key is withdrawn
+        time.sleep(0.01)
+        with pytest.raises(InferenceServerException) as e:
+            infer(client, "ingest", ingest_arrays("acl-rot"), ["report"], headers={"X-Api-Key": keys.writer_key},
+                  auth=False)
+        assert denied(e.value)
+    finally:
+        path.write_text(original)
+
+
+def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, identity, http):
+    from ragstack import rag
+
+    def one(v):
+        return (strings([v]) if isinstance(v, str) else np.array([v], np.int32)).reshape(1, 1)
+
+    base = {"query": one("x" * (rag.MAX_QUERY_CHARS + 1))}
+    with pytest.raises(InferenceServerException) as e:
+        infer(client, "rag", base, ["answer"], headers=identity)
+    assert is_invalid_arg(e.value) and "limit" in str(e.value)
+    deep = '{"type": "object", "properties": {"a": ' * 20 + "{}" + "}}" * 20
+    with pytest.raises(InferenceServerException) as e:
+        infer(client, "rag", {"query": one("q"), "task": one("generate_json"), "schema": one(deep)},
+              ["answer"], headers=identity)
+    assert is_invalid_arg(e.value) and "deeper" in str(e.value)
+    with pytest.raises(InferenceServerException) as e:
+        infer(client, "rag", {"query": one("q"), "top_k": one(100_000)}, ["answer"],
+              headers=identity)
+    assert is_invalid_arg(e.value)
+    many = [f"d{i}" for i in range(300)]
+    with pytest.raises(InferenceServerException) as e:
+        infer(client, "ingest", {"doc_ids": strings(many), "texts": strings(["t"] * 300)}, ["report"])
+    assert is_invalid_arg(e.value) and "at most" in str(e.value)
+    assert http.is_server_ready()
+
+
+def test_keys_never_appear_in_the_log(server):
+    keys = access_keys()
+    log = server.log_path.read_text(errors="replace")
+    for secret in (keys.admin_key, keys.writer_key, keys.internal, WRONG, "rotated-writer-key"):
+        assert secret not in log
+    assert os.stat(keys.dir).st_mode & 0o077 == 0
