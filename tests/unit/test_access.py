@@ -72,3 +72,46 @@ def test_denial_is_a_client_error():
 
     r = ta.error_response(PB, PermissionDenied("ingest needs a writer key"))
     assert r.error.code == "INVALID_ARG" and "permission denied: ingest" in r.error.msg
+
+
+# Where each Python model of the stack checks access (issue 16): a model added without a check would answer every
+# client, so this list must name every Python-backend model folder. (module or model file, what it must call)
+CHECKS = {
+    "bls_models/docling": ("bls_models/docling/1/model.py", "access.require_internal("),
+    "bls_models/embed_text": ("bls_models/embed_text/1/model.py", "access.require_internal("),
+    "bls_models/rerank_text": ("bls_models/rerank_text/1/model.py", "access.require_internal("),
+    "bls_models/generate_text": ("bls_models/generate_text/1/model.py", "access.require_internal("),
+    "bls_models/vector_index": ("bls_models/vector_index/1/model.py", "access.require_internal("),
+    "bls_models/ingest": ("bls_models/ingest/1/model.py", 'access.require_role(request.parameters(), "writer"'),
+    "bls_models/model_manager": ("bls_models/model_manager/1/model.py", 'access.require_role(request.parameters(), "admin"'),
+    "bls_models/rag_orchestrator": ("ragstack/orchestrator.py", 'access.require_role(request.parameters(), "reader"'),
+    "bls_models/rag_stream_orchestrator": ("ragstack/orchestrator.py",
+                                           'access.require_role(request.parameters(), "reader"'),
+    "model_repository/reference/embed": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "model_repository/reference/rerank": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "model_repository/reference/generate": ("model_repository/reference/generate/1/model.py",
+                                            "access.require_internal("),
+    "model_repository/trtllm/embed": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "model_repository/trtllm/rerank": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+}
+# The models that reach their check through shared code, and the call that leads there.
+VIA = {"bls_models/rag_orchestrator": "OrchestratorModel", "bls_models/rag_stream_orchestrator": "OrchestratorModel",
+       "model_repository/reference/embed": "ta.execute_token_batch(", "model_repository/reference/rerank":
+       "ta.execute_token_batch(", "model_repository/trtllm/embed": "TritonPlanModel(",
+       "model_repository/trtllm/rerank": "TritonPlanModel("}
+
+
+def test_every_python_model_checks_access():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    python_models = {str(p.parent.relative_to(root)) for repo in ("bls_models", "model_repository")
+                     for p in (root / repo).rglob("config.pbtxt") if 'backend: "python"' in p.read_text()}
+    assert python_models == set(CHECKS), python_models ^ set(CHECKS)
+    for model, (source, call) in CHECKS.items():
+        assert call in (root / source).read_text(), (model, source, call)
+        if model in VIA:
+            assert VIA[model] in (root / model / "1" / "model.py").read_text(), model
+    assert "ta.execute_token_batch(" in (root / "ragstack" / "trt_plan.py").read_text()
+    # model_manager's loader (a model it creates from a file override) checks the proof inline
+    assert "_check_internal(request)" in (root / "bls_models" / "model_manager" / "loader.py").read_text()
