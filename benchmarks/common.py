@@ -202,6 +202,20 @@ def admin_headers() -> dict:
     return {"admin-key": admin_key()}
 
 
+def operator_headers(attached: bool = False) -> dict:
+    """What reaches an internal model directly (e.g. vector_index for a check): the admin key and the internal proof
+    of the servers this process starts; ``attached``: of the server we attach to, from its RAG_INTERNAL_SECRET_FILE
+    (none given: no proof is sent, and the server must open the model with RAG_DIRECT_MODELS)."""
+    from ragstack.access import INTERNAL_HEADER
+    from ragstack.lifecycle.client import env_key
+    from ragstack.server import access_keys
+
+    if not attached:
+        return access_keys().headers()
+    secret = env_key("RAG_INTERNAL_SECRET")
+    return {"x-api-key": admin_key(), **({INTERNAL_HEADER: secret} if secret else {})}
+
+
 def model_stats(client, models) -> dict:
     """Cumulative per-model statistics from a tritonclient.http client: counts and ns totals."""
     out = {}

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_headers, admin_key, key_headers  # noqa: E402
+from common import admin_headers  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, corpus_paragraphs,  # noqa: E402
                     display_path, drop_dynamic_batching, latency_summary, machine_info, model_stats, now_iso,
                     paired_ratio, progress, run_perf_analyzer, stats_delta, target, wait_idle,

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_headers, admin_key, key_headers  # noqa: E402
+from common import admin_key  # noqa: E402
 from common import RESULTS, ROOT, corpus_paragraphs, eval_questions, machine_info, now_iso, progress, \
     wait_idle, write_json  # noqa: E402
 

@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_headers, admin_key, key_headers  # noqa: E402
+from common import key_headers  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, display_path,  # noqa: E402
                     eval_questions, latency_summary, machine_info, model_stats, now_iso, paired_ratio, progress,
                     run_perf_analyzer, stats_delta, target, wait_idle, write_input_data, write_json)

@@ -99,6 +99,10 @@ class SoakConfig:
     strict_frontend: bool = False         # count Triton's own 500 on unparseable JSON bodies as server errors
     seed: int = 0
     api_key: Optional[str] = None         # a writer (or admin) key for ingest (X-Api-Key; ragstack.access)
+    # The operator's headers for the ledger check, which reads the internal vector_index directly: the internal
+    # proof (x-ragstack-internal) of the server under test, or none if the server opens vector_index
+    # (RAG_DIRECT_MODELS). ragstack.server.AccessKeys.headers() for a server this process started.
+    operator_headers: Optional[dict] = None
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -660,8 +664,10 @@ class Ledger:
             self.state[doc_id] = "deleted"
             self.acked["delete"] += 1
 
-    def verify(self, grpc_url: str, collection: str) -> dict:
+    def verify(self, grpc_url: str, collection: str, headers: Optional[dict] = None) -> dict:
         import tritonclient.grpc as grpcclient
+
+        headers = {k.lower(): v for k, v in headers.items()} if headers else None
 
         with self.lock:
             state = dict(self.state)
@@ -674,7 +680,7 @@ class Ledger:
                 arrays = {"op": _bytes(["get"]), "collection": _bytes([collection]),
                           "payload": _bytes([json.dumps({"doc_id": doc_id})])}
                 try:
-                    res = client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60)
+                    res = client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60, headers=headers)
                     doc = json.loads(res.as_numpy("result").reshape(-1)[0])["document"]
                 except Exception as e:  # noqa: BLE001
                     errors.append(f"{doc_id}: {e}"[:300])
@@ -686,7 +692,8 @@ class Ledger:
             stats = None
             try:
                 arrays = {"op": _bytes(["stats"]), "collection": _bytes([collection])}
-                stats = json.loads(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60)
+                stats = json.loads(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60,
+                                                headers=headers)
                                    .as_numpy("result").reshape(-1)[0])
             except Exception as e:  # noqa: BLE001
                 stats = {"error": str(e)[:300]}
@@ -1003,7 +1010,7 @@ class Soak:
                 th.join(cfg.timeout_s + 5)
         self.ended = time.time()
         self.progress("load finished; checking every acknowledged ingest")
-        self.ledger_result = self.ledger.verify(cfg.grpc_url, cfg.ingest_collection) \
+        self.ledger_result = self.ledger.verify(cfg.grpc_url, cfg.ingest_collection, cfg.operator_headers) \
             if self.ledger.state else {"pass": True, "note": "no ingest acknowledged", "lost": [], "resurrected": []}
         self.sampler.finish()
         self.manager_heals = manager_heals(cfg.grpc_url)
