@@ -34,6 +34,17 @@ def test_ingest_refuses_without_a_writer_key(server, client, key):
         assert WRONG not in str(e.value)
 
 
+def test_file_ingest_is_a_writer_operation_too(server, client):
+    """Files go to the internal docling model through ingest: without a writer key nothing is converted."""
+    arrays = {"doc_ids": strings(["acl-file"]), "files": np.array([b"<html><body><h1>T</h1><p>x</p></body></html>"],
+                                                                   dtype=object),
+              "file_names": strings(["acl.html"]), "collection": strings(["acl"])}
+    for headers in ({}, {"X-Api-Key": WRONG}):
+        with pytest.raises(InferenceServerException) as e:
+            infer(client, "ingest", arrays, ["report"], headers=headers, auth=False)
+        assert denied(e.value), e.value
+
+
 def test_ingest_accepts_writer_and_admin_keys(server, client):
     keys = access_keys()
     for key in (keys.writer_key, keys.admin_key):
@@ -49,18 +60,49 @@ def manager(client, op, headers, payload=None):
 
 
 def test_model_manager_admin_ops_need_the_admin_key(server, client):
+    from ragstack.lifecycle.service import OPS
+
     manager(client, "status", {})                                   # status stays open
     for headers in ({}, {"X-Api-Key": WRONG}, {"X-Api-Key": access_keys().writer_key}):
-        for op, payload in (("set_budget", {"budget_bytes": 1}), ("release", {"lease_id": "x"}),
-                            ("rollback", {})):
+        for op in OPS:
+            if op == "status":
+                continue
+            payload = {"budget_bytes": 1} if op == "configure" else {"lease": "x"} if op == "release" else {}
             with pytest.raises(InferenceServerException) as e:
                 manager(client, op, headers, payload)
             assert denied(e.value), (op, e.value)
-    # the admin key passes the check (the op itself may still refuse its payload, but not for permission)
-    try:
-        manager(client, "release", {"X-Api-Key": access_keys().admin_key}, {"lease_id": "no-such-lease"})
-    except InferenceServerException as e:
-        assert not denied(e), e
+            assert WRONG not in str(e.value)
+    # the admin key opens them: a lease on embed, taken and given back by a client
+    admin = {"X-Api-Key": access_keys().admin_key}
+    lease = json.loads(manager(client, "acquire", admin)["result"].reshape(-1)[0])
+    assert lease["status"] in ("ready", "unmanaged"), lease
+    if lease.get("lease"):
+        manager(client, "release", admin, {"lease": lease["lease"], "ok": True})
+
+
+def _leased_requests(server, model: str) -> float:
+    """How many leased requests the manager has seen on ``model`` (released leases, every version and outcome)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(
+        r'^llm_model_version_requests_total\{[^}]*model="%s"[^}]*\} (\S+)$' % model, text, re.M))
+
+
+def test_bls_lease_calls_need_no_key(server, http, corpus, identity):
+    """rag's orchestrator leases its engines from model_manager over BLS: the internal proof opens the lease ops
+    (a client needs the admin key for them, above), so a rag request without any key is served under leases."""
+    status = json.loads(manager(("http", http), "status", {})["result"].reshape(-1)[0])
+    if "embed" not in status.get("models", {}):
+        pytest.skip("model_manager does not manage embed on this server")
+    before = _leased_requests(server, "embed")
+    arrays = {"query": strings(["How long is a primary on-call shift?"]).reshape(1, 1),
+              "collection": strings(["corpus"]).reshape(1, 1)}
+    out = infer(("http", http), "rag", arrays, ["answer"], headers=identity, auth=False)
+    assert json.loads(out["answer"].reshape(-1)[0])
+    assert _leased_requests(server, "embed") > before
 
 
 ENGINE_IDS = np.array([[5, 6, 7, 8]], dtype=np.int32)
@@ -70,6 +112,7 @@ UNARY_INTERNAL = {
     "rerank": {"input_ids": ENGINE_IDS, "attention_mask": np.ones_like(ENGINE_IDS)},
     "embed_text": {"text": strings(["hello"]).reshape(1, 1)},
     "rerank_text": {"query": strings(["q"]), "documents": strings(["d"])},
+    "docling": {"data": np.array([b"# Title\n\nSome text."], dtype=object), "file_name": strings(["a.md"])},
 }
 
 
@@ -160,6 +203,13 @@ def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, i
         infer(client, "rag", {"query": one("q"), "top_k": one(100_000)}, ["answer"],
               headers=identity)
     assert is_invalid_arg(e.value)
+    with pytest.raises(InferenceServerException) as e:                  # max_tokens over the task's ceiling
+        infer(client, "rag", {"query": one("q"), "max_tokens": one(1_000_000)}, ["answer"], headers=identity)
+    assert is_invalid_arg(e.value) and "max_tokens" in str(e.value)
+    with pytest.raises(InferenceServerException) as e:                  # one document over 2 MiB
+        infer(client, "ingest", {"doc_ids": strings(["big"]), "texts": strings(["x" * (2 * 1024 * 1024 + 1)])},
+              ["report"])
+    assert is_invalid_arg(e.value) and "limit" in str(e.value)
     many = [f"d{i}" for i in range(300)]
     with pytest.raises(InferenceServerException) as e:
         infer(client, "ingest", {"doc_ids": strings(many), "texts": strings(["t"] * 300)}, ["report"])
