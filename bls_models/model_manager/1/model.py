@@ -24,11 +24,11 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                op = ta.input_string(pb, request, C, "op")
+                if op != "status":       # checked first: a caller without the key learns nothing of the payload
+                    access.require_role(request.parameters(), "admin", f"model_manager op {str(op)[:40]!r}")
                 payload = ta.input_string(pb, request, C, "payload")
                 payload = json_input.loads(payload, "model_manager: payload", expect=dict) if payload else {}
-                op = ta.input_string(pb, request, C, "op")
-                if op != "status":
-                    access.require_role(request.parameters(), "admin", f"model_manager op {op[:40]!r}")
                 result = self.service.handle(op,
                                              ta.input_string(pb, request, C, "model"), payload)
                 out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}
