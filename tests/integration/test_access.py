@@ -223,3 +223,19 @@ def test_keys_never_appear_in_the_log(server):
     for secret in (keys.admin_key, keys.writer_key, keys.internal, WRONG, "rotated-writer-key"):
         assert secret not in log
     assert os.stat(keys.dir).st_mode & 0o077 == 0
+
+
+def test_health_check_needs_no_key(server):
+    """tools/health_check.py (and the Kubernetes probes) read health, model readiness and metrics: none restricted."""
+    import subprocess
+    import sys
+
+    from ragstack.server import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "health_check.py"), "--url", f"http://{server.http_url}",
+                        "--metrics-url", server.metrics_url, "--models", "rag,ingest,vector_index,model_manager",
+                        "--rounds", "1", "--timeout", "10"], capture_output=True, text=True, timeout=120)
+    assert r.returncode in (0, 2), r.stderr                  # 2: a threshold breached on a busy machine, still ready
+    last = json.loads(r.stdout)["rounds"][-1]
+    assert last["server"] and all(last["models"].values()), last
+    assert "dead_stubs" in last.get("metrics", {}), last       # the metrics port answered without a key
