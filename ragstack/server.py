@@ -22,7 +22,8 @@ def free_port() -> int:
 
 class AccessKeys:
     """Keys for the servers this process starts (tests, benchmarks, the demo): one admin key, one writer key and
-    one internal secret in 0600 files of a 0700 folder, shared by every server of the process."""
+    one internal secret in 0600 files of a 0700 folder, shared by every server of the process; and an empty
+    reader-key file (reading stays open until a key is written into it: the servers re-read it)."""
 
     def __init__(self):
         import secrets
@@ -32,13 +33,14 @@ class AccessKeys:
         os.chmod(self.dir, 0o700)
         self.admin_key, self.writer_key, self.internal = (secrets.token_hex(24) for _ in range(3))
         for name, value in (("admin_key", self.admin_key), ("writer_keys", self.writer_key),
-                            ("internal_secret", self.internal)):
+                            ("internal_secret", self.internal), ("reader_keys", None)):
             path = self.dir / name
             path.touch(0o600)
-            path.write_text(value + "\n")
+            path.write_text(value + "\n" if value else "")
 
     def env(self) -> dict:
         return {"RAG_ADMIN_KEY_FILE": str(self.dir / "admin_key"), "RAG_WRITER_KEY_FILE": str(self.dir / "writer_keys"),
+                "RAG_API_KEY_FILE": str(self.dir / "reader_keys"),
                 "RAG_INTERNAL_SECRET_FILE": str(self.dir / "internal_secret")}
 
     def headers(self, internal: bool = True) -> dict:

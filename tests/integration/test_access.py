@@ -143,6 +143,32 @@ def test_generate_endpoint_carries_the_key_in_the_body(server):
     assert status == 400 and "permission denied" in body["error"] and WRONG not in json.dumps(body)
 
 
+def test_reader_keys_close_reading_once_configured(server, client, identity, corpus):
+    """Reading is open while the server's reader-key file is empty; a key written into it closes rag (no restart),
+    and then a reader, writer or admin key opens it, as a header or, on /generate, in the body."""
+    keys = access_keys()
+    path = keys.dir / "reader_keys"
+    arrays = {"query": strings(["How long is an on-call shift?"]).reshape(1, 1),
+              "collection": strings(["corpus"]).reshape(1, 1), "top_n": np.array([[2]], np.int32)}
+    body = {"query": "How long is an on-call shift?", "collection": "corpus", "top_n": 2, **identity}
+    infer(client, "rag", arrays, ["answer"], headers=identity, auth=False)            # open
+    try:
+        path.write_text("reader-key-1\n")
+        for headers in (identity, {**identity, "X-Api-Key": WRONG}):
+            with pytest.raises(InferenceServerException) as e:
+                infer(client, "rag", arrays, ["answer"], headers=headers, auth=False)
+            assert denied(e.value) and "reader key" in str(e.value), e.value
+        for key in ("reader-key-1", keys.writer_key, keys.admin_key):
+            infer(client, "rag", arrays, ["answer"], headers={**identity, "X-Api-Key": key}, auth=False)
+        status, out = generate_json(server.http_url, "rag", body, auth=False)
+        assert status == 400 and "permission denied" in out["error"], out
+        status, out = generate_json(server.http_url, "rag", {**body, "x-api-key": "reader-key-1"}, auth=False)
+        assert status == 200, out
+    finally:
+        path.write_text("")
+    infer(client, "rag", arrays, ["answer"], headers=identity, auth=False)            # open again
+
+
 def test_triton_admin_apis_need_the_admin_key(server, http):
     key = access_keys().admin_key
     for call in (lambda **kw: http.get_model_repository_index(**kw), lambda **kw: http.get_model_config("embed", **kw),
