@@ -64,12 +64,12 @@ export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
 # ---- access control. The Python side re-reads key files when they change; Triton's own restricted-API key is
 # read here, once: rotating it takes a restart (and it shows in this process's command line to local users).
 BIND="${TRITON_BIND_ADDRESS:-127.0.0.1}"
-RUN_DIR="${RAG_RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/ragstack-run.XXXXXX")}"
-mkdir -p "$RUN_DIR" && chmod 700 "$RUN_DIR"
 new_secret() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
 # The proof BLS parents give their children (ragstack/access.py): new at every start, readable by this user only.
 # An operator running several servers as one deployment (or the tests) may give one: RAG_INTERNAL_SECRET_FILE.
 if [ -z "${RAG_INTERNAL_SECRET_FILE:-}" ] || [ ! -s "$RAG_INTERNAL_SECRET_FILE" ]; then
+  RUN_DIR="${RAG_RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/ragstack-run.XXXXXX")}"
+  mkdir -p "$RUN_DIR" && chmod 700 "$RUN_DIR"
   ( umask 077; new_secret >"$RUN_DIR/internal_secret" )
   export RAG_INTERNAL_SECRET_FILE="$RUN_DIR/internal_secret"
 else
