@@ -210,7 +210,7 @@ def test_writer_keys_rotate_without_a_restart(server, client):
         path.write_text(original)
 
 
-def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, identity, http):
+def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, identity, http, corpus):
     from ragstack import rag
 
     def one(v):
@@ -226,11 +226,12 @@ def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, i
               ["answer"], headers=identity)
     assert is_invalid_arg(e.value) and "deeper" in str(e.value)
     with pytest.raises(InferenceServerException) as e:
-        infer(client, "rag", {"query": one("q"), "top_k": one(100_000)}, ["answer"],
+        infer(client, "rag", {"query": one("q"), "collection": one("corpus"), "top_k": one(100_000)}, ["answer"],
               headers=identity)
-    assert is_invalid_arg(e.value)
+    assert is_invalid_arg(e.value) and "top_k" in str(e.value)
     with pytest.raises(InferenceServerException) as e:                  # max_tokens over the task's ceiling
-        infer(client, "rag", {"query": one("q"), "max_tokens": one(1_000_000)}, ["answer"], headers=identity)
+        infer(client, "rag", {"query": one("q"), "collection": one("corpus"), "max_tokens": one(1_000_000)},
+              ["answer"], headers=identity)
     assert is_invalid_arg(e.value) and "max_tokens" in str(e.value)
     with pytest.raises(InferenceServerException) as e:                  # one document over 2 MiB
         infer(client, "ingest", {"doc_ids": strings(["big"]), "texts": strings(["x" * (2 * 1024 * 1024 + 1)])},
