@@ -82,8 +82,11 @@ def engine_calls(sources=SOURCES) -> list:
                         and isinstance(n.value, (ast.List, ast.Tuple))
                         and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in n.value.elts)
                         for t in n.targets if isinstance(t, ast.Name)}
-        for func in ast.walk(tree):
-            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        # a nested function (e.g. bls.generate's run) is read with its outer one, whose assignments it sees
+        nested = {id(inner) for f in functions for inner in ast.walk(f) if inner is not f and inner in functions}
+        for func in functions:
+            if id(func) in nested:
                 continue
             assignments = {t.id: n.value for n in ast.walk(func) if isinstance(n, ast.Assign)
                            for t in n.targets if isinstance(t, ast.Name)}
