@@ -44,7 +44,12 @@ ENV PROFILE=trtllm \
     RAG_DATA_PATH=/workspace/data \
     TRITON_HTTP_PORT=8000 \
     TRITON_GRPC_PORT=8001 \
-    TRITON_METRICS_PORT=8002
+    TRITON_METRICS_PORT=8002 \
+    TRITON_BIND_ADDRESS=0.0.0.0
+
+# Inside the container the server listens on the container's interfaces; what is published is the deployment's
+# choice (tools/serve_triton.sh and docker-compose.triton.yml publish on 127.0.0.1 unless told). The admin APIs stay
+# restricted by key (README "Security"): mount RAG_ADMIN_KEY_FILE to turn them on.
 
 EXPOSE 8000 8001 8002
 

@@ -183,11 +183,44 @@ def latency_summary(seconds: list) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- Triton helpers
+def admin_key() -> str:
+    """The admin key: $RAG_ADMIN_KEY or $RAG_ADMIN_KEY_FILE (a server we attach to), else the key of the servers this
+    process starts (ragstack.server.access_keys)."""
+    from ragstack.lifecycle.client import env_key
+    from ragstack.server import access_keys
+
+    return env_key("RAG_ADMIN_KEY") or access_keys().admin_key
+
+
+def key_headers() -> dict:
+    """X-Api-Key with the admin key (ingest, model_manager ops; ragstack.access)."""
+    return {"x-api-key": admin_key()}
+
+
+def admin_headers() -> dict:
+    """Triton's restricted APIs (repository, model config, statistics) over HTTP."""
+    return {"admin-key": admin_key()}
+
+
+def operator_headers(attached: bool = False) -> dict:
+    """What reaches an internal model directly (e.g. vector_index for a check): the admin key and the internal proof
+    of the servers this process starts; ``attached``: of the server we attach to, from its RAG_INTERNAL_SECRET_FILE
+    (none given: no proof is sent, and the server must open the model with RAG_DIRECT_MODELS)."""
+    from ragstack.access import INTERNAL_HEADER
+    from ragstack.lifecycle.client import env_key
+    from ragstack.server import access_keys
+
+    if not attached:
+        return access_keys().headers()
+    secret = env_key("RAG_INTERNAL_SECRET")
+    return {"x-api-key": admin_key(), **({INTERNAL_HEADER: secret} if secret else {})}
+
+
 def model_stats(client, models) -> dict:
     """Cumulative per-model statistics from a tritonclient.http client: counts and ns totals."""
     out = {}
     for model in models:
-        raw = client.get_inference_statistics(model)
+        raw = client.get_inference_statistics(model, headers=admin_headers())
         agg = {"inference_count": 0, "execution_count": 0, "success_count": 0, "success_ns": 0, "queue_ns": 0,
                "compute_input_ns": 0, "compute_infer_ns": 0, "compute_output_ns": 0}
         for ms in raw.get("model_stats", []):

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import admin_headers  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, corpus_paragraphs,  # noqa: E402
                     display_path, drop_dynamic_batching, latency_summary, machine_info, model_stats, now_iso,
                     paired_ratio, progress, run_perf_analyzer, stats_delta, target, wait_idle,
@@ -148,8 +149,8 @@ def set_batching(http_client, enabled: bool, originals: dict) -> None:
     for model in ("embed", "embed_text"):
         # A plain load of an unchanged, loaded model is a no-op in Triton: restore with the original config.
         cfg = originals[model] if enabled else drop_dynamic_batching(originals[model])
-        http_client.load_model(model, config=json.dumps(cfg))
-        cfg = http_client.get_model_config(model)
+        http_client.load_model(model, config=json.dumps(cfg), headers=admin_headers())
+        cfg = http_client.get_model_config(model, headers=admin_headers())
         if ("dynamic_batching" in cfg) != enabled:
             raise RuntimeError(f"{model}: dynamic_batching {'missing' if enabled else 'still present'} after reload")
 
@@ -159,7 +160,7 @@ def bench_embed(server: TritonProcess, engine_dir: Path, segment: float, warmup:
 
     texts = corpus_paragraphs()
     http = httpclient.InferenceServerClient(server.http_url, network_timeout=300, connection_timeout=300)
-    originals = {m: http.get_model_config(m) for m in ("embed", "embed_text")}
+    originals = {m: http.get_model_config(m, headers=admin_headers()) for m in ("embed", "embed_text")}
     triton = TritonEmbed(server.grpc_url, texts)
     progress("embed: loading the in-process tokenizer and model")
     local = InProcessEmbed(engine_dir, texts)
@@ -515,7 +516,9 @@ def main() -> int:
                                      "all-rounds numbers are kept next to it"}}
     log_path = ROOT / "build" / "logs" / "bench-engines.log"
     progress(f"starting tritonserver (log {display_path(log_path)})")
-    server = TritonProcess(args.models, load_models="embed embed_text generate generate_text", log_path=log_path)
+    # engines measured directly: the operator opens them (RAG_DIRECT_MODELS, ragstack.access)
+    server = TritonProcess(args.models, load_models="embed embed_text generate generate_text", log_path=log_path,
+                           env={"RAG_DIRECT_MODELS": "*"})
     server.start()
     try:
         progress(f"server ready: http {server.http_url} grpc {server.grpc_url}")

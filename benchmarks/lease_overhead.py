@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
-from ragstack.server import TritonProcess  # noqa: E402
+from ragstack.server import TritonProcess, access_keys  # noqa: E402
 from tests.integration.conftest import CORPUS, ingest  # noqa: E402
 from tests.integration.helpers import infer, strings  # noqa: E402
 
@@ -59,12 +59,12 @@ def main():
         proc.start()
         try:
             with httpclient.InferenceServerClient(proc.http_url, network_timeout=300) as c, \
-                    ManagerClient(proc.http_url) as mc:
+                    ManagerClient(proc.http_url, api_key=access_keys().admin_key) as mc:
                 mc.wait(lambda s: all(s["models"][m]["state"] == "ready" for m in ("embed", "rerank", "generate")),
                         timeout_s=120)
                 ingest(("http", c), [p.stem for p in CORPUS[:3]], [p.read_text() for p in CORPUS[:3]])
                 leased = run(c, headers, args.n)
-                c.unload_model("model_manager")
+                c.unload_model("model_manager", headers={"admin-key": access_keys().admin_key})
                 while c.is_model_ready("model_manager"):
                     time.sleep(0.2)
                 time.sleep(6)            # past the orchestrators' 5 s "is the manager loaded" cache

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import admin_key  # noqa: E402
 from common import RESULTS, ROOT, eval_questions, machine_info, now_iso, progress, wait_idle, write_json  # noqa: E402
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
@@ -280,7 +281,7 @@ def main() -> int:
 
         from tests.integration.conftest import CORPUS, ingest
 
-        mc = ManagerClient(server.http_url)
+        mc = ManagerClient(server.http_url, api_key=admin_key())
         mc.wait(lambda s: all(s["models"][m]["state"] == "ready" and s["models"][m]["measured"] for m in ENGINES),
                 timeout_s=300)
         with httpclient.InferenceServerClient(server.http_url, network_timeout=600) as h:

@@ -40,6 +40,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import key_headers  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, display_path,  # noqa: E402
                     eval_questions, latency_summary, machine_info, model_stats, now_iso, paired_ratio, progress,
                     run_perf_analyzer, stats_delta, target, wait_idle, write_input_data, write_json)
@@ -104,7 +105,7 @@ def ingest_corpus(http_url: str) -> dict:
             t = httpclient.InferInput(name, list(arr.shape), "BYTES")
             t.set_data_from_numpy(arr)
             inputs.append(t)
-        report = json.loads(client.infer("ingest", inputs).as_numpy("report")[0])
+        report = json.loads(client.infer("ingest", inputs, headers=key_headers()).as_numpy("report")[0])
         doc = report["documents"][0]
         docs.append({"doc_id": path.stem, "status": doc["status"], "chunks": doc["chunks"]})
     return {"documents": len(docs), "chunks": sum(d["chunks"] for d in docs),

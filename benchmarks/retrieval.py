@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ragstack.server import access_keys  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
 from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
 from ragstack.server import TritonProcess, progress  # noqa: E402
@@ -49,7 +50,7 @@ def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
                 t = httpclient.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
                 t.set_data_from_numpy(arr)
                 inputs.append(t)
-            return client.infer(model, inputs, headers=dict(hdrs) if hdrs else None)
+            return client.infer(model, inputs, headers={"x-api-key": access_keys().admin_key, **(hdrs or {})})
 
         passages = eval_set["passages"]
         progress(f"ingesting {len(passages)} passages")

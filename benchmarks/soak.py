@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import admin_key, key_headers, operator_headers  # noqa: E402
 from common import RESULTS, ROOT, display_path, machine_info, now_iso, progress, write_json  # noqa: E402
 
 from ragstack.server import TritonProcess  # noqa: E402
@@ -67,7 +68,7 @@ def ingest_corpus(http_url: str, collection: str = "corpus") -> dict:
             t = httpclient.InferInput(name, list(arr.shape), "BYTES")
             t.set_data_from_numpy(arr)
             inputs.append(t)
-        report = json.loads(client.infer("ingest", inputs).as_numpy("report")[0])
+        report = json.loads(client.infer("ingest", inputs, headers=key_headers()).as_numpy("report")[0])
         chunks += report["documents"][0]["chunks"]
     client.close()
     return {"collection": collection, "documents": len(paths), "chunks": chunks,
@@ -191,6 +192,7 @@ def main() -> int:
             progress(f"ingested {result['ingest']['documents']} documents, {result['ingest']['chunks']} chunks "
                      f"in {result['ingest']['seconds']} s")
         cfg = SoakConfig(http_url=http_url, grpc_url=grpc_url, identity=identity_headers(models),
+                         api_key=admin_key(), operator_headers=operator_headers(args.attach),
                          metrics_url=metrics_url, server_pid=server_pid, server_log=server_log,
                          clients=args.clients, duration_s=args.duration, timeout_s=args.timeout,
                          bad_fraction=args.bad_fraction, cancel_fraction=args.cancel_fraction,

@@ -22,6 +22,9 @@ MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
 MAX_DOCUMENTS = 256
 # Files (bytes) in one request, all together: each is also held to ragstack.documents.MAX_FILE_BYTES (50 MB).
 MAX_REQUEST_FILE_BYTES = 64 * 1024 * 1024
+# Texts of one request, all together (issue 16: 256 documents of 2 MiB would be 512 MiB), and one document's metadata.
+MAX_REQUEST_TEXT_BYTES = 64 * 1024 * 1024
+MAX_METADATA_CHARS = 64 * 1024
 # Chunk texts per embed() call in a batched ingest (embed() itself splits them into the engine's batches).
 EMBED_CALL_TEXTS = 256
 OPS = ("upsert", "delete")
@@ -81,11 +84,14 @@ def parse_documents(op: str, doc_ids: list, texts: list | None, metadata: list |
         if values is not None and len(values) != len(doc_ids):
             raise InvalidInput(f"{what} must have one entry per doc_id ({len(doc_ids)}), got {len(values)}")
     docs = []
-    total = 0
+    total = text_total = 0
     for i, doc_id in enumerate(doc_ids):
         meta = {}
         if metadata is not None and metadata[i].strip():
             meta = json_input.loads(metadata[i], f"metadata for {doc_id!r}", expect=dict)
+            if len(metadata[i]) > MAX_METADATA_CHARS:
+                raise InvalidInput(f"metadata for {doc_id!r} is {len(metadata[i])} characters; the limit is "
+                                   f"{MAX_METADATA_CHARS}")
         file, name, mime, fmt, text = None, "", "", "txt", None
         if files is not None:
             file = files[i] if isinstance(files[i], bytes) else bytes(files[i])
@@ -112,7 +118,11 @@ def parse_documents(op: str, doc_ids: list, texts: list | None, metadata: list |
             size = len(text.encode("utf-8"))
             if size > MAX_DOCUMENT_BYTES:
                 raise InvalidInput(f"document {doc_id!r} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES}")
+            text_total += size
         docs.append(Document(doc_id, text, meta, file, name, mime, fmt))
+    if text_total > MAX_REQUEST_TEXT_BYTES:
+        raise InvalidInput(f"the texts of one request total {text_total} bytes; the limit is {MAX_REQUEST_TEXT_BYTES} "
+                           "(send fewer per request)")
     if total > MAX_REQUEST_FILE_BYTES:
         raise InvalidInput(f"the files of one request total {total} bytes; the limit is {MAX_REQUEST_FILE_BYTES} "
                            "(send fewer per request)")

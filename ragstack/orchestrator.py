@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ragstack import bls, contracts, rag
+from ragstack import access, bls, contracts, rag
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
 from ragstack.errors import InvalidInput
@@ -128,6 +128,7 @@ class OrchestratorModel:
         caller once the response is out."""
         task = "unknown"
         try:
+            access.require_role(request.parameters(), "reader", C.name.replace("_orchestrator", ""))
             if self.policy.require_engine_identity:
                 try:
                     check_identity(request_headers(request.parameters()), self._identity(), self.manifest_source)

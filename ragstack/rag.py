@@ -24,6 +24,10 @@ MAX_TOP_K = 100
 MAX_DOCUMENTS = 64
 MAX_DOCUMENT_CHARS = 20_000
 ANSWER_MAX_CHARS = 600
+# Request limits (issue 16): each breach is the caller's INVALID_ARG.
+MAX_QUERY_CHARS = 32_000               # the prompt-token budget then applies (policy)
+MAX_SCHEMA_CHARS = 32_000
+MAX_SCHEMA_DEPTH = 32                 # JSON nesting: a schema level takes two (properties -> name -> schema)
 STAGES = ("tokenize", "embed", "search", "rerank", "generate")
 
 
@@ -85,7 +89,11 @@ def parse_documents(values) -> list:
 def parse_schema(text: Optional[str]) -> Optional[dict]:
     if text is None or not text.strip():
         return None
-    schema = json_input.loads(text, "schema", expect=dict)
+    if json_input.json_depth_exceeds(text, MAX_SCHEMA_DEPTH):
+        raise InvalidInput(f"schema nests JSON deeper than {MAX_SCHEMA_DEPTH} levels")
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidInput(f"schema is {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}")
+    schema = json_input.loads(text, "schema", expect=dict, max_depth=MAX_SCHEMA_DEPTH)
     import jsonschema
 
     try:
@@ -113,6 +121,8 @@ def validate_request(req: RagRequest) -> RagRequest:
     """What the pipeline itself needs; sampling limits (max_tokens per task) are the policy's to check."""
     if not isinstance(req.query, str) or not req.query.strip():
         raise InvalidInput("query is empty")
+    if len(req.query) > MAX_QUERY_CHARS:
+        raise InvalidInput(f"query is {len(req.query)} characters; the limit is {MAX_QUERY_CHARS}")
     if req.task not in TASKS:
         raise InvalidInput(f"unknown task {req.task!r}; expected one of {', '.join(TASKS)}")
     if not 1 <= req.top_k <= MAX_TOP_K:

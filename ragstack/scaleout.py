@@ -12,8 +12,10 @@ check sequence can only name fixed ports. Requests that hit a replica killed und
 other (``retry-on conn-failure empty-response``): safe here because ingest is idempotent (per-document advisory
 lock, content hash) and queries are read-only.
 
-Keys: replicas take their environment from the caller (``env=``), so an admin/API key goes in the same way as
-``RAG_PG_DSN``; the load generator's ``headers`` are sent on every request.
+Keys (README "Security"): replicas are TritonProcess servers, so they share this process's admin key, writer key and
+internal secret (``ragstack.server.access_keys``). The client calls here send ``headers`` on every request;
+``headers=None`` sends the operator's (admin key and internal proof: the drill's query path calls ``embed_text`` and
+``vector_index``, internal models, directly), ``{}`` sends none.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ragstack.server import ROOT, TritonProcess
+from ragstack.server import ROOT, TritonProcess, access_keys
 
 # What a replica in the drill loads: the ingest path and a text-level query path (embed_text → vector_index).
 REPLICA_MODELS = "ingest embed embed_text vector_index"
@@ -198,6 +200,8 @@ def _bytes(values):
 
 def _infer(client, model, arrays: dict, output: str, headers=None):
     import tritonclient.http as httpclient
+    if headers is None:
+        headers = access_keys().headers()
     inputs = []
     for k, v in arrays.items():
         t = httpclient.InferInput(k, list(v.shape), "BYTES" if v.dtype == object else
@@ -325,5 +329,6 @@ def kill_drill(balancer: Haproxy, victim: TritonProcess, victim_name: str, clien
             "events": [(round(ts - kill_t, 3), ok, round(lat, 4)) for ts, ok, lat in res.events]}
 
 
-def missing_docs(client, doc_ids, collection="scale") -> list:
-    return [d for d in doc_ids if index_op(client, "get", collection, payload={"doc_id": d}).get("document") is None]
+def missing_docs(client, doc_ids, collection="scale", headers=None) -> list:
+    return [d for d in doc_ids
+            if index_op(client, "get", collection, payload={"doc_id": d}, headers=headers).get("document") is None]

@@ -20,6 +20,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AccessKeys:
+    """Keys for the servers this process starts (tests, benchmarks, the demo): one admin key, one writer key and
+    one internal secret in 0600 files of a 0700 folder, shared by every server of the process; and an empty
+    reader-key file (reading stays open until a key is written into it: the servers re-read it)."""
+
+    def __init__(self):
+        import secrets
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="ragstack-keys-"))
+        os.chmod(self.dir, 0o700)
+        self.admin_key, self.writer_key, self.internal = (secrets.token_hex(24) for _ in range(3))
+        for name, value in (("admin_key", self.admin_key), ("writer_keys", self.writer_key),
+                            ("internal_secret", self.internal), ("reader_keys", None)):
+            path = self.dir / name
+            path.touch(0o600)
+            path.write_text(value + "\n" if value else "")
+
+    def env(self) -> dict:
+        return {"RAG_ADMIN_KEY_FILE": str(self.dir / "admin_key"), "RAG_WRITER_KEY_FILE": str(self.dir / "writer_keys"),
+                "RAG_API_KEY_FILE": str(self.dir / "reader_keys"),
+                "RAG_INTERNAL_SECRET_FILE": str(self.dir / "internal_secret")}
+
+    def headers(self, internal: bool = True) -> dict:
+        """What an operator's client sends: the admin key (and, to reach internal models, the internal proof)."""
+        out = {"x-api-key": self.admin_key}
+        if internal:
+            out["x-ragstack-internal"] = self.internal
+        return out
+
+
+_KEYS: Optional[AccessKeys] = None
+
+
+def access_keys() -> AccessKeys:
+    global _KEYS
+    if _KEYS is None:
+        _KEYS = AccessKeys()
+    return _KEYS
+
+
 class TritonProcess:
     """One tritonserver process on free loopback ports; its log goes to ``log_path``."""
 
@@ -49,7 +90,7 @@ class TritonProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, ENGINE_PATH=str(self.engine_path), LOAD_MODELS=self.load_models,
                    TRITON_HTTP_PORT=str(self.http_port), TRITON_GRPC_PORT=str(self.grpc_port),
-                   TRITON_METRICS_PORT=str(self.metrics_port), **self.env)
+                   TRITON_METRICS_PORT=str(self.metrics_port), **{**access_keys().env(), **self.env})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(["bash", str(LAUNCHER), *self.extra_args], env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -98,6 +98,11 @@ class SoakConfig:
     max_tokens: Optional[int] = None      # None: the task policy's default
     strict_frontend: bool = False         # count Triton's own 500 on unparseable JSON bodies as server errors
     seed: int = 0
+    api_key: Optional[str] = None         # a writer (or admin) key for ingest (X-Api-Key; ragstack.access)
+    # The operator's headers for the ledger check, which reads the internal vector_index directly: the internal
+    # proof (x-ragstack-internal) of the server under test, or none if the server opens vector_index
+    # (RAG_DIRECT_MODELS). ragstack.server.AccessKeys.headers() for a server this process started.
+    operator_headers: Optional[dict] = None
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -263,6 +268,9 @@ class Worker:
 
     def identity(self, grpc: bool = False) -> dict:
         return {k.lower(): v for k, v in self.cfg.identity.items()} if grpc else dict(self.cfg.identity)
+
+    def key_headers(self) -> Optional[dict]:
+        return {"x-api-key": self.cfg.api_key} if self.cfg.api_key else None
 
     def http_post(self, path: str, body, headers: Optional[dict] = None, timeout: Optional[float] = None):
         host, port = self.cfg.http_url.rsplit(":", 1)
@@ -467,9 +475,11 @@ class Worker:
 
     def _ingest(self, arrays: dict, use_grpc: bool, timeout: Optional[float] = None) -> tuple:
         if use_grpc:
-            result = self.grpc().infer("ingest", _grpc_inputs(arrays), client_timeout=timeout or self.cfg.timeout_s)
+            result = self.grpc().infer("ingest", _grpc_inputs(arrays), client_timeout=timeout or self.cfg.timeout_s,
+                                       headers=self.key_headers())
             return "ok", json.loads(result.as_numpy("report").reshape(-1)[0])
-        status, text = self.http_post("/v2/models/ingest/infer", {"inputs": _json_inputs(arrays)})
+        status, text = self.http_post("/v2/models/ingest/infer", {"inputs": _json_inputs(arrays)},
+                                      headers=self.key_headers())
         outcome = classify_http(status, text, "ok")
         if outcome != "ok":
             return outcome, f"HTTP {status}: {text[:300]}"
@@ -654,8 +664,10 @@ class Ledger:
             self.state[doc_id] = "deleted"
             self.acked["delete"] += 1
 
-    def verify(self, grpc_url: str, collection: str) -> dict:
+    def verify(self, grpc_url: str, collection: str, headers: Optional[dict] = None) -> dict:
         import tritonclient.grpc as grpcclient
+
+        headers = {k.lower(): v for k, v in headers.items()} if headers else None
 
         with self.lock:
             state = dict(self.state)
@@ -668,7 +680,7 @@ class Ledger:
                 arrays = {"op": _bytes(["get"]), "collection": _bytes([collection]),
                           "payload": _bytes([json.dumps({"doc_id": doc_id})])}
                 try:
-                    res = client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60)
+                    res = client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60, headers=headers)
                     doc = json.loads(res.as_numpy("result").reshape(-1)[0])["document"]
                 except Exception as e:  # noqa: BLE001
                     errors.append(f"{doc_id}: {e}"[:300])
@@ -680,7 +692,8 @@ class Ledger:
             stats = None
             try:
                 arrays = {"op": _bytes(["stats"]), "collection": _bytes([collection])}
-                stats = json.loads(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60)
+                stats = json.loads(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60,
+                                                headers=headers)
                                    .as_numpy("result").reshape(-1)[0])
             except Exception as e:  # noqa: BLE001
                 stats = {"error": str(e)[:300]}
@@ -997,7 +1010,7 @@ class Soak:
                 th.join(cfg.timeout_s + 5)
         self.ended = time.time()
         self.progress("load finished; checking every acknowledged ingest")
-        self.ledger_result = self.ledger.verify(cfg.grpc_url, cfg.ingest_collection) \
+        self.ledger_result = self.ledger.verify(cfg.grpc_url, cfg.ingest_collection, cfg.operator_headers) \
             if self.ledger.state else {"pass": True, "note": "no ingest acknowledged", "lost": [], "resurrected": []}
         self.sampler.finish()
         self.manager_heals = manager_heals(cfg.grpc_url)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ragstack.access import child_parameters, require_internal
 from ragstack.contracts import Contract
 from ragstack.errors import NOT_SERVING_MARKERS, InvalidInput, Unavailable  # noqa: F401 - re-exported
 
@@ -271,6 +272,7 @@ def execute_token_batch(pb, requests, contract: Contract, engine, padding_side: 
     batch = []
     for i, request in enumerate(requests):
         try:
+            require_internal(request.parameters(), contract.name)
             ids = input_array(pb, request, contract, "input_ids")
             mask = input_array(pb, request, contract, "attention_mask")
             if ids.shape != mask.shape:
@@ -329,16 +331,19 @@ class Hop:
 
     def kwargs(self) -> dict:
         out = {}
-        if self.parameters:
-            out["parameters"] = self.parameters
+        # the client's key and any forged internal proof stay here; the server's proof goes with every child
+        parameters = child_parameters(self.parameters)
+        if parameters:
+            out["parameters"] = parameters
         if self.trace is not None:
             out["trace"] = self.trace
         return out
 
 
 def _bls_request(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None, version: int = -1):
-    """``version`` > 0: that version of ``model`` (the one an engine lease names), else whichever Triton serves."""
-    kwargs = dict(hop.kwargs() if hop else {})
+    """``version`` > 0: that version of ``model`` (the one an engine lease names), else whichever Triton serves.
+    Every child request proves it comes from this server (ragstack.access): with or without a hop."""
+    kwargs = dict((hop or Hop()).kwargs())
     if version is not None and version > 0:
         kwargs["model_version"] = int(version)
     return pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],

@@ -66,6 +66,8 @@ def wait_rollout(mc: ManagerClient, model: str, timeout_s: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP address")
+    ap.add_argument("--api-key", help="the admin key (every command but status needs it; default: $RAG_ADMIN_KEY or "
+                    "the file $RAG_ADMIN_KEY_FILE; prefer those: a flag shows in the process list)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("status")
     s.add_argument("--json", action="store_true")
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     from tritonclient.utils import InferenceServerException
 
     try:
-        with ManagerClient(args.url) as mc:
+        with ManagerClient(args.url, api_key=args.api_key) as mc:
             return run(mc, args)
     except InferenceServerException as e:
         print(f"lifecycle: {e.message()}", file=sys.stderr)

@@ -32,7 +32,19 @@ def _identity(args) -> dict:
 
         m = read_manifest(Path(args.engine_path) / "generate")
         values = {"x-engine-hash": args.engine_hash or m.engine_hash, "x-quantisation": args.quantisation or m.quantisation}
-    return values
+    return {**values, **_key(args)}
+
+
+def _key(args) -> dict:
+    """The X-Api-Key header: --api-key, else $RAG_API_KEY, else the first line of $RAG_API_KEY_FILE (a writer or
+    admin key for ingest/delete; a reader key where the server requires one for rag)."""
+    if args.api_key:
+        return {"x-api-key": args.api_key}
+    sys.path.insert(0, str(ROOT))
+    from ragstack.lifecycle.client import env_key
+
+    key = env_key("RAG_API_KEY")
+    return {"x-api-key": key} if key else {}
 
 
 def _client(args):
@@ -107,7 +119,8 @@ def ingest(args) -> int:
     total, done, failed, t0 = 0, 0, 0, time.monotonic()
     for batch in batches(paths, args.batch_size, args.batch_bytes):
         try:
-            result = client.infer("ingest", _inputs(mod, ingest_request(batch, args.collection)))
+            result = client.infer("ingest", _inputs(mod, ingest_request(batch, args.collection)),
+                                  headers=_key(args))
         except Exception as e:  # noqa: BLE001 - a refused batch names its files and the reason; the rest go on
             failed += len(batch)
             done += len(batch)
@@ -129,7 +142,7 @@ def ingest(args) -> int:
 def delete(args) -> int:
     mod, client = _client(args)
     arrays = {"doc_ids": _bytes(args.doc_ids), "op": _bytes(["delete"]), "collection": _bytes([args.collection])}
-    print(client.infer("ingest", _inputs(mod, arrays)).as_numpy("report")[0].decode())
+    print(client.infer("ingest", _inputs(mod, arrays), headers=_key(args)).as_numpy("report")[0].decode())
     return 0
 
 
@@ -186,6 +199,8 @@ def main() -> int:
     ap.add_argument("--grpc-url", default="localhost:8001")
     ap.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
     ap.add_argument("--collection", default="default")
+    ap.add_argument("--api-key", help="X-Api-Key to send (default: $RAG_API_KEY or the file $RAG_API_KEY_FILE); "
+                    "prefer the environment: a flag shows in the process list")
     ap.add_argument("--engine-path", default=os.environ.get("ENGINE_PATH", str(ROOT / "build" / "models" / "demo")),
                     help="the served engines; identity headers come from its generate/manifest.json")
     ap.add_argument("--engine-hash", help="X-Engine-Hash to send (default: from the manifest)")

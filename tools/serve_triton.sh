@@ -24,6 +24,16 @@
 #                        with docker instead of a local binary, e.g. TRITON_IMAGE=ragstack-triton:latest
 #   TRITON_TRACE_FILE    write Triton traces (every request, with BLS children as child spans) here [off]
 #   TRITON_LOG_VERBOSE   tritonserver --log-verbose level                     [0]
+# Access control (README "Security"; ragstack/access.py):
+#   TRITON_BIND_ADDRESS  the address HTTP, gRPC and metrics listen on; 0.0.0.0 to serve other hosts  [127.0.0.1]
+#   RAG_ADMIN_KEY_FILE / RAG_ADMIN_KEY   the admin key (a 0600 file is better than the environment): opens the
+#                        repository, model-config, statistics, trace, logging and shared-memory APIs (header
+#                        admin-key on HTTP, triton-grpc-protocol-admin-key on gRPC) and the model_manager ops;
+#                        without one those APIs are off (restricted by a random key nobody is told)   [none]
+#   RAG_WRITER_KEY_FILE / RAG_WRITER_KEYS  keys that may ingest (X-Api-Key header)                     [none]
+#   RAG_API_KEY_FILE / RAG_API_KEYS        reader keys: when set, rag/rag_stream need one           [open]
+#   RAG_DIRECT_MODELS    internal models opened to direct client calls, comma-separated or '*'       [none]
+#   RAG_RUN_DIR          where the per-start secrets go (0700)                     [a fresh mktemp -d]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROFILE="${PROFILE:-reference}"
@@ -51,12 +61,46 @@ export RAG_POLICY_FILE="$(abs "${RAG_POLICY_FILE:-$ROOT/config/runtime_policy.js
 export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
 
+# ---- access control. The Python side re-reads key files when they change; Triton's own restricted-API key is
+# read here, once: rotating it takes a restart (and it shows in this process's command line to local users).
+BIND="${TRITON_BIND_ADDRESS:-127.0.0.1}"
+new_secret() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+# The proof BLS parents give their children (ragstack/access.py): new at every start, readable by this user only.
+# An operator running several servers as one deployment (or the tests) may give one: RAG_INTERNAL_SECRET_FILE.
+if [ -z "${RAG_INTERNAL_SECRET_FILE:-}" ] || [ ! -s "$RAG_INTERNAL_SECRET_FILE" ]; then
+  RUN_DIR="${RAG_RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/ragstack-run.XXXXXX")}"
+  mkdir -p "$RUN_DIR" && chmod 700 "$RUN_DIR"
+  ( umask 077; new_secret >"$RUN_DIR/internal_secret" )
+  export RAG_INTERNAL_SECRET_FILE="$RUN_DIR/internal_secret"
+else
+  export RAG_INTERNAL_SECRET_FILE="$(abs "$RAG_INTERNAL_SECRET_FILE")"
+fi
+ADMIN_KEY=""
+if [ -n "${RAG_ADMIN_KEY_FILE:-}" ]; then
+  [ -r "$RAG_ADMIN_KEY_FILE" ] || { echo "serve_triton: RAG_ADMIN_KEY_FILE is not readable" >&2; exit 2; }
+  export RAG_ADMIN_KEY_FILE="$(abs "$RAG_ADMIN_KEY_FILE")"
+  ADMIN_KEY="$(grep -v '^#' "$RAG_ADMIN_KEY_FILE" | grep -m1 . | tr -d '[:space:]' || true)"
+elif [ -n "${RAG_ADMIN_KEY:-}" ]; then
+  ADMIN_KEY="$RAG_ADMIN_KEY"
+fi
+for v in RAG_WRITER_KEY_FILE RAG_API_KEY_FILE; do
+  if [ -n "${!v:-}" ]; then export "$v=$(abs "${!v}")"; fi
+done
+if [ -z "$ADMIN_KEY" ]; then
+  ADMIN_KEY="$(new_secret)"    # nobody is told: the APIs are off for clients; only the manager's loaders know it
+  echo "serve_triton: no admin key (RAG_ADMIN_KEY_FILE): repository/config/statistics/trace/logging APIs are off" >&2
+fi
+export TRITON_ADMIN_KEY="$ADMIN_KEY"   # the lifecycle manager's loaders (ragstack/lifecycle/triton_io.py)
+RESTRICTED="model-repository,model-config,statistics,trace,logging,shared-memory:admin-key=$ADMIN_KEY"
+
 # --disable-auto-complete-config: every config.pbtxt is complete (generated from ragstack/contracts.py), and without
 # it the Python backend starts a throw-away stub per model load just to ask model.py for a config: that stub
 # imports torch + transformers too, so it doubled every load (rerank 9 s -> 4.3 s on the 2-core machine).
 args=(
   --model-control-mode=explicit --disable-auto-complete-config
   --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"
+  --http-address="$BIND" --grpc-address="$BIND" --metrics-address="$BIND"
+  --http-restricted-api="$RESTRICTED" --grpc-restricted-protocol="$RESTRICTED"
   --allow-metrics=true --allow-gpu-metrics=false
   --http-header-forward-pattern='x-.*' --grpc-header-forward-pattern='x-.*'
   --exit-timeout-secs=10
@@ -72,8 +116,14 @@ for m in "${load_list[@]}"; do args+=("--load-model=$m"); done
 if [ -n "${TRITON_IMAGE:-}" ]; then
   # Container deployment of an image built from this repository's Dockerfile: its entrypoint is this script,
   # so the container runs the same launcher on its own tritonserver; here we only mount and pass settings.
+  # Published on $BIND only (loopback unless told); inside, the container listens on all its interfaces.
   exec docker run --rm --gpus all --shm-size=2g \
-    -p "$HTTP_PORT:8000" -p "$GRPC_PORT:8001" -p "$METRICS_PORT:8002" \
+    -p "$BIND:$HTTP_PORT:8000" -p "$BIND:$GRPC_PORT:8001" -p "$BIND:$METRICS_PORT:8002" \
+    -e TRITON_BIND_ADDRESS=0.0.0.0 \
+    ${RAG_ADMIN_KEY_FILE:+-v "$RAG_ADMIN_KEY_FILE:/run/secrets/ragstack_admin_key:ro" -e RAG_ADMIN_KEY_FILE=/run/secrets/ragstack_admin_key} \
+    ${RAG_WRITER_KEY_FILE:+-v "$RAG_WRITER_KEY_FILE:/run/secrets/ragstack_writer_keys:ro" -e RAG_WRITER_KEY_FILE=/run/secrets/ragstack_writer_keys} \
+    ${RAG_API_KEY_FILE:+-v "$RAG_API_KEY_FILE:/run/secrets/ragstack_api_keys:ro" -e RAG_API_KEY_FILE=/run/secrets/ragstack_api_keys} \
+    ${RAG_DIRECT_MODELS:+-e RAG_DIRECT_MODELS="$RAG_DIRECT_MODELS"} \
     -v "$ENGINE_PATH:/workspace/engines:ro" -v "$RAG_DATA_PATH:/workspace/data" \
     ${TOKENIZER_DIR:+-v "$TOKENIZER_DIR:/workspace/tokenizer:ro"} \
     ${TOKENIZER_INFO:+-v "$TOKENIZER_INFO:/workspace/tokenizer/tokenizer_info.json:ro"} \

@@ -6,7 +6,10 @@ manager answering while an engine loads. Self-contained (numpy and pb only) so i
 
 ops: load {config: JSON or ""} | unload | ready {version}
 """
+import hashlib
+import hmac
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb
@@ -35,11 +38,28 @@ def _payload(request) -> dict:
     return payload
 
 
+def _check_internal(request):
+    """Only model_manager (a BLS parent of this server) may call: the same proof as ragstack.access, inline."""
+    path = os.environ.get("RAG_INTERNAL_SECRET_FILE")
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+        got = json.loads(request.parameters() or "{}").get("x-ragstack-internal", "")
+    except (OSError, ValueError):
+        secret, got = "\0", ""
+    if not isinstance(got, str) or not hmac.compare_digest(hashlib.sha256(got.encode()).digest(),
+                                                           hashlib.sha256(secret.encode()).digest()):
+        raise BadRequest("permission denied: model 'model_manager_loader' is internal to this server")
+
+
 class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
+                _check_internal(request)
                 op, model = _string(request, "op"), _string(request, "model")
                 payload = _payload(request)
                 if op == "load":

@@ -13,10 +13,29 @@ from ragstack.lifecycle.leasing import EngineLease, acquire_lease, holding, rele
 MANAGER = "model_manager"
 
 
+def env_key(var: str) -> Optional[str]:
+    """A key from the environment: ``$VAR``, else the first line of the file ``$VAR_FILE`` (None if neither)."""
+    import os
+
+    if os.environ.get(var):
+        return os.environ[var].strip()
+    path = os.environ.get(var + "_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and not line.startswith("#"):
+                    return line.strip()
+    return None
+
+
 class ManagerClient:
-    def __init__(self, url: str, manager: str = MANAGER, timeout_s: float = 300.0, client=None):
+    def __init__(self, url: str, manager: str = MANAGER, timeout_s: float = 300.0, client=None,
+                 api_key: Optional[str] = None):
+        """``api_key``: the admin key (every op but status needs it); default $RAG_ADMIN_KEY, else the first
+        line of $RAG_ADMIN_KEY_FILE."""
         import tritonclient.http as httpclient
 
+        self.api_key = api_key if api_key is not None else env_key("RAG_ADMIN_KEY")
         self._http = httpclient
         self.manager = manager
         self.client = client or httpclient.InferenceServerClient(url, network_timeout=timeout_s,
@@ -31,7 +50,8 @@ class ManagerClient:
             t = self._http.InferInput(name, [1], "BYTES")
             t.set_data_from_numpy(np.array([value.encode()], dtype=object))
             inputs.append(t)
-        result = self.client.infer(self.manager, inputs)
+        headers = {"x-api-key": self.api_key} if self.api_key else None
+        result = self.client.infer(self.manager, inputs, headers=headers)
         return json.loads(result.as_numpy("result")[0])
 
     def close(self) -> None:

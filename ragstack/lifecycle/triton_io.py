@@ -43,6 +43,15 @@ LOADER_SOURCE = Path(__file__).resolve().parents[2] / "bls_models" / "model_mana
 MEMORY_BUDGET_ENV = "RAG_MEMORY_BUDGET"
 MODEL_REPO_ENV = "MODEL_REPO"
 ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"        # for --http-restricted-api=model-repository:admin-key=...
+BIND_ENV = "TRITON_BIND_ADDRESS"          # tools/serve_triton.sh: the address the server listens on
+
+
+def local_host() -> str:
+    """Where this server's own ports answer from inside it: loopback, unless the launcher bound one address."""
+    bind = os.environ.get(BIND_ENV, "").strip()
+    if not bind or bind in ("0.0.0.0", "::", "127.0.0.1"):
+        return "127.0.0.1"
+    return f"[{bind}]" if ":" in bind else bind
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".plan", ".engine", ".onnx", ".data", ".gguf", ".pt")
 
@@ -277,7 +286,7 @@ class HttpLoader(_LoaderBase):
                  admin_key: Optional[str] = None, load_timeout_s: float = 600.0):
         super().__init__(pb, repos, probe, unload_timeout_s)
         port = os.environ.get("TRITON_HTTP_PORT", "8000")
-        self.url = (url or f"http://127.0.0.1:{port}").rstrip("/")
+        self.url = (url or f"http://{local_host()}:{port}").rstrip("/")
         self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
         self.load_timeout_s = load_timeout_s
 
@@ -330,7 +339,7 @@ class GrpcLoader(_LoaderBase):
     def __init__(self, pb, repos, probe=None, unload_timeout_s: float = 60.0, url: Optional[str] = None,
                  admin_key: Optional[str] = None, load_timeout_s: float = 600.0):
         super().__init__(pb, repos, probe, unload_timeout_s)
-        self.url = url or f"127.0.0.1:{os.environ.get('TRITON_GRPC_PORT', '8001')}"
+        self.url = url or f"{local_host()}:{os.environ.get('TRITON_GRPC_PORT', '8001')}"
         key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
         self.headers = {"triton-grpc-protocol-admin-key": key} if key else None
         self.load_timeout_s = load_timeout_s

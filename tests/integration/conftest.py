@@ -87,8 +87,25 @@ def server(tiny_models, data_dir, webhook):
     proc = TritonProcess(tiny_models, load_models=os.environ.get("TEST_LOAD_MODELS", "*"),
                          log_path=ROOT / "build" / "logs" / "integration.log", env=env)
     proc.start()
+    _settle_manager(proc)
     yield proc
     proc.stop()
+
+
+def _settle_manager(proc) -> None:
+    """Wait until model_manager (when loaded) has taken over the engines Triton loaded at start. Its first load
+    attempts can run before the server listens; one refused there leaves the engine 'failed' for retry_after_s, and
+    a lease asked for in that window is UNAVAILABLE (a start-up race of the lifecycle manager, not of the tests)."""
+    import tritonclient.http as httpclient
+
+    from ragstack.lifecycle.client import ManagerClient
+    from ragstack.server import access_keys
+
+    with httpclient.InferenceServerClient(proc.http_url) as h:
+        if not h.is_model_ready("model_manager"):
+            return
+    with ManagerClient(proc.http_url, api_key=access_keys().admin_key) as mc:
+        mc.wait(lambda s: all(m["state"] == "ready" for m in s["models"].values()), timeout_s=180)
 
 
 @pytest.fixture(scope="session")

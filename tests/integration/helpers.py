@@ -17,18 +17,35 @@ def make_input(protocol, name, array, dtype=None):
     return tensor
 
 
-def infer(client_pair, model, inputs: dict, outputs=None, headers=None):
+def infer(client_pair, model, inputs: dict, outputs=None, headers=None, auth=True):
     """inputs: {name: numpy array}; returns {output name: numpy array}."""
     protocol, client = client_pair
     result = client.infer(model, [make_input(protocol, k, v) for k, v in inputs.items()],
-                          headers=wire_headers(protocol, headers))
+                          headers=wire_headers(protocol, headers, auth))
     names = outputs or [o["name"] for o in (result.get_response()["outputs"] if protocol == "http"
                                               else [{"name": o.name} for o in result.get_response().outputs])]
     return {n: result.as_numpy(n) for n in names}
 
 
-def wire_headers(protocol, headers):
-    """A fresh dict per call (the HTTP client adds to it); gRPC metadata keys must be lower case."""
+def auth_headers() -> dict:
+    """The operator's headers for the servers the tests start: admin key and internal proof (ragstack.server)."""
+    from ragstack.server import access_keys
+
+    return access_keys().headers()
+
+
+def admin_headers() -> dict:
+    """Triton's restricted APIs (repository, config, statistics) over HTTP."""
+    from ragstack.server import access_keys
+
+    return {"admin-key": access_keys().admin_key}
+
+
+def wire_headers(protocol, headers, auth=True):
+    """A fresh dict per call (the HTTP client adds to it); gRPC metadata keys must be lower case.
+    ``auth``: add the operator's key and internal proof under the given headers (False: send only these)."""
+    if auth:
+        headers = {**auth_headers(), **(headers or {})}
     if not headers:
         return None
     return {k.lower(): v for k, v in headers.items()} if protocol == "grpc" else dict(headers)
@@ -44,7 +61,7 @@ def is_invalid_arg(exc: InferenceServerException) -> bool:
     return status in ("400", "StatusCode.INVALID_ARGUMENT") or "INVALID_ARG" in status
 
 
-def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, headers=None):
+def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, headers=None, auth=True):
     """All responses of one request over a gRPC stream, as [{output name: array}]; errors raise.
     ``cancel_after``: stop (cancelling the request) after that many responses."""
     import queue
@@ -52,7 +69,7 @@ def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, head
     client = grpcclient.InferenceServerClient(grpc_url)
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                        headers=wire_headers("grpc", headers))
+                        headers=wire_headers("grpc", headers, auth))
     try:
         client.async_stream_infer(model, [make_input("grpc", k, v) for k, v in inputs.items()],
                                   enable_empty_final_response=True)
@@ -75,12 +92,15 @@ def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, head
         client.close()
 
 
-def generate_json(http_url, model, body: dict, headers=None) -> tuple:
-    """POST /v2/models/{model}/generate: (status, parsed JSON)."""
+def generate_json(http_url, model, body: dict, headers=None, auth=True) -> tuple:
+    """POST /v2/models/{model}/generate: (status, parsed JSON). ``auth``: the operator's key and internal proof go
+    in the body (Triton forwards no headers on /generate; body fields become request parameters)."""
     import json
     import urllib.error
     import urllib.request
 
+    if auth:
+        body = {**auth_headers(), **body}
     req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
                                  method="POST", headers={"Content-Type": "application/json", **(headers or {})})
     try:

@@ -6,12 +6,13 @@ leave nothing behind.
 This module runs its own small server on the demo models (the real all-MiniLM-L6-v2 embedder: retrieval must be
 semantic here, which the tiny random embedder is not), loading only the models ingest and search need."""
 import json
+import os
 
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from ragstack.server import ROOT, TritonProcess
+from ragstack.server import ROOT, TritonProcess, access_keys
 from tests import docgen
 from tests.integration.helpers import infer, is_invalid_arg, strings
 
@@ -141,9 +142,14 @@ def test_rag_client_ingests_a_folder_in_batches_with_progress(doc_server, tmp_pa
     (tmp_path / "b.docx").write_bytes(docgen.docx())
     (tmp_path / "sub" / "c.md").write_text("# C\n\nThe lift is serviced in March.\n")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "rag_client.py"), "--url", doc_server.http_url,
-                          "--collection", "client", "ingest", str(tmp_path), "--batch-size", "2"],
-                         capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(ROOT / "tools" / "rag_client.py"), "--url", doc_server.http_url,
+           "--collection", "client", "ingest", str(tmp_path), "--batch-size", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_API_KEY")}
+    # ingest is a writer operation (README "Security"): without a key every batch is refused, and said so
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "permission denied" in out.stderr, out.stderr
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**env, "RAG_API_KEY": access_keys().writer_key})
     assert out.returncode == 0, out.stderr
     assert "[ingest 1/3]" in out.stderr and "[ingest 3/3]" in out.stderr, out.stderr
     assert "3 documents" in out.stderr, out.stderr

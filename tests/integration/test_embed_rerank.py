@@ -6,7 +6,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from tritonclient.utils import InferenceServerException
 
 from ragstack.engine_spec import EngineSpec
-from tests.integration.helpers import infer, is_invalid_arg, make_input, strings
+from tests.integration.helpers import admin_headers, infer, is_invalid_arg, make_input, strings, wire_headers
 from tests.reference import (TASK, qwen3_embedding_ids, qwen3_rerank_ids, reference_embedding,
                              reference_yes_no)
 
@@ -42,12 +42,13 @@ def test_concurrent_embed_requests_are_batched_and_exact(http, embed_reference):
     """Many one-text requests of different lengths at once: Triton's batcher merges them; results stay exact."""
     texts = [f"document {i}: " + "token " * (3 * i) for i in range(24)]
 
-    pending = [http.async_infer("embed_text", [make_input("http", "text", strings([t]).reshape(1, 1))])
+    pending = [http.async_infer("embed_text", [make_input("http", "text", strings([t]).reshape(1, 1))],
+                                headers=wire_headers("http", None))
                for t in texts]                         # the HTTP client keeps up to 8 in flight
     vectors = [p.get_result().as_numpy("embedding")[0] for p in pending]
     for text, vector in zip(texts, vectors):
         assert np.abs(vector - embed_reference(text, "document")).max() < TOL
-    stats = http.get_inference_statistics("embed")["model_stats"][0]
+    stats = http.get_inference_statistics("embed", headers=admin_headers())["model_stats"][0]
     assert int(stats["execution_count"]) < int(stats["inference_count"])     # some executions held > 1 row
 
 

@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.helpers import make_input, strings, wire_headers
+from tests.integration.helpers import admin_headers, auth_headers, make_input, strings, wire_headers
 
 CASE_TIMEOUT_S = 60.0        # a case that takes longer than this is a hang
 MAX_CASES_PER_MODEL = 120    # per protocol; every kind of mutation is kept, the per-input ones are sampled
@@ -417,9 +417,9 @@ def good_rag(server, identity):
 
 # ------------------------------------------------------------------------------------------- the test
 def test_bad_input_never_yields_a_server_error(server, http, identity):
-    index = [m for m in http.get_model_repository_index() if m.get("state") == "READY"]
+    index = [m for m in http.get_model_repository_index(headers=admin_headers()) if m.get("state") == "READY"]
     names = sorted({m["name"] for m in index})
-    models = [Model(n, http.get_model_metadata(n), http.get_model_config(n)) for n in names]
+    models = [Model(n, http.get_model_metadata(n), http.get_model_config(n, headers=admin_headers())) for n in names]
     # Everything the project serves must be covered (a model that failed to load would hide here).
     for expected in ("rag", "rag_stream", "rag_orchestrator", "rag_stream_orchestrator", "embed", "rerank", "generate",
                      "embed_text", "rerank_text", "generate_text", "vector_index", "ingest", "model_manager"):
@@ -429,21 +429,23 @@ def test_bad_input_never_yields_a_server_error(server, http, identity):
     with httpclient.InferenceServerClient(server.http_url, network_timeout=120) as client:
         seed = {"doc_ids": strings(["fuzz-seed"]), "texts": strings(["Triton serves models over HTTP and gRPC."]),
                 "collection": strings([COLLECTION])}
-        client.infer("ingest", [make_input("http", k, v) for k, v in seed.items()])
+        client.infer("ingest", [make_input("http", k, v) for k, v in seed.items()],
+                     headers=wire_headers("http", None))
     good_rag(server, identity)
     pids_before = stub_pids(server)
     assert pids_before, "no Python stub found under the server: the stub-death check would prove nothing"
     log_start = server.log_path.stat().st_size
     only = os.environ.get("FUZZ_MODELS")                 # e.g. FUZZ_MODELS=generate,rag while debugging
     work = []
+    headers = {**auth_headers(), **identity}            # operator key + internal proof: every model reachable
     for m in models if not only else [m for m in models if m.name in only.split(",")]:
         for case in catalogue(m):
             if m.decoupled:
-                work.append((run_stream, (case, server, identity)))
+                work.append((run_stream, (case, server, headers)))
             else:
-                work.append((run_unary, (case, "http", server, identity)))
+                work.append((run_unary, (case, "http", server, headers)))
                 if case.raw is None:
-                    work.append((run_unary, (case, "grpc", server, identity)))
+                    work.append((run_unary, (case, "grpc", server, headers)))
     t0 = time.monotonic()
     with ThreadPoolExecutor(THREADS) as pool:
         results = list(pool.map(lambda w: w[0](*w[1]), work))

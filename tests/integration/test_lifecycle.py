@@ -19,7 +19,7 @@ import pytest
 from ragstack.events import OBSERVABILITY_ALERT, ROLLBACK_COMPLETED, read_events
 from ragstack.lifecycle.client import ManagerClient
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess
+from ragstack.server import ROOT, TritonProcess, access_keys
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,7 @@ PROBE_MODEL = '''
 import json, time
 import numpy as np
 import triton_python_backend_utils as pb
+from ragstack.access import child_parameters
 from ragstack.lifecycle.bls_client import call_with_lease
 from ragstack.trtllm_io import generate_inputs
 
@@ -49,7 +50,7 @@ def call_engine(model, kwargs):
     if model == "generate":
         inputs = generate_inputs(IDS[0], 2, 0, 0, return_perf_metrics=False)
         request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
-                                      requested_output_names=["output_ids"], **kwargs)
+                                      requested_output_names=["output_ids"], parameters=child_parameters(), **kwargs)
         for response in request.exec(decoupled=True):
             if response.has_error():
                 raise RuntimeError(response.error().message())
@@ -57,7 +58,7 @@ def call_engine(model, kwargs):
     output = "embedding" if model == "embed" else "score"
     request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor("input_ids", IDS),
                                   pb.Tensor("attention_mask", np.ones_like(IDS))],
-                                  requested_output_names=[output], **kwargs)
+                                  requested_output_names=[output], parameters=child_parameters(), **kwargs)
     response = request.exec()
     if response.has_error():
         raise RuntimeError(response.error().message())
@@ -130,7 +131,7 @@ def lifecycle_server(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mc(lifecycle_server):
-    with ManagerClient(lifecycle_server.http_url) as client:
+    with ManagerClient(lifecycle_server.http_url, api_key=access_keys().admin_key) as client:
         # the manager adopts the engines Triton loaded at start
         client.wait(lambda s: all(s["models"][m]["state"] == "ready" and s["models"][m]["measured"]
                                   for m in ENGINES), timeout_s=120)

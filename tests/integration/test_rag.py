@@ -8,7 +8,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.integration.conftest import CORPUS, ingest
-from tests.integration.helpers import (generate_json, infer, is_invalid_arg, make_input, stream, strings,
+from tests.integration.helpers import (admin_headers, generate_json, infer, is_invalid_arg, make_input, stream, strings,
                                        wire_headers)
 
 pytestmark = pytest.mark.integration
@@ -124,8 +124,8 @@ def test_reingest_does_not_duplicate_and_restart_keeps_the_index(http, corpus):
     report = ingest(("http", http), [CORPUS[0].stem], [CORPUS[0].read_text()])
     assert report["documents"][0]["status"] == "unchanged"
     # Restart the process that owns the store: it reloads from disk.
-    http.unload_model("vector_index")
-    http.load_model("vector_index")
+    http.unload_model("vector_index", headers=admin_headers())
+    http.load_model("vector_index", headers=admin_headers())
     after = ask(("http", http), top_k=5, top_n=3)
     assert [c["chunk_id"] for c in after["contexts"]] == [c["chunk_id"] for c in before["contexts"]]
     assert len({c["chunk_id"] for c in after["contexts"]}) == len(after["contexts"]) > 1

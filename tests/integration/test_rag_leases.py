@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from ragstack.lifecycle.client import ManagerClient
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess
+from ragstack.server import ROOT, TritonProcess, access_keys
 from tests.integration.conftest import CORPUS, ingest
 from tests.integration.helpers import infer, stream, strings
 
@@ -93,7 +93,7 @@ def rag_server(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mc(rag_server):
-    with ManagerClient(rag_server.http_url) as client:
+    with ManagerClient(rag_server.http_url, api_key=access_keys().admin_key) as client:
         client.wait(lambda s: all(s["models"][m]["state"] == "ready" and s["models"][m]["measured"]
                                   for m in ENGINES), timeout_s=120)
         yield client
@@ -476,7 +476,7 @@ def test_rag_works_without_the_manager(clients, mc, rag_server):
     roomy(mc)
     warm(mc)
     with httpclient.InferenceServerClient(rag_server.http_url) as h:
-        h.unload_model("model_manager")
+        h.unload_model("model_manager", headers={"admin-key": access_keys().admin_key})
         deadline = time.monotonic() + 30
         while h.is_model_ready("model_manager") and time.monotonic() < deadline:
             time.sleep(0.2)

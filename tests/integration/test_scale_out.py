@@ -1,10 +1,11 @@
 """Scale-out on this machine (issue 15): two reference-profile replicas (tiny models, ingest + query path only)
 on one embedded Postgres + pgvector over loopback TCP, behind haproxy from Debian with health checks.
 
-One module-scoped deployment, three tests in order: shared store (ingest through the balancer, query each replica
-and the balancer), the same document ingested through both replicas at once, kill -9 of one replica under load.
-Keys: SCALE_OUT_REPLICA_ENV (JSON) is added to each replica's environment and SCALE_OUT_HEADERS (JSON) to every
-request, so an admin/API key can be passed when access control lands."""
+One module-scoped deployment, four tests in order: shared store (ingest through the balancer, query each replica
+and the balancer), access control through the balancer, the same document ingested through both replicas at once,
+kill -9 of one replica under load. Keys (ragstack.access): the replicas share this process's keys and internal
+secret; requests send the operator's headers (admin key + internal proof) unless SCALE_OUT_HEADERS (JSON) says
+otherwise; SCALE_OUT_REPLICA_ENV (JSON) is added to each replica's environment."""
 import json
 import os
 import shutil
@@ -81,12 +82,32 @@ def test_any_replica_answers_over_documents_ingested_through_the_balancer(deploy
     for doc, text in docs.items():
         assert so.ingest(c["lb"], [doc], [text], headers=HEADERS)["documents"][0]["status"] == "created"
     for name in ("r1", "r2", "lb"):
-        assert so.missing_docs(c[name], docs) == [], name
+        assert so.missing_docs(c[name], docs, headers=HEADERS) == [], name
         hits = so.query(c[name], "replica shared-2 and shared storage", headers=HEADERS)
         assert hits and all(h["chunk_id"].split("#")[0] in docs for h in hits), (name, hits)
     # Re-ingesting through the other replica is a no-op (content hash), whichever replica answers.
-    assert so.ingest(c["r2"], ["shared-0"], [docs["shared-0"]])["documents"][0]["status"] == "unchanged"
-    assert so.ingest(c["r1"], ["shared-1"], [docs["shared-1"]])["documents"][0]["status"] == "unchanged"
+    assert so.ingest(c["r2"], ["shared-0"], [docs["shared-0"]], headers=HEADERS)["documents"][0]["status"] == "unchanged"
+    assert so.ingest(c["r1"], ["shared-1"], [docs["shared-1"]], headers=HEADERS)["documents"][0]["status"] == "unchanged"
+
+
+def test_access_control_holds_through_the_balancer(deployment):
+    """haproxy passes the key headers on unchanged: each replica checks them as if called directly."""
+    from tritonclient.utils import InferenceServerException
+
+    from ragstack.server import access_keys
+
+    c = clients(deployment)
+    for name in ("lb", "r1", "r2"):
+        for headers in ({}, {"x-api-key": "not-a-key"}):
+            with pytest.raises(InferenceServerException) as e:
+                so.ingest(c[name], ["acl-lb"], [so.doc_text("acl-lb")], headers=headers)
+            assert str(e.value.status()) == "400" and "permission denied" in str(e.value), (name, e.value)
+            assert "not-a-key" not in str(e.value)
+        with pytest.raises(InferenceServerException) as e:       # an internal model, without the proof
+            so.index_op(c[name], "get", payload={"doc_id": "shared-0"}, headers={"x-api-key": access_keys().admin_key})
+        assert "permission denied" in str(e.value) and "internal" in str(e.value), (name, e.value)
+    report = so.ingest(c["lb"], ["acl-lb"], [so.doc_text("acl-lb")], headers={"x-api-key": access_keys().writer_key})
+    assert report["documents"][0]["status"] == "created"
 
 
 def test_the_same_document_ingested_through_both_replicas_at_once(deployment):
@@ -108,7 +129,7 @@ def test_the_same_document_ingested_through_both_replicas_at_once(deployment):
             t.join()
         statuses = sorted(results[(rnd, n)]["status"] for n in ("r1", "r2"))
         assert statuses == ["created", "unchanged"], statuses        # serialised by the advisory lock
-        got = so.index_op(c["lb"], "get", payload={"doc_id": doc})["document"]
+        got = so.index_op(c["lb"], "get", payload={"doc_id": doc}, headers=HEADERS)["document"]
         assert got["chunks"] == results[(rnd, "r1")]["chunks"] == results[(rnd, "r2")]["chunks"]
 
 
@@ -121,9 +142,9 @@ def test_kill_one_replica_under_load_the_balancer_routes_around_it(deployment):
     print(json.dumps(summary))
     # No acknowledged document lost: each one is in the shared store, seen through the survivor and the balancer.
     survivor = httpclient.InferenceServerClient(dep["replicas"]["r1"].http_url, network_timeout=60)
-    assert report["acked"] and so.missing_docs(survivor, report["acked"]) == []
+    assert report["acked"] and so.missing_docs(survivor, report["acked"], headers=HEADERS) == []
     lb = httpclient.InferenceServerClient(dep["balancer"].url, network_timeout=60)
-    assert so.missing_docs(lb, report["acked"][:10]) == []
+    assert so.missing_docs(lb, report["acked"][:10], headers=HEADERS) == []
     # Failures bounded during detection (at most the requests in flight on the victim), none after it.
     assert report["failed_after_detection"] == 0, summary
     assert report["ok_after_detection"] > 0, summary

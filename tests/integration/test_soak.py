@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from ragstack.server import access_keys
 from ragstack.soak import SoakConfig, run_soak
 from tests.integration.conftest import CORPUS, ingest, private_server
 
@@ -36,7 +37,8 @@ def test_mixed_load_keeps_every_stub_alive(soak_server, identity, tmp_path):
     cfg = SoakConfig(http_url=soak_server.http_url, grpc_url=soak_server.grpc_url, identity=identity,
                      metrics_url=soak_server.metrics_url, server_pid=soak_server.proc.pid,
                      server_log=soak_server.log_path, clients=CLIENTS, duration_s=SECONDS, timeout_s=120.0,
-                     sample_s=3.0, progress_s=30.0, query_collection="corpus")
+                     sample_s=3.0, progress_s=30.0, query_collection="corpus", api_key=access_keys().writer_key,
+                     operator_headers=access_keys().headers())
     result = run_soak(cfg, progress=lambda line: print(line, flush=True))
     (tmp_path / "soak.json").write_text(json.dumps(result, indent=2))
     c = result["criteria"]

@@ -68,6 +68,15 @@ def test_rag_schema_and_documents_bound_the_nesting():
         rag.parse_documents(['{"a": ' * DEEP + "1" + "}" * DEEP])
 
 
+def test_ingest_request_size_limits(monkeypatch):
+    with pytest.raises(InvalidInput, match="metadata for 'd1' is .* the limit is"):
+        ingest.parse_documents("upsert", ["d1"], ["text"], ["{}" + " " * ingest.MAX_METADATA_CHARS])
+    monkeypatch.setattr(ingest, "MAX_REQUEST_TEXT_BYTES", 10)              # the total, not each document
+    with pytest.raises(InvalidInput, match="texts of one request total 12 bytes"):
+        ingest.parse_documents("upsert", ["d1", "d2"], ["abcdef", "ghijkl"], None)
+    assert len(ingest.parse_documents("upsert", ["d1", "d2"], ["abcde", "fghij"], None)) == 2
+
+
 def test_ingest_metadata_bounds_the_nesting():
     deep = '{"a": ' * DEEP + "1" + "}" * DEEP
     with pytest.raises(InvalidInput, match="metadata for 'd1' nests JSON deeper"):

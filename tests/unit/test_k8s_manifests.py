@@ -116,10 +116,15 @@ def test_the_pieces_agree():
     assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert vols[mounts["/workspace/engines"]]["persistentVolumeClaim"]["claimName"] == "ragstack-engines"
     assert pod["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/workspace/engines"
-    # Secrets, not literals: the DSN and the admin key come from the generated Secret.
+    # Secrets, not literals: the DSN and the admin key come from the generated Secret (the key as a mounted file,
+    # which the launcher turns into Triton's restricted-API flags: none of those may be in the args as well).
     env = {e["name"]: e for e in c["env"]}
-    for name, key in (("RAG_PG_DSN", "pg-dsn"), ("RAGSTACK_ADMIN_KEY", "admin-key")):
-        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "ragstack-secrets", "key": key}
+    assert env["RAG_PG_DSN"]["valueFrom"]["secretKeyRef"] == {"name": "ragstack-secrets", "key": "pg-dsn"}
+    key_file = Path(env["RAG_ADMIN_KEY_FILE"]["value"])
+    assert vols[mounts[str(key_file.parent)]]["secret"]["secretName"] == "ragstack-secrets"
+    assert key_file.name == "admin-key"
+    assert not [a for a in c.get("args", []) if "restricted" in a]
+    assert not [e for e in c["env"] if "ADMIN_KEY" in e["name"] and "valueFrom" in e]
     gen = {g["name"]: g for g in kust["secretGenerator"]}["ragstack-secrets"]
     assert {f.split("=")[0] for f in gen["files"]} == {"pg-dsn", "admin-key"}
     assert "secrets/" in (ROOT / ".gitignore").read_text().split()

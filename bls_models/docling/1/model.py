@@ -7,7 +7,7 @@ unknown type, over 50 MB, encrypted or corrupt PDF) is INVALID_ARG; the stub sta
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts, documents
+from ragstack import access, contracts, documents
 from ragstack import triton_adapter as ta
 
 C = contracts.DOCLING
@@ -29,6 +29,7 @@ class TritonPythonModel:
         return responses
 
     def _convert(self, request):
+        access.require_internal(request.parameters(), C.name)    # ingest's child; clients convert through ingest
         data = ta.input_array(pb, request, C, "data").reshape(-1)
         if data.size != 1:
             raise ta.InvalidInput(f"input 'data' must hold exactly one file, got {data.size}")

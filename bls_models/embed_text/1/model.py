@@ -2,7 +2,7 @@
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import bls, contracts
+from ragstack import access, bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.text import EmbedTokenizer
 
@@ -20,6 +20,7 @@ class TritonPythonModel:
         encoded = []  # (request index, ids, mask, lengths)
         for i, request in enumerate(requests):
             try:
+                access.require_internal(request.parameters(), C.name)
                 texts = ta.input_strings(pb, request, C, "text")
                 kinds = ta.input_strings(pb, request, C, "input_type", ["document"])
                 tasks = ta.input_strings(pb, request, C, "task", [None])

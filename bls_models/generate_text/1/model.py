@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import bls, contracts
+from ragstack import access, bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
 
@@ -53,6 +53,7 @@ class TritonPythonModel:
         def get(name, default=None):
             return ta.input_scalar(pb, request, C, name, default)
 
+        access.require_internal(request.parameters(), C.name)
         stream = bool(get("stream", False))
         result = bls.generate(
             pb, self.tokenizer, ta.input_string(pb, request, C, "prompt"),

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import bls, contracts
+from ragstack import access, bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.chunking import chunk_text
 from ragstack.documents import from_json, structured_chunks
@@ -33,6 +33,7 @@ class TritonPythonModel:
         return responses
 
     def _ingest(self, request):
+        access.require_role(request.parameters(), "writer", "ingest")
         collection = ta.input_string(pb, request, C, "collection", "default")
         op = ta.input_string(pb, request, C, "op", "upsert")
         files = ta.input_array(pb, request, C, "files")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts, json_input
+from ragstack import access, contracts, json_input
 from ragstack import triton_adapter as ta
 from ragstack.lifecycle.triton_io import build_manager
 
@@ -25,9 +25,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                op = ta.input_string(pb, request, C, "op")
+                if op != "status":       # checked first: a caller without the key learns nothing of the payload
+                    access.require_role(request.parameters(), "admin", f"model_manager op {str(op)[:40]!r}")
                 payload = ta.input_string(pb, request, C, "payload")
                 payload = json_input.loads(payload, "model_manager: payload", expect=dict) if payload else {}
-                result = self.service.handle(ta.input_string(pb, request, C, "op"),
+                result = self.service.handle(op,
                                              ta.input_string(pb, request, C, "model"), payload)
                 out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))

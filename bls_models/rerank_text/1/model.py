@@ -1,7 +1,7 @@
 """rerank_text: a query and its candidate documents in, one relevance score per document out."""
 import triton_python_backend_utils as pb
 
-from ragstack import bls, contracts
+from ragstack import access, bls, contracts
 from ragstack import triton_adapter as ta
 from ragstack.text import RerankTokenizer
 
@@ -18,6 +18,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                access.require_internal(request.parameters(), C.name)
                 query = ta.input_string(pb, request, C, "query")
                 documents = ta.input_strings(pb, request, C, "documents")
                 task = ta.input_string(pb, request, C, "task")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import contracts, index_ops, json_input
+from ragstack import access, contracts, index_ops, json_input
 from ragstack import triton_adapter as ta
 from ragstack.index.config import open_store
 
@@ -21,6 +21,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                access.require_internal(request.parameters(), C.name)
                 payload = ta.input_string(pb, request, C, "payload")
                 result = index_ops.handle(
                     self.store, ta.input_string(pb, request, C, "op"),

@@ -6,7 +6,7 @@ sender thread sends them.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
+from ragstack import access, contracts
 from ragstack import triton_adapter as ta
 from ragstack.engine_spec import EngineSpec
 from ragstack.identity import check_identity, request_headers
@@ -36,6 +36,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                access.require_internal(request.parameters(), C.name)
                 self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
                 req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
