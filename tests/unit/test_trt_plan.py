@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ragstack import contracts
+from ragstack.access import child_parameters
 from ragstack.errors import InvalidInput
 from ragstack.trt_plan import HostDevice, PlanError, PlanRunner, TritonPlanModel, check_tensorrt_version
 
@@ -291,6 +292,13 @@ class _PB:
         return request.get(name)
 
 
+class _Request(dict):
+    """A request from a BLS parent of this server: its tensors, and the parameters with the internal proof."""
+
+    def parameters(self):
+        return json.dumps(child_parameters())
+
+
 def test_the_triton_model_pads_batches_of_requests_on_the_engines_side(tmp_path, monkeypatch):
     engine_dir = tmp_path / "embed"
     engine_dir.mkdir()
@@ -304,8 +312,8 @@ def test_the_triton_model_pads_batches_of_requests_on_the_engines_side(tmp_path,
     model = TritonPlanModel(args, contracts.EMBED, "embedding", trt=trt, device=HostDevice())
     a = np.array([[5, 6, 7]], np.int32)
     b = np.array([[9, 9]], np.int32)
-    requests = [{"input_ids": _Tensor("input_ids", a), "attention_mask": _Tensor("attention_mask", np.ones_like(a))},
-                {"input_ids": _Tensor("input_ids", b), "attention_mask": _Tensor("attention_mask", np.ones_like(b))}]
+    requests = [_Request(input_ids=_Tensor("input_ids", a), attention_mask=_Tensor("attention_mask", np.ones_like(a))),
+                _Request(input_ids=_Tensor("input_ids", b), attention_mask=_Tensor("attention_mask", np.ones_like(b)))]
     responses = model.execute(_PB, requests)
     assert trt.executions == [2]                                   # one plan execution for both requests
     first, second = (r.output_tensors[0].arr for r in responses)
