@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+from ragstack import priority as prio
 from ragstack.errors import InvalidInput
 
 POLICY_VERSION = 1
@@ -29,9 +30,10 @@ COST_BUDGET_FLAG = "cost_budget_exceeded"
 COST_ACTIONS = ("reject", "serve_and_alert")
 PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
-_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity"}
+_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity",
+             "ingest_priority"}
 _PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "len_penalty")
-_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank",
+_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank", "priority",
               *_PENALTY_KEYS}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
@@ -69,6 +71,8 @@ class TaskPolicy:
     # Grounded tasks: when the reranker's best score is below this, the answer is "not in the documents"
     # without generating (None: never). Calibrated by benchmarks/answers.py --calibrate.
     abstain_below_rerank: Optional[float] = None
+    # Triton priority level of the task's requests (ragstack/priority.py): queries are urgent by default.
+    priority: int = prio.URGENT
 
     def penalties(self) -> dict:
         """The task's penalty inputs, by their tensorrt_llm names."""
@@ -139,8 +143,10 @@ class RuntimePolicy:
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], default_task: str, thresholds: Thresholds,
                  events: EventSettings = EventSettings(), source: str = "<policy>",
-                 require_engine_identity: bool = True):
+                 require_engine_identity: bool = True, ingest_priority: int = prio.BACKGROUND):
         self.tasks = dict(tasks)
+        # The level ingest (bulk document work) runs at: background unless the policy says otherwise.
+        self.ingest_priority = ingest_priority
         # Spec 004: requests without matching X-Engine-Hash / X-Quantisation headers are rejected.
         self.require_engine_identity = require_engine_identity
         self.default_task = default_task
@@ -178,7 +184,9 @@ class RuntimePolicy:
         require = data.get("require_engine_identity", True)
         if not isinstance(require, bool):
             v.fail("require_engine_identity", f"must be true or false, got {require!r}")
-        return cls(tasks, default, thresholds, events, source, require_engine_identity=require)
+        ingest_priority = _level(v, data.get("ingest_priority", prio.name(prio.BACKGROUND)), "ingest_priority")
+        return cls(tasks, default, thresholds, events, source, require_engine_identity=require,
+                   ingest_priority=ingest_priority)
 
     # -------------------------------------------------------------------------------------------- tasks
     @property
@@ -374,7 +382,18 @@ def _task(v: _Validator, name: str, data, thresholds: Thresholds) -> TaskPolicy:
         abstain_below_rerank=(None if d.get("abstain_below_rerank") is None else
                               float(v.number(d["abstain_below_rerank"], f"{field}.abstain_below_rerank",
                                              high=1.0))),
+        priority=_level(v, d.get("priority", prio.name(prio.URGENT)), f"{field}.priority"),
     )
+
+
+def _level(v: _Validator, value, field: str) -> int:
+    try:
+        level = prio.parse_level(value)
+    except InvalidInput as e:
+        v.fail(field, str(e))
+    if level is None:
+        v.fail(field, f"must be one of {', '.join(prio.LEVELS)}")
+    return level
 
 
 def _events(v: _Validator, data) -> EventSettings:

@@ -1,0 +1,136 @@
+"""Priority levels: how a request's level is decided, and the queue settings every config carries."""
+import json
+
+import pytest
+
+from ragstack import priority as P
+from ragstack.errors import InvalidInput
+from ragstack.model_config import BLS, PROFILES, parse, render
+from ragstack.policy import PolicyError, RuntimePolicy
+from ragstack.server import ROOT
+
+
+@pytest.mark.parametrize("value,level", [("urgent", 1), ("Background", 2), (" 2 ", 2), (1, 1), (None, None),
+                                         ("", None)])
+def test_parse_level(value, level):
+    assert P.parse_level(value) == level
+
+
+@pytest.mark.parametrize("value", ["high", "0", "3", 0, 3, True, -1])
+def test_parse_level_rejects_other_values(value):
+    with pytest.raises(InvalidInput, match="priority must be one of urgent, background"):
+        P.parse_level(value)
+
+
+def test_a_caller_may_lower_its_level_but_not_raise_it():
+    assert P.resolve(P.URGENT, {}) == P.URGENT
+    assert P.resolve(P.URGENT, {"x-priority": "background"}) == P.BACKGROUND
+    assert P.resolve(P.URGENT, {}, requested="background") == P.BACKGROUND
+    # background work asking to be urgent stays background
+    assert P.resolve(P.BACKGROUND, {"x-priority": "urgent"}) == P.BACKGROUND
+
+
+def test_ceiling_hook_caps_the_level_and_can_be_removed():
+    P.set_ceiling_hook(lambda headers: P.BACKGROUND if headers.get("x-role") == "batch" else P.URGENT)
+    try:
+        assert P.resolve(P.URGENT, {"x-role": "batch"}) == P.BACKGROUND
+        assert P.resolve(P.URGENT, {"x-role": "reader"}) == P.URGENT
+        P.set_ceiling_hook(lambda headers: 7)
+        with pytest.raises(RuntimeError, match="ceiling hook returned 7"):
+            P.resolve(P.URGENT, {})
+    finally:
+        P.set_ceiling_hook(None)
+    assert P.resolve(P.URGENT, {"x-role": "batch"}) == P.URGENT
+
+
+def test_children_carry_the_level_as_a_parameter():
+    params = P.with_level({"x-engine-hash": "abc"}, P.BACKGROUND)
+    assert params == {"x-engine-hash": "abc", "x-priority": "background"}
+    assert P.of_parameters(params) == P.BACKGROUND
+    assert P.of_parameters({}) == P.URGENT
+    assert P.of_parameters({}, default=P.BACKGROUND) == P.BACKGROUND
+
+
+def test_queue_rejections_get_clear_messages():
+    full = P.queue_error("embed", "[request id: <id_unknown>] Exceeds maximum queue size", P.BACKGROUND)
+    assert full == ("model 'embed' has a full queue at the background level "
+                    f"(max_queue_size {P.BACKGROUND_QUEUE.max_queue_size}): retry later")
+    assert "waited too long in the queue of model 'ingest'" in P.queue_error("ingest", "Request timeout expired")
+    assert P.queue_error("embed", "some other failure") is None
+
+
+def test_priority_queues_are_validated():
+    with pytest.raises(ValueError, match="default level 3"):
+        P.PriorityQueues(default_level=3)
+    with pytest.raises(ValueError, match="level 0"):
+        P.PriorityQueues(policies=((0, P.URGENT_QUEUE),))
+
+
+# ------------------------------------------------------------------------------------------- the policy file
+def _policy(**extra):
+    data = json.loads((ROOT / "config" / "runtime_policy.json").read_text())
+    data.update(extra)
+    return data
+
+
+def test_policy_sets_the_level_per_task_and_for_ingest():
+    policy = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
+    assert {t.priority for t in policy.tasks.values()} == {P.URGENT}
+    assert policy.ingest_priority == P.BACKGROUND
+    data = _policy()
+    data["tasks"]["judge"]["priority"] = "background"
+    assert RuntimePolicy.from_dict(data).task("judge").priority == P.BACKGROUND
+
+
+@pytest.mark.parametrize("where", ["task", "ingest"])
+def test_policy_rejects_an_unknown_level(where):
+    data = _policy()
+    if where == "task":
+        data["tasks"]["answer"]["priority"] = "asap"
+        match = "tasks.answer.priority"
+    else:
+        data["ingest_priority"] = 5
+        match = "ingest_priority"
+    with pytest.raises(PolicyError, match=match):
+        RuntimePolicy.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------- the configs
+SHARED = ("embed", "rerank", "generate")
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_engines_have_priority_levels_in_both_profiles(profile):
+    for dep in PROFILES[profile]:
+        db = parse(render(dep)).dynamic_batching
+        assert dep.contract.name in SHARED
+        assert db.priority_levels == P.PRIORITY_LEVELS, dep.contract.name
+        assert db.default_priority_level == P.URGENT, dep.contract.name
+        assert db.priority_queue_policy[P.URGENT].max_queue_size == P.URGENT_QUEUE.max_queue_size
+        bg = db.priority_queue_policy[P.BACKGROUND]
+        assert (bg.max_queue_size, bg.default_timeout_microseconds) == (P.BACKGROUND_QUEUE.max_queue_size,
+                                                                        P.BACKGROUND_QUEUE.timeout_us)
+        assert 0 < bg.max_queue_size, "background work must not grow the queue without bound"
+
+
+def test_bls_models_that_fan_out_have_priority_levels():
+    cfgs = {d.contract.name: parse(render(d)) for d in BLS}
+    for name in ("rag_orchestrator", "rag_stream_orchestrator", "embed_text", "rerank_text", "generate_text",
+                 "vector_index"):
+        assert cfgs[name].dynamic_batching.priority_levels == P.PRIORITY_LEVELS, name
+        assert cfgs[name].dynamic_batching.default_priority_level == P.URGENT, name
+    for name in ("ingest", "docling"):
+        assert cfgs[name].dynamic_batching.default_priority_level == P.BACKGROUND, name
+    # a model without a batch dimension gets the queue, not batching
+    assert cfgs["rerank_text"].max_batch_size == 0
+    assert list(cfgs["rerank_text"].dynamic_batching.preferred_batch_size) == []
+    # ensembles have no queue of their own: Triton passes the request's priority to the step
+    assert not cfgs["rag"].HasField("dynamic_batching")
+
+
+def test_an_ensemble_cannot_take_priority_settings():
+    import dataclasses
+
+    rag = next(d for d in BLS if d.contract.name == "rag")
+    with pytest.raises(ValueError, match="ensemble has no queue"):
+        render(dataclasses.replace(rag, priority=P.QUEUES))
