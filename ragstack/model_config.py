@@ -73,9 +73,9 @@ BLS = (
     # Searches (urgent) and ingest's upserts (background) share it: its queue orders them.
     Deployment(C.VECTOR_INDEX, priority=P.QUEUES, parameters=(("index_dir", "index"),)),
     # Background work by default: a client's ingest waits behind queries, in a bounded queue.
-    Deployment(C.INGEST, priority=P.BACKGROUND_QUEUES, parameters=(("engine_dir", "embed"),)),
+    Deployment(C.INGEST, priority=P.queues_for(C.INGEST.name), parameters=(("engine_dir", "embed"),)),
     # Docling conversion is CPU-bound and single-threaded here (one PDF parser thread): one instance.
-    Deployment(C.DOCLING, priority=P.BACKGROUND_QUEUES, parameters=(("parser_threads", "1"),)),
+    Deployment(C.DOCLING, priority=P.queues_for(C.DOCLING.name), parameters=(("parser_threads", "1"),)),
     # Requests of a batch run on threads and each answers through its response sender when it is done;
     # execute() returns when all of the batch are answered, so that a stub that dies leaves no request without
     # an answer (Triton fails those it still waits on). While an instance is busy with a batch, the next batch

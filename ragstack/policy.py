@@ -31,7 +31,7 @@ COST_ACTIONS = ("reject", "serve_and_alert")
 PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
 _TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity",
-             "ingest_priority"}
+             "ingest_priority", "background_max_yield_ms"}
 _PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "len_penalty")
 _TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank", "priority",
               *_PENALTY_KEYS}
@@ -143,10 +143,14 @@ class RuntimePolicy:
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], default_task: str, thresholds: Thresholds,
                  events: EventSettings = EventSettings(), source: str = "<policy>",
-                 require_engine_identity: bool = True, ingest_priority: int = prio.BACKGROUND):
+                 require_engine_identity: bool = True, ingest_priority: int = prio.BACKGROUND,
+                 background_max_yield_ms: int = 2000):
         self.tasks = dict(tasks)
         # The level ingest (bulk document work) runs at: background unless the policy says otherwise.
         self.ingest_priority = ingest_priority
+        # Background work waits for urgent requests to finish before each engine batch, at most this long
+        # (ragstack/activity.py; 0: it never waits).
+        self.background_max_yield_ms = background_max_yield_ms
         # Spec 004: requests without matching X-Engine-Hash / X-Quantisation headers are rejected.
         self.require_engine_identity = require_engine_identity
         self.default_task = default_task
@@ -185,8 +189,10 @@ class RuntimePolicy:
         if not isinstance(require, bool):
             v.fail("require_engine_identity", f"must be true or false, got {require!r}")
         ingest_priority = _level(v, data.get("ingest_priority", prio.name(prio.BACKGROUND)), "ingest_priority")
+        yield_ms = v.number(data.get("background_max_yield_ms", 2000), "background_max_yield_ms", integer=True,
+                            high=60_000)
         return cls(tasks, default, thresholds, events, source, require_engine_identity=require,
-                   ingest_priority=ingest_priority)
+                   ingest_priority=ingest_priority, background_max_yield_ms=yield_ms)
 
     # -------------------------------------------------------------------------------------------- tasks
     @property

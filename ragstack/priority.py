@@ -77,6 +77,17 @@ BACKGROUND_QUEUE = QueuePolicy(max_queue_size=8, timeout_us=60_000_000)
 QUEUES = PriorityQueues(DEFAULT_LEVEL, ((URGENT, URGENT_QUEUE), (BACKGROUND, BACKGROUND_QUEUE)))
 # Models whose own requests are background work by default (their clients may not raise them).
 BACKGROUND_QUEUES = dataclasses.replace(QUEUES, default_level=BACKGROUND)
+BACKGROUND_MODELS = ("ingest", "docling")
+
+
+def queues_for(model: str) -> PriorityQueues:
+    """The priority settings of a model's config."""
+    return BACKGROUND_QUEUES if model in BACKGROUND_MODELS else QUEUES
+
+
+def default_level(model: str) -> int:
+    """The level Triton gives a request to ``model`` that names none (every BLS child)."""
+    return queues_for(model).default_level
 
 
 def parse_level(value: Union[None, str, int]) -> Optional[int]:
@@ -127,6 +138,16 @@ def ceiling(headers: Mapping) -> int:
     return level
 
 
+def requested(params: Mapping):
+    """What a request asks for: its ``x-priority`` (header, /infer parameter, or /generate field), else a
+    ``priority`` parameter (on /generate a JSON field of that name arrives as one; on /infer Triton takes it as
+    the request's own priority and the model never sees it)."""
+    if not params:
+        return None
+    value = params.get(PARAMETER)
+    return params.get("priority") if value is None else value
+
+
 def resolve(task_level: int, headers: Mapping, requested: Union[None, str, int] = None) -> int:
     """The level a request runs at: the task's (runtime policy), lowered when the caller asks (``requested``, or
     the ``x-priority`` header), and never more urgent than the caller's ceiling. Asking for a more urgent level
@@ -163,3 +184,24 @@ def queue_error(model: str, message: str, level: Optional[int] = None) -> Option
     if QUEUE_TIMEOUT_MARK in message:
         return f"request waited too long in the queue of model '{model}'{at} and was rejected: retry later"
     return None
+
+
+def retry_when_queue_full(fn: Callable, attempts: int = 6, first_wait_s: float = 0.2,
+                          sleep: Callable[[float], None] = None):
+    """``fn()``, retried with doubling waits while a queue policy turns it away (background work backs off
+    rather than failing when the engines' background queues are full). Other errors, and the last rejection,
+    propagate."""
+    import time
+
+    from ragstack.errors import Unavailable
+
+    sleep = sleep or time.sleep
+    wait = first_wait_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Unavailable as e:
+            if attempt == attempts - 1 or ("full queue" not in str(e) and "waited too long" not in str(e)):
+                raise
+        sleep(wait)
+        wait *= 2

@@ -134,3 +134,100 @@ def test_an_ensemble_cannot_take_priority_settings():
     rag = next(d for d in BLS if d.contract.name == "rag")
     with pytest.raises(ValueError, match="ensemble has no queue"):
         render(dataclasses.replace(rag, priority=P.QUEUES))
+
+
+# ------------------------------------------------------------------------------------ how children carry it
+def test_requested_reads_x_priority_then_a_priority_parameter():
+    assert P.requested({"x-priority": "background", "priority": "urgent"}) == "background"
+    assert P.requested({"priority": 2}) == 2                  # /generate JSON field
+    assert P.requested({}) is None and P.requested(None) is None
+
+
+def test_background_children_leave_the_bls_path_only_when_needed(monkeypatch):
+    from ragstack import triton_adapter as ta
+
+    monkeypatch.setenv("TRITON_GRPC_PORT", "1")
+    hop = ta.Hop({"x-priority": "background"})
+    assert ta._loopback_level("embed", hop) == P.BACKGROUND       # embed's default is urgent
+    assert ta._loopback_level("docling", hop) is None             # docling's default is background already
+    assert ta._loopback_level("embed", ta.Hop({"x-priority": "urgent"})) is None
+    assert ta._loopback_level("embed", ta.Hop({})) is None
+    assert ta._loopback_level("embed", None) is None
+    monkeypatch.delenv("TRITON_GRPC_PORT")
+    assert ta._loopback_level("embed", hop) is None               # no endpoint known: plain BLS
+
+
+def test_queue_rejections_of_children_are_unavailable():
+    from ragstack import loopback
+    from ragstack import triton_adapter as ta
+    from ragstack.errors import Unavailable
+    from tritonclient.utils import InferenceServerException
+
+    e = ta.child_error("embed", "[request id: <id_unknown>] Exceeds maximum queue size")
+    assert isinstance(e, Unavailable) and "full queue" in str(e)
+    e = loopback.error("embed", InferenceServerException("Exceeds maximum queue size", "StatusCode.UNAVAILABLE"),
+                       P.BACKGROUND)
+    assert isinstance(e, Unavailable) and "at the background level (max_queue_size 8)" in str(e)
+    e = loopback.error("embed", InferenceServerException("bad shape", "StatusCode.INVALID_ARGUMENT"), P.BACKGROUND)
+    assert isinstance(e, InvalidInput)
+
+
+def test_background_work_retries_while_queues_are_full():
+    from ragstack.errors import Unavailable
+
+    calls, waits = [], []
+
+    def fn():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Unavailable("model 'embed' has a full queue at the background level: retry later")
+        return "done"
+
+    assert P.retry_when_queue_full(fn, sleep=waits.append) == "done"
+    assert waits == [0.2, 0.4]
+
+    def always_full():
+        raise Unavailable("model 'embed' has a full queue: retry later")
+    with pytest.raises(Unavailable):
+        P.retry_when_queue_full(always_full, attempts=3, sleep=waits.append)
+
+    def other():
+        calls.append(1)
+        raise Unavailable("model 'embed' died")
+    n = len(calls)
+    with pytest.raises(Unavailable, match="died"):
+        P.retry_when_queue_full(other, sleep=waits.append)
+    assert len(calls) == n + 1                                       # not retried
+
+
+# ------------------------------------------------------------------------------------------- the activity board
+def test_activity_board_counts_urgent_requests_of_live_processes(tmp_path):
+    import os
+
+    from ragstack.activity import ActivityBoard
+
+    a, b = ActivityBoard(tmp_path, pid=os.getpid()), ActivityBoard(tmp_path, pid=os.getppid())
+    assert a.in_flight() == 0
+    with a.urgent():
+        b.begin()
+        assert a.in_flight() == 2
+        b.end()
+        assert b.in_flight() == 1
+    assert a.in_flight() == 0
+    (tmp_path / "999999999").write_text("3")                        # a stub that died with requests in flight
+    assert a.in_flight() == 0 and not (tmp_path / "999999999").exists()
+
+
+def test_background_waits_for_quiet_at_most_its_bound(tmp_path):
+    from ragstack.activity import ActivityBoard
+
+    board = ActivityBoard(tmp_path)
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+    assert board.wait_quiet(2.0, clock=lambda: now[0], sleep=sleep) == 0.0
+    board.begin()
+    assert board.wait_quiet(2.0, poll_s=0.5, clock=lambda: now[0], sleep=sleep) == pytest.approx(2.0)
+    assert board.wait_quiet(0, clock=lambda: now[0], sleep=sleep) == 0.0   # yielding off
+    board.end()

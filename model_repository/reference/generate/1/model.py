@@ -6,7 +6,7 @@ sender thread sends them.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
+from ragstack import contracts, priority
 from ragstack import triton_adapter as ta
 from ragstack.engine_spec import EngineSpec
 from ragstack.identity import check_identity, request_headers
@@ -37,7 +37,8 @@ class TritonPythonModel:
             try:
                 self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
-                req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
+                req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}),
+                                        priority=priority.of_parameters(request_headers(request.parameters())))
                 # The batcher's thread hands responses to a per-request sender thread and goes on at once
                 # (see ta.DetachedSender: a send to a dead BLS parent never returns in Triton 2.51).
                 self.engine.submit(req, on_update=_Responder(ta.DetachedSender(sender, FINAL), req,
