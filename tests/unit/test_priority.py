@@ -231,3 +231,47 @@ def test_background_waits_for_quiet_at_most_its_bound(tmp_path):
     assert board.wait_quiet(2.0, poll_s=0.5, clock=lambda: now[0], sleep=sleep) == pytest.approx(2.0)
     assert board.wait_quiet(0, clock=lambda: now[0], sleep=sleep) == 0.0   # yielding off
     board.end()
+
+
+def test_priority_metrics_are_in_the_catalogue():
+    from ragstack.metrics import PRIORITY_FAMILIES
+
+    catalogue = {m["name"]: m for m in json.loads((ROOT / "monitoring" / "metrics.json").read_text())["metrics"]}
+    for name, (kind, _, labels) in PRIORITY_FAMILIES.items():
+        assert catalogue[name]["kind"] == kind.lower() and catalogue[name]["labels"] == list(labels)
+
+
+def test_engine_requests_are_counted_by_level():
+    from ragstack.metrics import PriorityMetrics
+
+    class Metric:
+        def __init__(self):
+            self.total = 0
+
+        def increment(self, n):
+            self.total += n
+
+    class Family:
+        COUNTER = GAUGE = HISTOGRAM = 0
+
+        def __init__(self, **kw):
+            self.metrics = {}
+
+        def Metric(self, labels):
+            return self.metrics.setdefault(tuple(sorted(labels.items())), Metric())
+
+    class Pb:
+        MetricFamily = Family
+
+    class Request:
+        def __init__(self, params):
+            self.params = params
+
+        def parameters(self):
+            return self.params
+
+    m = PriorityMetrics(Pb, "embed")
+    m.count([Request('{"x-priority": "background"}'), Request("{}"), Request('{"x-priority": "background"}'),
+             Request('{"x-priority": "nonsense"}')])
+    totals = {dict(k)["priority"]: v.total for k, v in m._families["llm_engine_requests"].metrics.items()}
+    assert totals == {"background": 2, "urgent": 1}

@@ -11,6 +11,7 @@ from ragstack import triton_adapter as ta
 from ragstack.engine_spec import EngineSpec
 from ragstack.identity import check_identity, request_headers
 from ragstack.manifest import MANIFEST_FILE, read_manifest
+from ragstack.metrics import PriorityMetrics
 from ragstack.generation import GenerationRequest, InflightBatchingEngine
 from ragstack.trtllm_io import generate_outputs, parse_generate_inputs
 
@@ -30,8 +31,10 @@ class TritonPythonModel:
         if manifest_path.is_file():
             m = read_manifest(manifest_path)
             self.identity = ({"engine_hash": m.engine_hash, "quantisation": m.quantisation}, str(manifest_path))
+        self.levels = PriorityMetrics(pb, "generate")
 
     def execute(self, requests):
+        self.levels.count(requests)
         for request in requests:
             sender = request.get_response_sender()
             try:
