@@ -76,6 +76,11 @@ class ActivityBoard:
         finally:
             self.end()
 
+    def close(self) -> None:
+        """This process is done: its entry goes (the folder stays; others may still use it)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+
     # --------------------------------------------------------------------------------- background side
     def in_flight(self) -> int:
         """Urgent requests in flight in every live process of this server."""

@@ -91,6 +91,8 @@ class OrchestratorModel:
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.events.close()
+        if self.activity is not None:
+            self.activity.close()
 
     # -------------------------------------------------------------------------------------------- Triton
     def execute(self, requests):

@@ -29,6 +29,9 @@ class TritonPythonModel:
         self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
         self.activity = ActivityBoard()
 
+    def finalize(self):
+        self.activity.close()
+
     def execute(self, requests):
         responses = []
         for request in requests:
