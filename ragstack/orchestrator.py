@@ -165,12 +165,7 @@ class OrchestratorModel:
 
     def _level(self, request, task: str) -> int:
         """The task's level (runtime policy), lowered if the caller asks, capped by the caller's ceiling."""
-        raw = request.parameters()
-        try:
-            params = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"request parameters are not valid JSON ({e.msg})") from None
-        return prio.resolve(self.policy.task(task).priority, request_headers(params), prio.requested(params))
+        return prio.for_request(request.parameters(), self.policy.task(task).priority)
 
     def _urgent(self, level: int):
         if level == prio.URGENT and self.activity is not None:

@@ -205,3 +205,18 @@ def retry_when_queue_full(fn: Callable, attempts: int = 6, first_wait_s: float =
                 raise
         sleep(wait)
         wait *= 2
+
+
+def for_request(raw_parameters, task_level: int = DEFAULT_LEVEL) -> int:
+    """The level a request runs at, from its parameters (the JSON string ``request.parameters()`` returns):
+    :func:`resolve` over its headers and what it asks for."""
+    import json
+
+    try:
+        params = json.loads(raw_parameters) if raw_parameters else {}
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"request parameters are not valid JSON ({e})") from None
+    if not isinstance(params, Mapping):
+        raise InvalidInput(f"request parameters must be a JSON object, got {type(params).__name__}")
+    headers = {str(k).lower(): v for k, v in params.items() if isinstance(v, str)}
+    return resolve(task_level, headers, requested(params))

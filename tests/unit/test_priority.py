@@ -275,3 +275,14 @@ def test_engine_requests_are_counted_by_level():
              Request('{"x-priority": "nonsense"}')])
     totals = {dict(k)["priority"]: v.total for k, v in m._families["llm_engine_requests"].metrics.items()}
     assert totals == {"background": 2, "urgent": 1}
+
+
+def test_for_request_reads_the_parameters_json():
+    assert P.for_request('{"x-priority": "background", "x-engine-hash": "h"}') == P.BACKGROUND
+    assert P.for_request('{"priority": 2}') == P.BACKGROUND            # a /generate field
+    assert P.for_request("") == P.URGENT
+    assert P.for_request("{}", P.BACKGROUND) == P.BACKGROUND
+    assert P.for_request('{"x-priority": "urgent"}', P.BACKGROUND) == P.BACKGROUND
+    for bad in ("{nope", "[1]", '{"x-priority": "asap"}'):
+        with pytest.raises(InvalidInput):
+            P.for_request(bad)

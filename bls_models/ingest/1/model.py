@@ -9,7 +9,6 @@ from ragstack import bls, contracts
 from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.activity import ActivityBoard
-from ragstack.identity import request_headers
 from ragstack.policy import RuntimePolicy
 from ragstack.chunking import chunk_text
 from ragstack.documents import from_json, structured_chunks
@@ -58,8 +57,7 @@ class TritonPythonModel:
 
         # Background by default (runtime policy): every engine call is queued at that level and first waits
         # for urgent requests in flight to finish, at most background_max_yield_ms (ragstack/activity.py).
-        params = _parameters(request)
-        level = prio.resolve(self.policy.ingest_priority, request_headers(params), prio.requested(params))
+        level = prio.for_request(request.parameters(), self.policy.ingest_priority)
         hop = ta.Hop.of(request)
         hop.parameters = prio.with_level(hop.parameters, level)
         max_yield_s = self.policy.background_max_yield_ms / 1000.0 if level != prio.URGENT else 0.0
@@ -103,14 +101,6 @@ class TritonPythonModel:
         report["engine_calls"] = yielded[1]
         out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
-
-
-def _parameters(request) -> dict:
-    raw = request.parameters()
-    try:
-        return json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise ta.InvalidInput(f"request parameters are not valid JSON ({e.msg})") from None
 
 
 def _str(value):
