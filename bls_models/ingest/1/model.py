@@ -58,7 +58,7 @@ class TritonPythonModel:
         # Background by default (runtime policy): every engine call is queued at that level and first waits
         # for urgent requests in flight to finish, at most background_max_yield_ms (ragstack/activity.py).
         level = prio.for_request(request.parameters(), self.policy.ingest_priority)
-        hop = ta.Hop.of(request)
+        hop = ta.Hop.of(request, trace=False)     # as before: ingest's children are not traced
         hop.parameters = prio.with_level(hop.parameters, level)
         max_yield_s = self.policy.background_max_yield_ms / 1000.0 if level != prio.URGENT else 0.0
         yielded = [0.0, 0]                    # seconds waited, engine calls made
