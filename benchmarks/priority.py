@@ -217,7 +217,7 @@ def measure(name: str, overrides: dict, models: Path, args, work: Path, headers:
                        "chunks_per_s": round(chunks / ingest_out["seconds"], 1) if ingest_out["seconds"] else None,
                        "priority": sorted({r.get("priority") for r in reports}),
                        "yielded_s": round(sum(r.get("yielded_s", 0) for r in reports), 2),
-                       "engine_calls": sum(r.get("engine_calls", 0) for r in reports)},
+                       "embed_calls": sum(r.get("embed_calls", 0) for r in reports)},
             "server_cpu_s_during_ingest": round(cpu_during, 1),
             "engine_requests_by_level_during_ingest": {k: v - lv0.get(k, 0) for k, v in lv1.items()
                                                        if v - lv0.get(k, 0)},

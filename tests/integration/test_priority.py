@@ -167,7 +167,7 @@ def test_generate_engine_admits_an_urgent_request_before_an_older_background_one
 
 
 # ------------------------------------------------------------------------------------- levels are inherited
-def test_ingest_and_its_engine_calls_run_at_the_background_level(prio_server, phttp, pcorpus):
+def test_ingest_and_its_embed_calls_run_at_the_background_level(prio_server, phttp, pcorpus):
     before = engine_requests(prio_server)
     # asking for urgent does not raise an ingest above its level
     report = ingest(("http", phttp), ["extra-doc"], [CORPUS[0].read_text()], collection="extra")
@@ -177,7 +177,7 @@ def test_ingest_and_its_engine_calls_run_at_the_background_level(prio_server, ph
                              headers={"X-Priority": "urgent"})["report"].reshape(-1)[0])
     after = engine_requests(prio_server)
     assert report["priority"] == asked["priority"] == "background"
-    assert report["engine_calls"] > 0
+    assert report["embed_calls"] > 0
     assert after.get(("embed", "background"), 0) - before.get(("embed", "background"), 0) >= 2   # both ingests
     assert after.get(("embed", "urgent"), 0) == before.get(("embed", "urgent"), 0)
 
