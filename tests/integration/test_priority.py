@@ -4,7 +4,6 @@ and a full queue's error. Orderings and counters only: no timed assertions.
 
 A server of this module's own: its policy makes the ``judge`` task background, and the tests fill queues.
 """
-import concurrent.futures as cf
 import json
 import queue
 import threading
@@ -140,7 +139,7 @@ def test_generate_engine_admits_an_urgent_request_before_an_older_background_one
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         for i in range(8):
-            client.async_stream_infer("generate", _generate_inputs(120 + 40 * i), request_id=f"blocker{i}")
+            client.async_stream_infer("generate", _generate_inputs(300 + 40 * i), request_id=f"blocker{i}")
         time.sleep(0.3)                        # sequencing, not a bound: the blockers are in before the rest
         client.async_stream_infer("generate", _generate_inputs(4), request_id="background",
                                   parameters={"x-priority": "background"})
@@ -224,28 +223,39 @@ def test_a_bad_level_is_invalid_arg(phttp, identity, pcorpus):
 
 
 # --------------------------------------------------------------------------------------------- bounded queues
-def test_a_full_background_queue_answers_with_a_clear_error(prio_server, phttp):
+def test_a_full_background_queue_answers_with_a_clear_error(prio_server):
     """ingest has one instance and a background queue of 8: while a long ingest runs, 8 more wait and the rest
-    are turned away with Triton's UNAVAILABLE (HTTP 503) 'Exceeds maximum queue size'."""
+    are turned away with Triton's UNAVAILABLE 'Exceeds maximum queue size' (HTTP 503, gRPC UNAVAILABLE)."""
     big = "\n\n".join(p.read_text() for p in CORPUS * 6)             # a long first request
     extra = 12
+    outcomes, lock = {}, threading.Lock()
 
-    def send(i, text):
-        try:
-            return ingest(("http", phttp), [f"q{i}"], [text], collection="queue-test")
-        except InferenceServerException as e:
-            return e
+    def inputs(i, text):
+        arrays = {"doc_ids": strings([f"q{i}"]), "texts": strings([text]), "collection": strings(["queue-test"])}
+        return [make_input("grpc", k, v) for k, v in arrays.items()]
 
-    with cf.ThreadPoolExecutor(max_workers=extra + 1) as pool:
-        first = pool.submit(send, 0, big)
+    def callback(i):
+        def cb(result, error):
+            with lock:
+                outcomes[i] = error if error is not None else json.loads(result.as_numpy("report").reshape(-1)[0])
+        return cb
+
+    client = grpcclient.InferenceServerClient(prio_server.grpc_url)
+    try:
+        client.async_infer("ingest", inputs(0, big), callback(0))
         time.sleep(1.0)                       # sequencing: the long one is executing before the others arrive
-        rest = [pool.submit(send, i, CORPUS[i % len(CORPUS)].read_text()) for i in range(1, extra + 1)]
-        outcomes = [f.result(timeout=600) for f in [first, *rest]]
-    rejected = [o for o in outcomes if isinstance(o, InferenceServerException)]
-    served = [o for o in outcomes if not isinstance(o, InferenceServerException)]
+        for i in range(1, extra + 1):
+            client.async_infer("ingest", inputs(i, CORPUS[i % len(CORPUS)].read_text()), callback(i))
+        deadline = time.monotonic() + 600
+        while len(outcomes) < extra + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        client.close()
+    rejected = [o for o in outcomes.values() if isinstance(o, InferenceServerException)]
+    served = [o for o in outcomes.values() if not isinstance(o, InferenceServerException)]
     assert not isinstance(outcomes[0], InferenceServerException)
     # a rejection means the queue held 8 at that moment, and those 8 are served
     assert len(rejected) >= 1 and len(served) >= 1 + P.BACKGROUND_QUEUE.max_queue_size
     for e in rejected:
-        assert str(e.status()) == "503" and "Exceeds maximum queue size" in str(e), e
+        assert str(e.status()) == "StatusCode.UNAVAILABLE" and "Exceeds maximum queue size" in str(e), e
     assert all(d["status"] == "created" for r in served for d in r["documents"])
