@@ -61,12 +61,14 @@ def _strings(values):
 
 
 class Client:
-    def __init__(self, url: str, headers: dict):
-        import tritonclient.http as httpclient
+    """gRPC (its client is thread-safe; tritonclient.http is gevent-based and must not be shared by threads)."""
 
-        self.mod = httpclient
-        self.client = httpclient.InferenceServerClient(url, concurrency=16, network_timeout=600)
-        self.headers = headers
+    def __init__(self, url: str, headers: dict):
+        import tritonclient.grpc as grpcclient
+
+        self.mod = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.headers = {k.lower(): v for k, v in headers.items()}
 
     def _inputs(self, arrays: dict):
         out = []
@@ -81,12 +83,12 @@ class Client:
 
         arrays = {"query": _strings([question]).reshape(1, 1), "collection": _strings(["corpus"]).reshape(1, 1),
                   "top_k": np.array([[8]], np.int32), "top_n": np.array([[3]], np.int32)}
-        result = self.client.infer("rag", self._inputs(arrays), headers=dict(self.headers))
+        result = self.client.infer("rag", self._inputs(arrays), headers=dict(self.headers), client_timeout=600)
         return json.loads(result.as_numpy("usage").reshape(-1)[0])
 
     def ingest(self, doc_ids, texts, collection: str) -> dict:
         arrays = {"doc_ids": _strings(doc_ids), "texts": _strings(texts), "collection": _strings([collection])}
-        result = self.client.infer("ingest", self._inputs(arrays))
+        result = self.client.infer("ingest", self._inputs(arrays), client_timeout=1800)
         return json.loads(result.as_numpy("report").reshape(-1)[0])
 
 
@@ -145,8 +147,9 @@ def measure(name: str, overrides: dict, models: Path, args, work: Path, headers:
     progress(f"{name}: starting a server ({json.dumps(overrides) or 'committed policy'})")
     server.start(timeout=600)
     try:
-        client = Client(server.http_url, headers)
-        setup = client.ingest([p.stem for p in CORPUS], [p.read_text() for p in CORPUS], "corpus")
+        client = Client(server.grpc_url, headers)
+        setup = _retry_unavailable(lambda: client.ingest([p.stem for p in CORPUS], [p.read_text() for p in CORPUS],
+                                                         "corpus"))
         per_copy = sum(d["chunks"] for d in setup["documents"])
         copies = math.ceil(args.min_chunks / per_copy)
         questions = eval_questions()
@@ -233,6 +236,21 @@ def measure(name: str, overrides: dict, models: Path, args, work: Path, headers:
         return result
     finally:
         server.stop()
+
+
+def _retry_unavailable(fn, attempts: int = 20, wait_s: float = 3.0):
+    """The first request right after readiness can meet the lifecycle manager before its gRPC channel to the
+    server is up (seen: 503 "engine 'embed' cannot be loaded ... Connection refused"): retry that, only that."""
+    from tritonclient.utils import InferenceServerException
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except InferenceServerException as e:
+            if attempt == attempts - 1 or "UNAVAILABLE" not in str(e.status()):
+                raise
+            progress(f"setup request unavailable ({str(e)[:120]}); retrying")
+            time.sleep(wait_s)
 
 
 def dataclass_dict(sample) -> dict:
