@@ -92,10 +92,14 @@ class Client:
         return json.loads(result.as_numpy("report").reshape(-1)[0])
 
 
-def open_loop(client: Client, questions: list, interval: float, stop: callable, max_queries: int) -> list:
-    """Fire one query every ``interval`` s (each on its own thread) until ``stop()`` or ``max_queries``; returns
+def open_loop(client: Client, questions: list, interval: float, stop: callable, max_queries: int,
+              max_in_flight: int = 2) -> list:
+    """Fire one query every ``interval`` s (each on its own thread) until ``stop()`` or ``max_queries``, with at
+    most ``max_in_flight`` outstanding (on an overloaded machine the rate then drops instead of a backlog growing
+    without end; seen at load 40 on 2 cores: 440 queries queued behind an 11-minute ingest). Returns
     [(start offset s, latency s or None, usage or error)] of every query fired."""
     out, lock = [], threading.Lock()
+    slots = threading.Semaphore(max_in_flight)
     t0 = time.perf_counter()
 
     def one(i, start):
@@ -106,6 +110,7 @@ def open_loop(client: Client, questions: list, interval: float, stop: callable, 
             lat, info = None, str(e)[:300]
         with lock:
             out.append((start - t0, lat, info))
+        slots.release()
 
     with cf.ThreadPoolExecutor(max_workers=32) as pool:
         i = 0
@@ -114,6 +119,7 @@ def open_loop(client: Client, questions: list, interval: float, stop: callable, 
             delay = start - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            slots.acquire()
             pool.submit(one, i, time.perf_counter())
             i += 1
     return sorted(out, key=lambda x: x[0])
@@ -157,7 +163,7 @@ def measure(name: str, overrides: dict, models: Path, args, work: Path, headers:
             client.query(q)
 
         progress(f"{name}: (a) {args.queries} queries alone, one every {args.interval}s")
-        alone = open_loop(client, questions, args.interval, lambda: False, args.queries)
+        alone = open_loop(client, questions, args.interval, lambda: False, args.queries, args.max_in_flight)
 
         progress(f"{name}: (b/c) queries during an ingest of {copies} corpus copies ({copies * per_copy} chunks)")
         before = scrape(server.metrics_url)
@@ -202,7 +208,7 @@ def measure(name: str, overrides: dict, models: Path, args, work: Path, headers:
         ingest_thread.start()
         if watcher:
             watcher.start()
-        during = open_loop(client, questions, args.interval, done.is_set, 10_000)
+        during = open_loop(client, questions, args.interval, done.is_set, 10_000, args.max_in_flight)
         ingest_thread.join()
         if watcher:
             watcher.join(5)
@@ -330,6 +336,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=30, help="queries in each 'alone' phase")
     ap.add_argument("--min-chunks", type=int, default=2000, help="the bulk ingest's size")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--max-in-flight", type=int, default=2, help="outstanding queries at most")
     ap.add_argument("--p95-target-ms", type=float, default=100.0, help="the adaptive dry run's embed target")
     ap.add_argument("--out", type=Path, default=RESULTS / "priority.json")
     args = ap.parse_args()
@@ -342,7 +349,8 @@ def main() -> int:
     result = {"benchmark": "priority", "date": now_iso(), "machine": machine_info(),
               "method": __doc__.split("\n\n")[1:4],
               "settings": {"models": "build/models/tiny", "interval_s": args.interval, "queries_alone": args.queries,
-                           "min_chunks": args.min_chunks, "request": {"task": "answer", "top_k": 8, "top_n": 3}},
+                           "min_chunks": args.min_chunks, "max_in_flight": args.max_in_flight,
+                           "load_avg_at_start": list(__import__("os").getloadavg()), "request": {"task": "answer", "top_k": 8, "top_n": 3}},
               "configs": {}}
     import tempfile
 
