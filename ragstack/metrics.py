@@ -22,6 +22,10 @@ FAMILIES = {
     "llm_cost_usd": ("COUNTER", "Cost from the engine manifest's per-1k-token prices", ("model", "task")),
     "llm_requests": ("COUNTER", "RAG requests by outcome", ("task", "outcome")),
 }
+# The engines' view of priorities (ragstack/priority.py) and of adaptive batching (ragstack/adaptive.py).
+PRIORITY_FAMILIES = {
+    "llm_engine_requests": ("COUNTER", "Engine requests by the priority level they carried", ("model", "priority")),
+}
 
 
 class _Serialized:
@@ -97,3 +101,26 @@ class StackMetrics(MetricRegistry):
 
     def queue_delay(self, model: str, delay_us: float) -> None:
         self.metric("llm_queue_delay_us", QUEUE_DELAY_BUCKETS, model=model).observe(delay_us)
+
+
+class PriorityMetrics(MetricRegistry):
+    """Counts each engine request under the level its ``x-priority`` parameter names (urgent when none)."""
+
+    def __init__(self, pb, model: str):
+        super().__init__(pb, PRIORITY_FAMILIES)
+        self.model = model
+
+    def count(self, requests) -> None:
+        from collections import Counter
+
+        from ragstack import priority
+        from ragstack.identity import request_headers
+
+        levels = Counter()
+        for request in requests:
+            try:
+                levels[priority.of_parameters(request_headers(request.parameters()))] += 1
+            except Exception:  # noqa: BLE001 - a bad parameter is the request's own error, reported elsewhere
+                continue
+        for level, n in levels.items():
+            self.metric("llm_engine_requests", model=self.model, priority=priority.name(level)).increment(n)

@@ -14,6 +14,7 @@ answer text deltas stream as tokens arrive, then one final response with the ans
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ragstack import access, bls, contracts, rag
+from ragstack import priority as prio
 from ragstack import triton_adapter as ta
+from ragstack.activity import ActivityBoard
 from ragstack.chat import GeneratorTokenizer
 from ragstack.errors import InvalidInput
 from ragstack.events import EventLog
@@ -69,6 +72,12 @@ class OrchestratorModel:
         self.model_name = self.gen_tok.spec.name
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "16")),
                                        thread_name_prefix="rag")
+        # Urgent requests in flight, for background work to yield to (ragstack/activity.py).
+        try:
+            self.activity = ActivityBoard()
+        except OSError:
+            log.warning("no activity board: background work will not yield to this model's requests", exc_info=True)
+            self.activity = None
         self._warm_up()
 
     def _warm_up(self):
@@ -83,6 +92,8 @@ class OrchestratorModel:
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.events.close()
+        if self.activity is not None:
+            self.activity.close()
 
     # -------------------------------------------------------------------------------------------- Triton
     def execute(self, requests):
@@ -137,8 +148,11 @@ class OrchestratorModel:
                     raise
             req = self._parse(request)
             task = req.task
-            result = rag.run(req, self._engines(request), self.policy, on_delta=on_delta,
-                             prices=self._prices(), on_alert=self._alert)
+            level = self._level(request, req.task)
+            with self._urgent(level):
+                result = rag.run(req, self._engines(request, level), self.policy, on_delta=on_delta,
+                                 prices=self._prices(), on_alert=self._alert)
+            result.usage["priority"] = prio.name(level)
         except BudgetError as e:
             self.metrics.request(task, e.flag)
             self.events.emit(e.flag, task=task, message=str(e), **e.details)
@@ -150,6 +164,15 @@ class OrchestratorModel:
             self.metrics.request(task, "internal_error")
             raise
         return task, result
+
+    def _level(self, request, task: str) -> int:
+        """The task's level (runtime policy), lowered if the caller asks, capped by the caller's ceiling."""
+        return prio.for_request(request.parameters(), self.policy.task(task).priority)
+
+    def _urgent(self, level: int):
+        if level == prio.URGENT and self.activity is not None:
+            return self.activity.urgent()
+        return contextlib.nullcontext()
 
     def _identity(self) -> dict:
         return {"engine_hash": self.manifest.engine_hash, "quantisation": self.manifest.quantisation}
@@ -193,9 +216,11 @@ class OrchestratorModel:
             collection=string("collection"))
         return rag.validate_request(req)
 
-    def _engines(self, request) -> rag.Engines:
+    def _engines(self, request, level: int = prio.URGENT) -> rag.Engines:
         pb = self.pb
         hop = ta.Hop.of(request)
+        # Every child carries the level: the engines see it, and a background one is queued at its level.
+        hop.parameters = prio.with_level(hop.parameters, level)
 
         def embed_query(query, timer):
             with timer.stage("tokenize"):

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+from ragstack import priority as prio
 from ragstack.errors import InvalidInput
 
 POLICY_VERSION = 1
@@ -29,12 +30,13 @@ COST_BUDGET_FLAG = "cost_budget_exceeded"
 COST_ACTIONS = ("reject", "serve_and_alert")
 PRICE_KEYS = ("price_per_1k_input_usd", "price_per_1k_output_usd")
 
-_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity"}
+_TOP_KEYS = {"version", "default_task", "tasks", "thresholds", "events", "require_engine_identity",
+             "ingest_priority", "background_max_yield_ms"}
 _PENALTY_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "len_penalty")
 _QUOTE_KEYS = ("quote_candidates", "max_quotes", "quote_select", "abstain_on")
 ABSTAIN_ON = ("context", "span")
 QUOTE_SELECT = ("generate", "index", "rerank")
-_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank",
+_TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank", "priority",
               *_PENALTY_KEYS, *_QUOTE_KEYS}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
@@ -81,6 +83,8 @@ class TaskPolicy:
     # What abstain_below_rerank is compared with for the quote task: the best context's reranker score, or the
     # best quotable span's (its label scored by the reranker).
     abstain_on: str = "context"
+    # Triton priority level of the task's requests (ragstack/priority.py): queries are urgent by default.
+    priority: int = prio.URGENT
 
     def penalties(self) -> dict:
         """The task's penalty inputs, by their tensorrt_llm names."""
@@ -151,8 +155,14 @@ class RuntimePolicy:
 
     def __init__(self, tasks: Mapping[str, TaskPolicy], default_task: str, thresholds: Thresholds,
                  events: EventSettings = EventSettings(), source: str = "<policy>",
-                 require_engine_identity: bool = True):
+                 require_engine_identity: bool = True, ingest_priority: int = prio.BACKGROUND,
+                 background_max_yield_ms: int = 2000):
         self.tasks = dict(tasks)
+        # The level ingest (bulk document work) runs at: background unless the policy says otherwise.
+        self.ingest_priority = ingest_priority
+        # Background work waits for urgent requests to finish before each engine batch, at most this long
+        # (ragstack/activity.py; 0: it never waits).
+        self.background_max_yield_ms = background_max_yield_ms
         # Spec 004: requests without matching X-Engine-Hash / X-Quantisation headers are rejected.
         self.require_engine_identity = require_engine_identity
         self.default_task = default_task
@@ -190,7 +200,11 @@ class RuntimePolicy:
         require = data.get("require_engine_identity", True)
         if not isinstance(require, bool):
             v.fail("require_engine_identity", f"must be true or false, got {require!r}")
-        return cls(tasks, default, thresholds, events, source, require_engine_identity=require)
+        ingest_priority = _level(v, data.get("ingest_priority", prio.name(prio.BACKGROUND)), "ingest_priority")
+        yield_ms = v.number(data.get("background_max_yield_ms", 2000), "background_max_yield_ms", integer=True,
+                            high=60_000)
+        return cls(tasks, default, thresholds, events, source, require_engine_identity=require,
+                   ingest_priority=ingest_priority, background_max_yield_ms=yield_ms)
 
     # -------------------------------------------------------------------------------------------- tasks
     @property
@@ -391,6 +405,7 @@ def _task(v: _Validator, name: str, data, thresholds: Thresholds) -> TaskPolicy:
         max_quotes=v.number(d.get("max_quotes", 2), f"{field}.max_quotes", integer=True, low=1, high=8),
         quote_select=_choice(v, d.get("quote_select", "generate"), f"{field}.quote_select", QUOTE_SELECT),
         abstain_on=_choice(v, d.get("abstain_on", "context"), f"{field}.abstain_on", ABSTAIN_ON),
+        priority=_level(v, d.get("priority", prio.name(prio.URGENT)), f"{field}.priority"),
     )
 
 
@@ -398,6 +413,16 @@ def _choice(v: _Validator, value, field: str, allowed: tuple) -> str:
     if value not in allowed:
         v.fail(field, f"{value!r} is not one of {', '.join(allowed)}")
     return value
+
+
+def _level(v: _Validator, value, field: str) -> int:
+    try:
+        level = prio.parse_level(value)
+    except InvalidInput as e:
+        v.fail(field, str(e))
+    if level is None:
+        v.fail(field, f"must be one of {', '.join(prio.LEVELS)}")
+    return level
 
 
 def _events(v: _Validator, data) -> EventSettings:

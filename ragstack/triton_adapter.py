@@ -240,6 +240,11 @@ def child_error(model: str, msg: str) -> Exception:
         return InvalidInput(msg)
     if msg.startswith(UNAVAILABLE_MARK):
         return Unavailable(msg)
+    from ragstack.priority import queue_error
+
+    queued = queue_error(model, msg)           # the child's queue policy turned it away
+    if queued:
+        return Unavailable(queued)
     if any(marker in msg for marker in NOT_SERVING_MARKERS):
         return Unavailable(f"model '{model}' cannot serve now ({msg.strip()}); retry shortly")
     return RuntimeError(msg)
@@ -360,8 +365,25 @@ def _response_arrays(pb, response, outputs, model: str = "?") -> dict:
     return out
 
 
+def _loopback_level(model: str, hop: Optional[Hop]) -> Optional[int]:
+    """The level of a child that must leave the BLS path to get it (None: plain BLS). A BLS child cannot carry a
+    priority in 24.10 and lands on its model's default level; a child of work at another level (the ``x-priority``
+    its parent set) goes through the server's gRPC endpoint instead (ragstack/loopback.py)."""
+    if hop is None or not hop.parameters:
+        return None
+    from ragstack import loopback, priority
+
+    level = priority.of_parameters(hop.parameters)
+    return level if level != priority.default_level(model) and loopback.available() else None
+
+
 def bls_infer(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None, version: int = -1) -> dict:
     """One blocking BLS call: {input name: array} in, {output name: array} out; child errors re-raised."""
+    level = _loopback_level(model, hop)
+    if level is not None:
+        from ragstack import loopback
+
+        return loopback.infer(model, inputs, outputs, hop.parameters, level, version)
     request = _bls_request(pb, model, inputs, outputs, hop, version)
     try:
         response = request.exec()

@@ -198,7 +198,8 @@ class InflightBatchingEngine:
         self._cache: Optional[DynamicCache] = None
         self._cache_mask: Optional[torch.Tensor] = None   # [B, cache length]: 1 = real token, 0 = padding
         self._counters = {"steps": 0, "prefills": 0, "tokens_generated": 0, "max_batch_seen": 0,
-                          "requests_finished": 0}
+                          "requests_finished": 0, "admitted_ahead_of_older": 0}
+        self._admitted_by_priority: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="ragstack-generation", daemon=True)
         self._thread.start()
 
@@ -235,8 +236,11 @@ class InflightBatchingEngine:
         return result
 
     def stats(self) -> dict:
+        """Counters; ``admitted_by_priority`` {level: requests}; ``admitted_ahead_of_older``: admissions of a
+        request while an older, less urgent one kept waiting."""
         with self._lock:
-            return dict(self._counters, active=len(self._active), queued=len(self._pending))
+            return dict(self._counters, active=len(self._active), queued=len(self._pending),
+                        admitted_by_priority=dict(self._admitted_by_priority))
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Stop the loop after its current step; running and waiting requests finish as "cancelled"."""
@@ -283,8 +287,7 @@ class InflightBatchingEngine:
         self._retire_finished()
 
         with self._lock:
-            admitted = [self._pending.popleft()
-                        for _ in range(min(len(self._pending), self.max_batch_size - len(self._active)))]
+            admitted = self._admit(self.max_batch_size - len(self._active))
         for sequence in admitted:
             self._prefill(sequence)
             self._stream(sequence)
@@ -297,6 +300,22 @@ class InflightBatchingEngine:
             for sequence in self._active:
                 self._stream(sequence)
             self._retire_finished()
+
+    def _admit(self, room: int) -> list:
+        """Take up to ``room`` waiting requests, most urgent level first, in arrival order within a level (the
+        lock is held). A request that is not admitted stays where it was in the queue."""
+        if room <= 0 or not self._pending:
+            return []
+        chosen = sorted(self._pending, key=lambda s: s.request.priority)[:room]   # stable: FIFO per level
+        taken = set(map(id, chosen))
+        left = [s for s in self._pending if id(s) not in taken]
+        for sequence in chosen:
+            level = sequence.request.priority
+            self._admitted_by_priority[level] = self._admitted_by_priority.get(level, 0) + 1
+            if any(w.request.priority > level and w.arrival_ns <= sequence.arrival_ns for w in left):
+                self._counters["admitted_ahead_of_older"] += 1
+        self._pending = deque(left)
+        return chosen
 
     def _abandon_batch(self, reason: str, error: Optional[str] = None) -> None:
         """Finish every running request with ``reason`` and drop the batched cache."""

@@ -43,6 +43,9 @@ class GenerationRequest:
     streaming: bool = False
     exclude_input_in_output: bool = False
     return_perf_metrics: bool = False     # the engine always measures; this tells the serving layer to return them
+    # Triton priority level (ragstack/priority.py: 1 urgent, 2 background), from the request's x-priority
+    # parameter: waiting requests are admitted most urgent first, in arrival order within a level.
+    priority: int = 1
 
 
 @dataclasses.dataclass

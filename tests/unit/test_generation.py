@@ -502,3 +502,34 @@ def test_guided_sampling_never_breaks_the_schema_with_bytes(engine, prompts):
         if result.finish_reason != "length":
             assert "\ufffd" not in text
             jsonschema.validate(json.loads(text, strict=False), schema)
+
+
+def test_waiting_requests_are_admitted_most_urgent_first(model_dir, prompts):
+    """With the batch full, an urgent request that arrives after a background one is admitted before it."""
+    eng = InflightBatchingEngine(model_dir, max_batch_size=1)
+    try:
+        blocker = eng.submit(greedy(prompts[0], 200), lambda *a: None)
+        background = eng.submit(greedy(prompts[1], 4, priority=2), lambda *a: None)
+        urgent = eng.submit(greedy(prompts[2], 4, priority=1), lambda *a: None)
+        results = {name: h.wait(WAIT) for name, h in
+                   (("blocker", blocker), ("background", background), ("urgent", urgent))}
+        assert results["urgent"].arrival_time_ns > results["background"].arrival_time_ns
+        assert results["blocker"].first_scheduled_time_ns < results["urgent"].first_scheduled_time_ns \
+            < results["background"].first_scheduled_time_ns
+        stats = eng.stats()
+        assert stats["admitted_by_priority"] == {1: 2, 2: 1}
+        assert stats["admitted_ahead_of_older"] == 1
+    finally:
+        eng.shutdown()
+
+
+def test_same_level_requests_keep_arrival_order(model_dir, prompts):
+    eng = InflightBatchingEngine(model_dir, max_batch_size=1)
+    try:
+        handles = [eng.submit(greedy(prompts[0], 100), lambda *a: None)] + \
+                  [eng.submit(greedy(p, 2, priority=2), lambda *a: None) for p in prompts[1:]]
+        scheduled = [h.wait(WAIT).first_scheduled_time_ns for h in handles]
+        assert scheduled == sorted(scheduled)
+        assert eng.stats()["admitted_ahead_of_older"] == 0
+    finally:
+        eng.shutdown()

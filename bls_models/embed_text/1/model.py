@@ -3,6 +3,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, bls, contracts
+from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.text import EmbedTokenizer
 
@@ -18,9 +19,11 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = [None] * len(requests)
         encoded = []  # (request index, ids, mask, lengths)
+        levels = []
         for i, request in enumerate(requests):
             try:
                 access.require_internal(request.parameters(), C.name)
+                level = prio.for_request(request.parameters())   # urgent unless the caller lowers it
                 texts = ta.input_strings(pb, request, C, "text")
                 kinds = ta.input_strings(pb, request, C, "input_type", ["document"])
                 tasks = ta.input_strings(pb, request, C, "task", [None])
@@ -29,6 +32,7 @@ class TritonPythonModel:
                                           "of one request")
                 ids, mask, lengths = self.tokenizer.encode(texts, kinds[0], tasks[0])
                 encoded.append((i, ids, mask, lengths))
+                levels.append(level)
             except Exception as e:  # noqa: BLE001
                 responses[i] = ta.error_response(pb, e)
         if not encoded:
@@ -38,7 +42,8 @@ class TritonPythonModel:
         ids = np.concatenate([ta.pad_to(x, length, side) for _, x, _, _ in encoded]).astype(np.int32)
         mask = np.concatenate([ta.pad_to(m, length, side) for _, _, m, _ in encoded]).astype(np.int32)
         try:
-            embeddings = bls.embed_tokens(pb, ids, mask)
+            # one engine call for the batch, at its most urgent request's level
+            embeddings = bls.embed_tokens(pb, ids, mask, ta.Hop(prio.with_level({}, min(levels))))
         except Exception as e:  # noqa: BLE001 - the engine failed the whole batch
             for i, *_ in encoded:
                 responses[i] = ta.error_response(pb, e)

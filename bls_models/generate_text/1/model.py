@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, bls, contracts
+from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
 
@@ -55,6 +56,9 @@ class TritonPythonModel:
 
         access.require_internal(request.parameters(), C.name)
         stream = bool(get("stream", False))
+        # urgent unless the caller lowers it (x-priority); the engine admits by it
+        hop = ta.Hop.of(request, trace=False)
+        hop.parameters = prio.with_level(hop.parameters, prio.for_request(request.parameters()))
         result = bls.generate(
             pb, self.tokenizer, ta.input_string(pb, request, C, "prompt"),
             system=ta.input_string(pb, request, C, "system"), raw=bool(get("raw_prompt", False)),
@@ -62,7 +66,7 @@ class TritonPythonModel:
             top_p=float(get("top_p", 1.0)), top_k=int(get("top_k", 0)), seed=get("seed"),
             guide_type=ta.input_string(pb, request, C, "guide_type"), guide=ta.input_string(pb, request, C, "guide"),
             on_delta=(lambda text: sender.send(_response({"text": [text]}, requested))) if stream else None,
-            is_cancelled=request.is_cancelled, hop=ta.Hop.of(request, trace=False))
+            is_cancelled=request.is_cancelled, hop=hop)
         if result["finish_reason"] == "cancelled":
             sender.send(flags=FINAL)
             return

@@ -1,11 +1,15 @@
 """ingest: documents (texts, or files converted by `docling`) in → token-aware, structure-aware chunks → `embed` engine → `vector_index`. Upsert or delete by doc id."""
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, bls, contracts
+from ragstack import priority as prio
 from ragstack import triton_adapter as ta
+from ragstack.activity import ActivityBoard
+from ragstack.policy import RuntimePolicy
 from ragstack.chunking import chunk_text
 from ragstack.documents import from_json, structured_chunks
 from ragstack.ingest import ingest, parse_documents
@@ -22,6 +26,11 @@ class TritonPythonModel:
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
         # chunk_text counts what encode() adds (special tokens, end-of-text), so a chunk always fits the engine.
         self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length)
+        self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
+        self.activity = ActivityBoard()
+
+    def finalize(self):
+        self.activity.close()
 
     def execute(self, requests):
         responses = []
@@ -48,21 +57,39 @@ class TritonPythonModel:
             raise ta.InvalidInput(f"chunk_tokens must be at most {self.default_chunk_tokens} for this embedder")
         overlap = int(ta.input_scalar(pb, request, C, "overlap_tokens", min(DEFAULT_OVERLAP, max_tokens // 4)))
 
+        # Background by default (runtime policy): every child is queued at that level, and each embed batch waits
+        # first for urgent requests in flight to finish, at most background_max_yield_ms (ragstack/activity.py).
+        level = prio.for_request(request.parameters(), self.policy.ingest_priority)
+        hop = ta.Hop.of(request, trace=False)     # as before: ingest's children are not traced
+        hop.parameters = prio.with_level(hop.parameters, level)
+        max_yield_s = self.policy.background_max_yield_ms / 1000.0 if level != prio.URGENT else 0.0
+        yielded = [0.0, 0]                    # seconds waited, embed batches sent
+
+        def engine_call(fn):
+            # the CPU-heavy calls yield; index lookups and writes are short and only queue
+            yielded[0] += self.activity.wait_quiet(max_yield_s)
+            yielded[1] += 1
+            return prio.retry_when_queue_full(fn)
+
         def embed(texts):
             ids, mask, _ = self.tokenizer.encode(texts, "document")
-            return bls.embed_tokens(pb, ids, mask)
+            # one call per engine batch, so that each batch yields on its own
+            return np.concatenate([engine_call(lambda s=s: bls.embed_tokens(pb, ids[s:s + bls.EMBED_BATCH],
+                                                                            mask[s:s + bls.EMBED_BATCH], hop))
+                                   for s in range(0, len(ids), bls.EMBED_BATCH)])
 
         def index(op, payload, vectors):
             inputs = {"op": _str(op), "collection": _str(collection), "payload": _str(json.dumps(payload))}
             if vectors is not None:
                 inputs["vectors"] = np.asarray(vectors, dtype=np.float32)
-            return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"])["result"].reshape(-1)[0])
+            out = prio.retry_when_queue_full(lambda: ta.bls_infer(pb, "vector_index", inputs, ["result"], hop))
+            return json.loads(out["result"].reshape(-1)[0])
 
         def chunk_file(doc):
             # Docling runs in its own model (BLS): its import and memory stay out of this stub.
             inputs = {"data": np.array([doc.file], dtype=np.object_), "file_name": _str(doc.file_name or ""),
                       "mime_type": _str(doc.mime_type or "")}
-            converted = ta.bls_infer(pb, "docling", inputs, ["document"])["document"].reshape(-1)[0]
+            converted = ta.bls_infer(pb, "docling", inputs, ["document"], hop)["document"].reshape(-1)[0]
             return structured_chunks(from_json(converted.decode("utf-8") if isinstance(converted, bytes)
                                                else converted), self.tokenizer, max_tokens, overlap)
 
@@ -72,6 +99,9 @@ class TritonPythonModel:
                         chunk=lambda text: chunk_text(text, self.tokenizer, max_tokens, overlap),
                         chunk_file=chunk_file, embed_phase=lambda: bls.phase(pb, "embed"),
                         progress=lambda msg: pb.Logger.log_info(f"ingest[{collection}] {msg}"))
+        report["priority"] = prio.name(level)
+        report["yielded_s"] = round(yielded[0], 3)
+        report["embed_calls"] = yielded[1]
         out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
 

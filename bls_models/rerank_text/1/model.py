@@ -2,6 +2,7 @@
 import triton_python_backend_utils as pb
 
 from ragstack import access, bls, contracts
+from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.text import RerankTokenizer
 
@@ -23,7 +24,8 @@ class TritonPythonModel:
                 documents = ta.input_strings(pb, request, C, "documents")
                 task = ta.input_string(pb, request, C, "task")
                 ids, mask = self.tokenizer.encode_pairs(query, documents, task)
-                scores = bls.rerank_tokens(pb, ids, mask)
+                level = prio.for_request(request.parameters())   # urgent unless the caller lowers it
+                scores = bls.rerank_tokens(pb, ids, mask, ta.Hop(prio.with_level({}, level)))
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, {"scores": scores})))
             except Exception as e:  # noqa: BLE001
                 responses.append(ta.error_response(pb, e))

@@ -4,6 +4,7 @@ import triton_python_backend_utils as pb
 from ragstack import contracts
 from ragstack import triton_adapter as ta
 from ragstack.engines.embedding import EmbeddingEngine
+from ragstack.metrics import PriorityMetrics
 
 
 class TritonPythonModel:
@@ -12,7 +13,9 @@ class TritonPythonModel:
         params = ta.model_parameters(args)
         ta.set_threads(params)
         self.engine = EmbeddingEngine(ta.resolve_engine_dir(params["engine_dir"]))
+        self.levels = PriorityMetrics(pb, "embed")
 
     def execute(self, requests):
+        self.levels.count(requests)
         return ta.execute_token_batch(pb, requests, contracts.EMBED, self.engine,
                                       self.engine.spec.padding_side, "embedding")

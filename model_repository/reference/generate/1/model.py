@@ -6,11 +6,12 @@ sender thread sends them.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import access, contracts
+from ragstack import access, contracts, priority
 from ragstack import triton_adapter as ta
 from ragstack.engine_spec import EngineSpec
 from ragstack.identity import check_identity, request_headers
 from ragstack.manifest import MANIFEST_FILE, read_manifest
+from ragstack.metrics import PriorityMetrics
 from ragstack.generation import GenerationRequest, InflightBatchingEngine
 from ragstack.trtllm_io import generate_outputs, parse_generate_inputs
 
@@ -31,15 +32,18 @@ class TritonPythonModel:
         if manifest_path.is_file():
             m = read_manifest(manifest_path)
             self.identity = ({"engine_hash": m.engine_hash, "quantisation": m.quantisation}, str(manifest_path))
+        self.levels = PriorityMetrics(pb, "generate")
 
     def execute(self, requests):
+        self.levels.count(requests)
         for request in requests:
             sender = request.get_response_sender()
             try:
                 access.require_internal(request.parameters(), C.name)
                 self._check_identity(request)
                 arrays = {t.name: ta.input_array(pb, request, C, t.name) for t in C.inputs}
-                req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}))
+                req = GenerationRequest(**parse_generate_inputs({k: v for k, v in arrays.items() if v is not None}),
+                                        priority=priority.of_parameters(request_headers(request.parameters())))
                 # The batcher's thread hands responses to a per-request sender thread and goes on at once
                 # (see ta.DetachedSender: a send to a dead BLS parent never returns in Triton 2.51).
                 self.engine.submit(req, on_update=_Responder(ta.DetachedSender(sender, FINAL), req,

@@ -4,6 +4,7 @@ import triton_python_backend_utils as pb
 from ragstack import contracts
 from ragstack import triton_adapter as ta
 from ragstack.engines.reranking import RerankEngine
+from ragstack.metrics import PriorityMetrics
 
 
 class TritonPythonModel:
@@ -12,7 +13,9 @@ class TritonPythonModel:
         params = ta.model_parameters(args)
         ta.set_threads(params)
         self.engine = RerankEngine(ta.resolve_engine_dir(params["engine_dir"]))
+        self.levels = PriorityMetrics(pb, "rerank")
 
     def execute(self, requests):
+        self.levels.count(requests)
         return ta.execute_token_batch(pb, requests, contracts.RERANK, self.engine,
                                       self.engine.spec.padding_side, "score")

@@ -1,0 +1,98 @@
+"""A BLS child at a priority level other than its model's default, through the server's own gRPC endpoint.
+
+In Triton 2.51 (python_backend r24.10) ``pb_utils.InferenceRequest`` has no priority argument, and the request
+executor sets none on the child it builds (``request_executor.cc``: id, correlation id, flags, timeout,
+parameters): a BLS child always has priority 0, which Triton maps to the target's ``default_priority_level``.
+The only way for a Python model to give a child another level is to send it through a protocol endpoint, where
+the ``priority`` parameter is Triton's own (``grpc/infer_handler.cc``). This module does that for the
+non-decoupled children of background work (:func:`ragstack.triton_adapter.bls_infer` decides); the cost is a
+local gRPC round trip (serialising the tensors), small next to an engine batch. What a child loses on this path:
+the parent's trace (Triton's BLS trace linkage exists only in-process).
+
+The server's gRPC port is ``$TRITON_GRPC_PORT`` (set by tools/serve_triton.sh and ragstack/server.py); without it
+:func:`available` is False and children keep the plain BLS path (the model's default level).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+from ragstack import priority as prio
+from ragstack.errors import InvalidInput, Unavailable
+
+log = logging.getLogger(__name__)
+PORT_ENV = "TRITON_GRPC_PORT"
+# An engine call of background work waits at most this long for its answer (the background queue's own timeout,
+# 60 s, rejects it earlier when it cannot even start).
+CLIENT_TIMEOUT_S = 600.0
+
+_client = None
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    return bool(os.environ.get(PORT_ENV))
+
+
+def _c():
+    global _client
+    with _lock:
+        if _client is None:
+            import tritonclient.grpc as grpcclient
+
+            size = grpcclient.MAX_GRPC_MESSAGE_SIZE
+            _client = grpcclient.InferenceServerClient(
+                f"127.0.0.1:{os.environ[PORT_ENV]}",
+                channel_args=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                              ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+        return _client
+
+
+def _client_dtype(arr) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(arr.dtype)
+
+
+def error(model: str, exc: Exception, level: Optional[int]) -> Exception:
+    """The exception a parent raises for a failed loopback child, classed like a BLS child's error."""
+    from ragstack.triton_adapter import child_error
+
+    status = (exc.status() if callable(getattr(exc, "status", None)) else None) or ""
+    msg = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    queued = prio.queue_error(model, msg, level)
+    if queued:
+        return Unavailable(queued)
+    if status.endswith("INVALID_ARGUMENT"):
+        return InvalidInput(msg)
+    if status.endswith("UNAVAILABLE"):
+        return Unavailable(f"model '{model}' cannot serve now ({msg}); retry shortly")
+    return child_error(model, msg)
+
+
+def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, version: int = -1) -> dict:
+    """One blocking call to ``model`` at Triton priority ``level``: {name: array} in, {name: array} out."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    tensors = []
+    for name, arr in inputs.items():
+        t = grpcclient.InferInput(name, list(arr.shape), _client_dtype(arr))
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
+    params = {k: v for k, v in parameters.items() if isinstance(v, (str, int, bool))}
+    try:
+        result = _c().infer(model, tensors, model_version=str(version) if version and version > 0 else "",
+                            outputs=requested, priority=int(level), parameters=params or None,
+                            client_timeout=CLIENT_TIMEOUT_S)
+    except InferenceServerException as e:
+        raise error(model, e, level) from None
+    out = {}
+    for name in outputs:
+        arr = result.as_numpy(name)
+        if arr is not None:
+            out[name] = arr
+    return out
