@@ -9,8 +9,10 @@ non-decoupled children of background work (:func:`ragstack.triton_adapter.bls_in
 local gRPC round trip (serialising the tensors), small next to an engine batch. What a child loses on this path:
 the parent's trace (Triton's BLS trace linkage exists only in-process).
 
-The server's gRPC port is ``$TRITON_GRPC_PORT`` (set by tools/serve_triton.sh and ragstack/server.py); without it
-:func:`available` is False and children keep the plain BLS path (the model's default level).
+The server's gRPC port is ``$TRITON_GRPC_PORT`` (set by tools/serve_triton.sh and ragstack/server.py), reached on
+the address the server binds (``ragstack.lifecycle.triton_io.local_host``); without it :func:`available` is False
+and children keep the plain BLS path (the model's default level). A loopback child carries what a BLS child
+carries (``ragstack.access.child_parameters``): the parent's forwarded headers and the server's internal proof.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ def _c():
         if _client is None:
             import tritonclient.grpc as grpcclient
 
+            from ragstack.lifecycle.triton_io import local_host
+
             size = grpcclient.MAX_GRPC_MESSAGE_SIZE
             _client = grpcclient.InferenceServerClient(
-                f"127.0.0.1:{os.environ[PORT_ENV]}",
+                f"{local_host()}:{os.environ[PORT_ENV]}",
                 channel_args=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
                               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
         return _client
@@ -83,7 +87,10 @@ def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, versi
         t.set_data_from_numpy(arr)
         tensors.append(t)
     requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
-    params = {k: v for k, v in parameters.items() if isinstance(v, (str, int, bool))}
+    from ragstack.access import child_parameters
+
+    # what a BLS child would carry: the parent's forwarded headers (minus the client's key) and the server's proof
+    params = {k: v for k, v in child_parameters(parameters).items() if isinstance(v, (str, int, bool))}
     try:
         result = _c().infer(model, tensors, model_version=str(version) if version and version > 0 else "",
                             outputs=requested, priority=int(level), parameters=params or None,

@@ -52,6 +52,8 @@ def local_host() -> str:
     if not bind or bind in ("0.0.0.0", "::", "127.0.0.1"):
         return "127.0.0.1"
     return f"[{bind}]" if ":" in bind else bind
+
+
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".plan", ".engine", ".onnx", ".data", ".gguf", ".pt")
 
