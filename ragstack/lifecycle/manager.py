@@ -174,10 +174,11 @@ class ModelManager(SequentialPhases, Planner, Rollouts):
         return True
 
     def prewarm(self, model: str) -> str:
-        """Load ``model`` ahead of its use, if the budget allows without evicting anything in use."""
+        """Load ``model`` ahead of its use, if the budget allows without evicting anything in use. A model being
+        unloaded is loaded again once it is gone (a pre-warm asked during an eviction is not dropped)."""
         with self._lock:
             m = self._get(model)
-            if m.state in (UNLOADED, FAILED):
+            if m.state in (UNLOADED, FAILED, UNLOADING):
                 m.prewarm_until = self.clock() + self.demand_ttl_s
                 m.unload_wanted = None
                 self._wakeup.notify_all()

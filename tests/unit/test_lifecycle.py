@@ -278,6 +278,26 @@ def test_a_slow_load_raises_an_alert():
 
 
 # -------------------------------------------------------------------------------------------- sequential
+def test_a_prewarm_asked_while_the_model_is_being_unloaded_loads_it_after():
+    # seen in the rag_leases integration test: an operator's prewarm of generate arrived while the sequential
+    # mode's eviction of generate was running; it was dropped and the operator waited for a load that never came
+    mgr, loader, clock, _ = make(cooldown_s=0)
+    use(mgr, "generate")
+    states = []
+    unload = loader.unload
+
+    def unload_with_a_prewarm_arriving(model):
+        states.append(mgr.prewarm(model))                # the operator's call, during the unload
+        unload(model)
+    loader.unload = unload_with_a_prewarm_arriving
+    mgr.unload("generate")
+    mgr.run_pending()
+    assert states == ["unloading"]
+    mgr.run_pending()
+    assert loader.loads() == ["generate", "generate"] and resident(mgr) == {"generate"}
+    assert mgr.status()["transitions"][-1]["detail"] == "prewarm"
+
+
 def test_sequential_mode_prewarms_the_next_phase_and_retires_the_rest():
     # room for two engines
     mgr, loader, clock, _ = make(mode=SEQUENTIAL, cooldown_s=0)
