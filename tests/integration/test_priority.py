@@ -20,7 +20,7 @@ from ragstack import priority as P
 from ragstack.adaptive import parse_prometheus
 from ragstack.server import ROOT
 from tests.integration.conftest import CORPUS, ingest, private_server
-from tests.integration.helpers import generate_json, infer, make_input, strings
+from tests.integration.helpers import admin_headers, generate_json, infer, make_input, strings, wire_headers
 
 # A task that always generates (the grounded ones may abstain on the tiny models without calling generate).
 SCHEMA = json.dumps({"type": "object", "properties": {"hours": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -72,10 +72,18 @@ def rag(phttp, identity, query, task="generate_json", headers=None):
     return json.loads(out["usage"].reshape(-1)[0])
 
 
+def operator() -> dict:
+    """gRPC metadata with the operator's key and the internal proof: engines are internal to the server and ingest
+    needs a writer key (ragstack.access)."""
+    return wire_headers("grpc", None)
+
+
 # -------------------------------------------------------------------------------------------- configuration
 def test_priority_settings_read_back_over_http(prio_server):
     def config(model):
-        with urllib.request.urlopen(f"http://{prio_server.http_url}/v2/models/{model}/config", timeout=10) as r:
+        req = urllib.request.Request(f"http://{prio_server.http_url}/v2/models/{model}/config",
+                                     headers=admin_headers())              # a restricted API (ragstack.access)
+        with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["dynamic_batching"]
 
     for model in ("embed", "rerank", "generate", "embed_text", "rerank_text", "generate_text", "vector_index",
@@ -108,9 +116,9 @@ def test_embed_serves_an_urgent_request_before_an_older_background_one(prio_serv
     client = grpcclient.InferenceServerClient(prio_server.grpc_url)
     try:
         for i in range(4):
-            client.async_infer("embed", inputs, callback(f"blocker{i}"), priority=P.URGENT)
-        client.async_infer("embed", inputs, callback("background"), priority=P.BACKGROUND)
-        client.async_infer("embed", inputs, callback("urgent"), priority=P.URGENT)
+            client.async_infer("embed", inputs, callback(f"blocker{i}"), priority=P.URGENT, headers=operator())
+        client.async_infer("embed", inputs, callback("background"), priority=P.BACKGROUND, headers=operator())
+        client.async_infer("embed", inputs, callback("urgent"), priority=P.URGENT, headers=operator())
         deadline = time.monotonic() + 300
         while len(done) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -136,10 +144,10 @@ def test_generate_engine_admits_an_urgent_request_before_an_older_background_one
     results, errors = {}, []
     responses = queue.Queue()
     client = grpcclient.InferenceServerClient(prio_server.grpc_url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=operator())
     try:
         for i in range(8):
-            client.async_stream_infer("generate", _generate_inputs(300 + 40 * i), request_id=f"blocker{i}")
+            client.async_stream_infer("generate", _generate_inputs(1000 + 80 * i), request_id=f"blocker{i}")
         time.sleep(0.3)                        # sequencing, not a bound: the blockers are in before the rest
         client.async_stream_infer("generate", _generate_inputs(4), request_id="background",
                                   parameters={"x-priority": "background"})
@@ -160,6 +168,8 @@ def test_generate_engine_admits_an_urgent_request_before_an_older_background_one
     assert errors == []
     bg, ur = results["background"], results["urgent"]
     assert ur["arrival_time_ns"] > bg["arrival_time_ns"]              # the urgent one came later ...
+    # ... while the background one still waited (300-token blockers were too short on a quiet machine)
+    assert bg["first_scheduled_time_ns"] > ur["arrival_time_ns"], "a blocker ended before the urgent request came"
     assert ur["first_scheduled_time_ns"] < bg["first_scheduled_time_ns"]   # ... and was admitted first
     assert max(r["first_scheduled_time_ns"] for k, r in results.items() if k.startswith("blocker")) \
         < ur["first_scheduled_time_ns"]                              # it did wait for a free slot
@@ -242,10 +252,11 @@ def test_a_full_background_queue_answers_with_a_clear_error(prio_server):
 
     client = grpcclient.InferenceServerClient(prio_server.grpc_url)
     try:
-        client.async_infer("ingest", inputs(0, big), callback(0))
+        client.async_infer("ingest", inputs(0, big), callback(0), headers=operator())
         time.sleep(1.0)                       # sequencing: the long one is executing before the others arrive
         for i in range(1, extra + 1):
-            client.async_infer("ingest", inputs(i, CORPUS[i % len(CORPUS)].read_text()), callback(i))
+            client.async_infer("ingest", inputs(i, CORPUS[i % len(CORPUS)].read_text()), callback(i),
+                               headers=operator())
         deadline = time.monotonic() + 600
         while len(outcomes) < extra + 1 and time.monotonic() < deadline:
             time.sleep(0.1)
