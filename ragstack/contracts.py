@@ -69,7 +69,9 @@ class Contract:
     outputs: tuple
     max_batch_size: int = 0
     decoupled: bool = False
-    doc: str = ""
+    doc: str = ""                     # its one-line purpose (the generated README.md of its folder opens with it)
+    # Who sends it requests: ((who, how), ...), who being a model name, "clients" or "operators" (in the README).
+    callers: tuple = ()
 
     def input(self, name: str) -> Tensor:
         return _find(self.inputs, name, self.name, "input")
@@ -99,6 +101,11 @@ EMBED = Contract(
         Tensor("attention_mask", "TYPE_INT32", (-1,), doc="1 for real tokens, 0 for padding"),
     ),
     outputs=(Tensor("embedding", "TYPE_FP32", (-1,), doc="pooled, Matryoshka-truncated, L2-normalised"),),
+    callers=(("embed_text", "the texts of a direct call, tokenized, under a `model_manager` lease"),
+             ("ingest", "the chunks of a batch, under one lease for the whole embed phase"),
+             ("rag_orchestrator", "the query, under a lease"),
+             ("rag_stream_orchestrator", "the query, under a lease"),
+             ("model_manager", "one warm-up request after each load")),
 )
 
 RERANK = Contract(
@@ -109,6 +116,10 @@ RERANK = Contract(
         Tensor("attention_mask", "TYPE_INT32", (-1,)),
     ),
     outputs=(Tensor("score", "TYPE_FP32", (1,), doc="relevance in [0, 1]: sigmoid(logit_yes - logit_no)"),),
+    callers=(("rerank_text", "the (query, document) pairs of a direct call, under a `model_manager` lease"),
+             ("rag_orchestrator", "the retrieved contexts, under a lease"),
+             ("rag_stream_orchestrator", "the retrieved contexts, under a lease"),
+             ("model_manager", "one warm-up request after each load")),
 )
 
 GENERATE = Contract(
@@ -166,6 +177,10 @@ GENERATE = Contract(
         Tensor("num_input_tokens", "TYPE_INT32", (1,)),
         Tensor("num_output_tokens", "TYPE_INT32", (1,)),
     ),
+    callers=(("generate_text", "one BLS stream per request, under a `model_manager` lease"),
+             ("rag_orchestrator", "the answer, guided by the task's JSON Schema, under a lease"),
+             ("rag_stream_orchestrator", "the answer, streamed token by token, under a lease"),
+             ("model_manager", "one warm-up request after each load")),
 )
 # Everything the backend adds to a response when the request sets return_perf_metrics (tests/unit/test_contracts.py
 # holds the list documented for the pinned backend version and compares).
@@ -174,6 +189,9 @@ PERF_METRIC_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "k
                        "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens")
 
 # ------------------------------------------------------------------------------- BLS (text-level) models
+# Internal models take no direct calls unless the operator opens them (ragstack/access.py).
+DIRECT_CALLS = "direct calls, only where the operator opens it (RAG_DIRECT_MODELS): benchmarks, debugging"
+
 EMBED_TEXT = Contract(
     name="embed_text", max_batch_size=64,
     doc="Tokenizes texts (Qwen3-Embedding conventions) and calls the embed engine.",
@@ -186,6 +204,7 @@ EMBED_TEXT = Contract(
         Tensor("embedding", "TYPE_FP32", (-1,)),
         Tensor("num_tokens", "TYPE_INT32", (1,)),
     ),
+    callers=(("clients", DIRECT_CALLS),),
 )
 
 RERANK_TEXT = Contract(
@@ -197,6 +216,7 @@ RERANK_TEXT = Contract(
         Tensor("task", "TYPE_STRING", (1,), optional=True),
     ),
     outputs=(Tensor("scores", "TYPE_FP32", (-1,)),),
+    callers=(("clients", DIRECT_CALLS),),
 )
 
 GENERATE_TEXT = Contract(
@@ -221,6 +241,7 @@ GENERATE_TEXT = Contract(
         Tensor("num_input_tokens", "TYPE_INT32", (1,)),
         Tensor("num_output_tokens", "TYPE_INT32", (1,)),
     ),
+    callers=(("clients", DIRECT_CALLS),),
 )
 
 # ------------------------------------------------------------------------------------------- RAG models
@@ -236,6 +257,10 @@ VECTOR_INDEX = Contract(
         Tensor("payload", "TYPE_STRING", (1,), optional=True, doc="JSON: doc_id, chunks, metadata, hash"),
     ),
     outputs=(Tensor("result", "TYPE_STRING", (1,), doc="JSON"),),
+    callers=(("rag_orchestrator", "search, at the request's priority"),
+             ("rag_stream_orchestrator", "search, at the request's priority"),
+             ("ingest", "upsert and delete, at the ingest request's priority (background by default)"),
+             ("clients", DIRECT_CALLS)),
 )
 
 INGEST = Contract(
@@ -255,6 +280,7 @@ INGEST = Contract(
         Tensor("mime_types", "TYPE_STRING", (-1,), optional=True, doc="one per file (or empty): wins over names"),
     ),
     outputs=(Tensor("report", "TYPE_STRING", (1,), doc="JSON: per document, chunks and status"),),
+    callers=(("clients", "a writer key: tools/rag_client.py ingest and delete, the benchmarks' corpus loads"),),
 )
 
 DOCLING = Contract(
@@ -269,6 +295,7 @@ DOCLING = Contract(
         Tensor("document", "TYPE_STRING", (1,), doc="DoclingDocument as JSON"),
         Tensor("markdown", "TYPE_STRING", (1,)),
     ),
+    callers=(("ingest", "the files of a request that are not plain text"),),
 )
 
 _RAG_INPUTS = (
@@ -288,14 +315,20 @@ _RAG_OUTPUTS = (
 )
 RAG_ORCHESTRATOR = Contract(
     name="rag_orchestrator", max_batch_size=8, inputs=_RAG_INPUTS, outputs=_RAG_OUTPUTS,
-    doc="The BLS orchestrator: embed → search → rerank → guided generate; requests of a batch run concurrently.")
+    doc="The BLS orchestrator: embed → search → rerank → guided generate; requests of a batch run concurrently.",
+    callers=(("rag", "its ensemble's one step, tensors mapped by name"),))
 RAG = Contract(name="rag", max_batch_size=8, inputs=_RAG_INPUTS, outputs=_RAG_OUTPUTS,
-               doc="The public endpoint (ensemble over rag_orchestrator): HTTP, gRPC and /generate.")
+               doc="The public endpoint (ensemble over rag_orchestrator): HTTP, gRPC and /generate.",
+               callers=(("clients", "a reader key: HTTP /infer, gRPC, /generate (tools/rag_client.py ask)"),))
 # Triton 2.51 serves a decoupled model only over gRPC streams and /generate_stream (HTTP /infer and gRPC
 # ModelInfer refuse it, /generate wants exactly one response), so token streaming has its own twin.
-RAG_STREAM_ORCHESTRATOR = dataclasses.replace(RAG_ORCHESTRATOR, name="rag_stream_orchestrator", decoupled=True)
-RAG_STREAM = dataclasses.replace(RAG, name="rag_stream", decoupled=True,
-                                 doc="Streaming twin of rag: answer text deltas, then the final outputs.")
+RAG_STREAM_ORCHESTRATOR = dataclasses.replace(
+    RAG_ORCHESTRATOR, name="rag_stream_orchestrator", decoupled=True,
+    doc="Streaming twin of rag_orchestrator: answer text deltas as tokens decode, then the final outputs.",
+    callers=(("rag_stream", "its ensemble's one step, tensors mapped by name"),))
+RAG_STREAM = dataclasses.replace(
+    RAG, name="rag_stream", decoupled=True, doc="Streaming twin of rag: answer text deltas, then the final outputs.",
+    callers=(("clients", "a reader key: gRPC stream, /generate_stream (tools/rag_client.py ask --stream)"),))
 
 ENGINES = {c.name: c for c in (EMBED, RERANK, GENERATE)}
 BLS_MODELS = {c.name: c for c in (EMBED_TEXT, RERANK_TEXT, GENERATE_TEXT, VECTOR_INDEX, INGEST, DOCLING,
@@ -316,6 +349,10 @@ MODEL_MANAGER = Contract(
         Tensor("payload", "TYPE_STRING", (1,), optional=True, doc="JSON object: the op's arguments"),
     ),
     outputs=(Tensor("result", "TYPE_STRING", (1,), doc="JSON"),),
+    callers=tuple((name, "acquire and release engine leases (ragstack/lifecycle/bls_client.py)")
+                  for name in ("embed_text", "rerank_text", "generate_text", "ingest", "rag_orchestrator",
+                               "rag_stream_orchestrator"))
+    + (("operators", "an admin key for every op but status: tools/lifecycle.py (ragstack/lifecycle/client.py)"),),
 )
 BLS_MODELS[MODEL_MANAGER.name] = MODEL_MANAGER
 ALL[MODEL_MANAGER.name] = MODEL_MANAGER

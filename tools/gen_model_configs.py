@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write every config.pbtxt from ragstack/contracts.py (the single source of truth). --check: fail on drift."""
+"""Write every config.pbtxt, and the README.md next to it, from ragstack/contracts.py and ragstack/model_config.py
+(the single source of truth). --check: fail on drift."""
 import argparse
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.model_config import targets  # noqa: E402
+from ragstack.model_config import all_targets  # noqa: E402
 
 
 def main() -> int:
@@ -15,7 +16,7 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 if any file differs")
     args = ap.parse_args()
     stale = []
-    for path, text in targets(ROOT).items():
+    for path, text in all_targets(ROOT).items():
         current = path.read_text() if path.exists() else None
         if current == text:
             continue

@@ -1,15 +1,34 @@
-"""Every config.pbtxt is generated from ragstack/contracts.py and parses as Triton's ModelConfig."""
+"""Every config.pbtxt (and the README.md next to it) is generated from ragstack/contracts.py and parses as Triton's
+ModelConfig."""
 import pytest
 
 from ragstack import contracts
-from ragstack.model_config import BLS, PROFILES, parse, render, targets
+from ragstack.model_config import BLS, PROFILES, all_targets, parse, render, targets
 from ragstack.server import ROOT
 
 
-def test_committed_configs_match_the_contracts():
-    stale = [str(p.relative_to(ROOT)) for p, text in targets(ROOT).items()
+def test_committed_configs_and_readmes_match_the_contracts():
+    stale = [str(p.relative_to(ROOT)) for p, text in all_targets(ROOT).items()
              if not p.exists() or p.read_text() != text]
     assert not stale, f"regenerate with tools/gen_model_configs.py: {stale}"
+
+
+def test_every_model_folder_on_disk_has_a_generated_readme():
+    generated = all_targets(ROOT)
+    configs = [*ROOT.glob("bls_models/*/config.pbtxt"), *ROOT.glob("model_repository/*/*/config.pbtxt")]
+    assert configs
+    for config in configs:
+        assert config.with_name("README.md") in generated, config
+
+
+def test_every_contract_names_its_purpose_and_real_callers():
+    """The README of each model opens with these; a caller is a model that exists, or an outside party."""
+    for contract in contracts.ALL.values():
+        assert contract.doc and "\n" not in contract.doc, contract.name
+        assert contract.callers, contract.name
+        for who, how in contract.callers:
+            assert who in contracts.ALL or who in ("clients", "operators"), (contract.name, who)
+            assert how, (contract.name, who)
 
 
 @pytest.mark.parametrize("path", sorted(targets(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
