@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (RESULTS, display_path, eval_questions, latency_summary, machine_info,  # noqa: E402
-                               now_iso, progress, tree_cpu_seconds, write_json)
+from benchmarks.common import (RESULTS, admin_key, display_path, eval_questions, key_headers,  # noqa: E402
+                               latency_summary, machine_info, now_iso, progress, tree_cpu_seconds, write_json)
 from ragstack.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
     parse_prometheus, value  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
@@ -88,7 +88,8 @@ class Client:
 
     def ingest(self, doc_ids, texts, collection: str) -> dict:
         arrays = {"doc_ids": _strings(doc_ids), "texts": _strings(texts), "collection": _strings([collection])}
-        result = self.client.infer("ingest", self._inputs(arrays), client_timeout=1800)
+        result = self.client.infer("ingest", self._inputs(arrays), client_timeout=1800,
+                                   headers={k.lower(): v for k, v in key_headers().items()})   # a writer operation
         return json.loads(result.as_numpy("report").reshape(-1)[0])
 
 
@@ -270,12 +271,13 @@ def reload_cost(server: TritonProcess, args) -> dict:
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        cfg = client.get_model_config("embed", as_json=True)["config"]
+        admin = {"triton-grpc-protocol-admin-key": admin_key()}          # Triton's restricted gRPC protocols
+        cfg = client.get_model_config("embed", as_json=True, headers=admin)["config"]
         cpu0, t0 = tree_cpu_seconds(server.proc.pid), time.perf_counter()
-        client.load_model("embed", config=json.dumps(config_override(cfg, LADDERS["embed"][1])))
+        client.load_model("embed", config=json.dumps(config_override(cfg, LADDERS["embed"][1])), headers=admin)
         wall = time.perf_counter() - t0
         cpu = tree_cpu_seconds(server.proc.pid) - cpu0
-        new = client.get_model_config("embed", as_json=True)["config"]["dynamic_batching"]
+        new = client.get_model_config("embed", as_json=True, headers=admin)["config"]["dynamic_batching"]
         return {"wall_s": round(wall, 2), "server_cpu_s": round(cpu, 2),
                 "preferred_batch_size_after": new.get("preferred_batch_size"),
                 "priority_levels_kept": new.get("priority_levels")}
