@@ -1,4 +1,10 @@
-"""A BLS child at a priority level other than its model's default, through the server's own gRPC endpoint.
+"""Child requests through the server's own gRPC endpoint instead of BLS, for two reasons.
+
+1. Decoupled children (``generate``), always: :func:`stream`. The 24.10 stub can deadlock when two threads of one
+   stub use decoupled BLS at once (three locks taken in a cycle; README "When a Python stub dies"), and its
+   response iterators are what freed numpy arrays without the GIL (issue 11). A gRPC stream has neither, and
+   it can be cancelled. Without ``$TRITON_GRPC_PORT`` the caller falls back to ``exec(decoupled=True)``.
+2. A non-decoupled child at a priority level other than its model's default: :func:`infer`.
 
 In Triton 2.51 (python_backend r24.10) ``pb_utils.InferenceRequest`` has no priority argument, and the request
 executor sets none on the child it builds (``request_executor.cc``: id, correlation id, flags, timeout,
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 from ragstack import priority as prio
 from ragstack.errors import InvalidInput, Unavailable
@@ -30,6 +37,9 @@ PORT_ENV = "TRITON_GRPC_PORT"
 # 60 s, rejects it earlier when it cannot even start).
 CLIENT_TIMEOUT_S = 600.0
 
+_MAX_MESSAGE = 2 ** 31 - 1       # tritonclient.grpc.MAX_GRPC_MESSAGE_SIZE
+_CHANNEL_ARGS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 _client = None
 _lock = threading.Lock()
 
@@ -44,14 +54,14 @@ def _c():
         if _client is None:
             import tritonclient.grpc as grpcclient
 
-            from ragstack.lifecycle.triton_io import local_host
-
-            size = grpcclient.MAX_GRPC_MESSAGE_SIZE
-            _client = grpcclient.InferenceServerClient(
-                f"{local_host()}:{os.environ[PORT_ENV]}",
-                channel_args=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
-                              ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+            _client = grpcclient.InferenceServerClient(_address(), channel_args=_CHANNEL_ARGS)
         return _client
+
+
+def _address() -> str:
+    from ragstack.lifecycle.triton_io import local_host
+
+    return f"{local_host()}:{os.environ[PORT_ENV]}"
 
 
 def _client_dtype(arr) -> str:
@@ -76,10 +86,12 @@ def error(model: str, exc: Exception, level: Optional[int]) -> Exception:
     return child_error(model, msg)
 
 
-def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, version: int = -1) -> dict:
-    """One blocking call to ``model`` at Triton priority ``level``: {name: array} in, {name: array} out."""
+def _request(inputs: dict, outputs, parameters: dict) -> tuple:
+    """Client-side tensors, requested outputs and the child's parameters: what a BLS child would carry (the
+    parent's forwarded headers minus the client's key, and the server's internal proof)."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+
+    from ragstack.access import child_parameters
 
     tensors = []
     for name, arr in inputs.items():
@@ -87,19 +99,71 @@ def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, versi
         t.set_data_from_numpy(arr)
         tensors.append(t)
     requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
-    from ragstack.access import child_parameters
-
-    # what a BLS child would carry: the parent's forwarded headers (minus the client's key) and the server's proof
     params = {k: v for k, v in child_parameters(parameters).items() if isinstance(v, (str, int, bool))}
-    try:
-        result = _c().infer(model, tensors, model_version=str(version) if version and version > 0 else "",
-                            outputs=requested, priority=int(level), parameters=params or None,
-                            client_timeout=CLIENT_TIMEOUT_S)
-    except InferenceServerException as e:
-        raise error(model, e, level) from None
+    return tensors, requested, params or None
+
+
+def _arrays(result, outputs) -> dict:
     out = {}
     for name in outputs:
         arr = result.as_numpy(name)
         if arr is not None:
             out[name] = arr
     return out
+
+
+def _version(version: int) -> str:
+    return str(version) if version and version > 0 else ""
+
+
+def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, version: int = -1) -> dict:
+    """One blocking call to ``model`` at Triton priority ``level``: {name: array} in, {name: array} out."""
+    from tritonclient.utils import InferenceServerException
+
+    tensors, requested, params = _request(inputs, outputs, parameters)
+    try:
+        result = _c().infer(model, tensors, model_version=_version(version), outputs=requested,
+                            priority=int(level), parameters=params, client_timeout=CLIENT_TIMEOUT_S)
+    except InferenceServerException as e:
+        raise error(model, e, level) from None
+    return _arrays(result, outputs)
+
+
+def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[int] = None,
+           version: int = -1, timeout_s: float = CLIENT_TIMEOUT_S) -> Iterator[dict]:
+    """One call to the decoupled ``model`` over a gRPC stream of its own: yields {name: array} per response that
+    carries outputs, returns after the final one. ``level`` None: the model's default priority. Closing the
+    generator before the end cancels the request in Triton (a BLS child cannot be cancelled in 24.10).
+
+    The decoupled children of the pipeline (``generate``) go this way rather than ``exec(decoupled=True)``: the 24.10
+    stub can deadlock on that path (see README "When a Python stub dies")."""
+    import tritonclient.grpc as grpcclient
+
+    tensors, requested, params = _request(inputs, outputs, parameters)
+    responses: "queue.SimpleQueue" = queue.SimpleQueue()
+    client = grpcclient.InferenceServerClient(_address(), channel_args=_CHANNEL_ARGS)
+    finished = False
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(model, tensors, model_version=_version(version), outputs=requested,
+                                  enable_empty_final_response=True, priority=int(level or 0), parameters=params)
+        while True:
+            try:
+                result, err = responses.get(timeout=timeout_s)
+            except queue.Empty:
+                raise Unavailable(f"model '{model}' sent nothing for {timeout_s:.0f} s; retry shortly") from None
+            if err is not None:
+                raise error(model, err, level)
+            arrays = _arrays(result, outputs)
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            del result
+            if arrays:
+                yield arrays
+            if final:
+                finished = True
+                return
+    finally:
+        try:
+            client.stop_stream(cancel_requests=not finished)
+        finally:
+            client.close()

@@ -532,8 +532,9 @@ class _Stream:
     (a stream abandoned by its consumer is drained, which ends the stub's map entry), and whoever sees the
     stream finished last decides how the iterator is let go (see the comment above)."""
 
-    def __init__(self, start: Callable, model: str):
+    def __init__(self, start: Callable, model: str, bls: bool = True):
         self.iterator = None
+        self.bls = bls               # False: a loopback gRPC stream (ragstack.loopback.stream), no BLS iterator
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done = self._abandoned = False
@@ -547,6 +548,9 @@ class _Stream:
             for response in self.iterator:
                 self.queue.put(response)
                 del response
+                if not self.bls and self._abandoned:
+                    self.iterator.close()        # a gRPC stream can be cancelled: no need to read it to the end
+                    break
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             if not isinstance(e, (InvalidInput, Unavailable)):
                 e = child_error(model, str(e))
@@ -556,9 +560,13 @@ class _Stream:
             abandoned = self._abandoned
         if abandoned:
             iterator, self.iterator = self.iterator, None
-            _hold(iterator)
+            self._let_go(iterator)
         else:
             self.queue.put(_END)
+
+    def _let_go(self, iterator) -> None:
+        if self.bls:
+            _hold(iterator)
 
     def abandon(self) -> None:
         """The consumer stopped before the end: the reader lets the iterator go when it is done reading."""
@@ -567,12 +575,13 @@ class _Stream:
             done = self._done
         if done:                     # the reader finished first: it left the iterator to us
             iterator, self.iterator = self.iterator, None
-            _hold(iterator)
+            self._let_go(iterator)
 
     def finish(self, barrier: Optional[Callable]) -> None:
-        """The consumer read to the end (the reader is done): barrier, then let go."""
+        """The consumer read to the end (the reader is done): barrier, then let go (a BLS iterator)."""
         iterator, self.iterator = self.iterator, None
-        _release(iterator, barrier)
+        if self.bls:
+            _release(iterator, barrier)
 
 
 def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
@@ -586,8 +595,15 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
     :class:`Unavailable` within about ``STREAM_CHECK_S`` instead of waiting forever.
     """
     pids = STUB_PIDS.of(model)
-    stream = _Stream(functools.partial(_bls_request(pb, model, inputs, outputs, hop, version).exec,
-                                       decoupled=True), model)
+    from ragstack import loopback, priority
+
+    if loopback.available():         # the server's own gRPC stream: see ragstack/loopback.py for why
+        parameters = (hop or Hop()).parameters or {}
+        stream = _Stream(functools.partial(loopback.stream, model, inputs, outputs, parameters,
+                                           priority.of_parameters(parameters, default=0), version), model, bls=False)
+    else:
+        stream = _Stream(functools.partial(_bls_request(pb, model, inputs, outputs, hop, version).exec,
+                                           decoupled=True), model)
     finished = False
     try:
         while True:
@@ -606,7 +622,7 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
                 break
             if isinstance(item, _Failed):
                 raise item.exc
-            arrays = _response_arrays(pb, item, outputs, model)
+            arrays = item if not stream.bls else _response_arrays(pb, item, outputs, model)
             del item
             if arrays:
                 yield arrays
