@@ -584,6 +584,16 @@ class _Stream:
             _release(iterator, barrier)
 
 
+TRACE_ENV = "TRITON_TRACE_FILE"     # tools/serve_triton.sh turns Triton's tracing on with it (stubs inherit it)
+
+
+def _traced(hop: Optional[Hop]) -> bool:
+    """A child that must show in Triton's trace as a span of its parent: only a BLS child can (the trace goes with
+    the in-process request). With tracing on, such streams keep the BLS path and its safeguards (a diagnostic
+    mode: the 24.10 decoupled-BLS deadlock of ragstack/loopback.py is possible there)."""
+    return hop is not None and hop.trace is not None and bool(os.environ.get(TRACE_ENV))
+
+
 def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
                on_started: Optional[Callable] = None, barrier: Optional[Callable] = None, version: int = -1):
     """A BLS call to a decoupled model: yields {output name: array} per response that carries outputs.
@@ -597,7 +607,7 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
     pids = STUB_PIDS.of(model)
     from ragstack import loopback, priority
 
-    if loopback.available():         # the server's own gRPC stream: see ragstack/loopback.py for why
+    if loopback.available() and not _traced(hop):   # the server's own gRPC stream: see ragstack/loopback.py
         parameters = (hop or Hop()).parameters or {}
         stream = _Stream(functools.partial(loopback.stream, model, inputs, outputs, parameters,
                                            priority.of_parameters(parameters, default=0), version), model, bls=False)

@@ -121,3 +121,13 @@ def test_silence_past_the_timeout_is_unavailable(fake):
     fake([])
     with pytest.raises(Unavailable, match="sent nothing"):
         list(loopback.stream("generate", INPUTS, ["output_ids"], {}, timeout_s=0.2))
+
+
+def test_only_a_traced_child_with_tracing_on_keeps_the_bls_path(monkeypatch):
+    from ragstack import triton_adapter as ta
+
+    traced, untraced = ta.Hop({}, trace=object()), ta.Hop({})
+    monkeypatch.delenv(ta.TRACE_ENV, raising=False)
+    assert not ta._traced(traced) and not ta._traced(untraced) and not ta._traced(None)
+    monkeypatch.setenv(ta.TRACE_ENV, "/tmp/trace.json")
+    assert ta._traced(traced) and not ta._traced(untraced) and not ta._traced(None)
