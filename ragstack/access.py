@@ -36,6 +36,7 @@ import os
 import threading
 from typing import Iterable, Mapping, Optional
 
+from ragstack import settings as rs
 from ragstack.errors import InvalidInput
 
 log = logging.getLogger("ragstack.access")
@@ -46,9 +47,6 @@ DENIED_MARK = "permission denied: "
 SECRET_FILE_ENV = "RAG_INTERNAL_SECRET_FILE"
 DIRECT_ENV = "RAG_DIRECT_MODELS"
 ROLES = ("reader", "writer", "admin")
-_SOURCES = {"admin": ("RAG_ADMIN_KEY", "RAG_ADMIN_KEY_FILE"),
-            "writer": ("RAG_WRITER_KEYS", "RAG_WRITER_KEY_FILE"),
-            "reader": ("RAG_API_KEYS", "RAG_API_KEY_FILE")}
 # Headers a parent never passes on to a child: the caller's key and any forged internal proof.
 PRIVATE_HEADERS = frozenset({KEY_HEADER, INTERNAL_HEADER})
 
@@ -94,17 +92,17 @@ class _FileValues:
 
 
 class KeyStore:
-    """The configured keys of each role (as digests), from ``env`` (os.environ by default)."""
+    """The configured keys of each role (as digests): from the settings (:mod:`ragstack.settings`) of ``env``, or
+    of the process's environment by default."""
 
     def __init__(self, env: Optional[Mapping] = None):
-        self.env = os.environ if env is None else env
+        self.env = env
         self._lock = threading.Lock()
         self._files: dict = {}
 
     def _digests(self, role: str) -> tuple:
-        var, file_var = _SOURCES[role]
-        out = [_digest(v.strip()) for v in str(self.env.get(var, "")).split(",") if v.strip()]
-        path = self.env.get(file_var)
+        keys, path = (rs.current() if self.env is None else rs.from_env(self.env)).keys(role)
+        out = [_digest(v) for v in keys]
         if path:
             with self._lock:
                 source = self._files.get(role)
@@ -162,7 +160,7 @@ _secret_cache: dict = {}
 
 def internal_secret() -> Optional[str]:
     """The per-server secret (None when the server was started without one: internal checks are then off)."""
-    path = os.environ.get(SECRET_FILE_ENV)
+    path = rs.current().internal_secret_file
     if not path:
         return None
     if path not in _secret_cache:           # one per server start: read once
@@ -185,8 +183,7 @@ def child_parameters(forwarded: Optional[Mapping] = None) -> dict:
 
 
 def direct_models(env: Optional[Mapping] = None) -> frozenset:
-    value = (os.environ if env is None else env).get(DIRECT_ENV, "")
-    return frozenset(v.strip() for v in value.split(",") if v.strip())
+    return (rs.current() if env is None else rs.from_env(env)).direct_models
 
 
 def is_internal(params) -> bool:

@@ -25,9 +25,11 @@ DIR_ENV = "RAG_ACTIVITY_DIR"
 
 
 def default_root() -> Path:
-    base = os.environ.get(DIR_ENV)
-    if base:
-        return Path(base)
+    from ragstack.settings import current
+
+    base = current().activity_dir
+    if base is not None:
+        return base
     shm = Path("/dev/shm")
     return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"ragstack-activity-{os.getppid()}"
 

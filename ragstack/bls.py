@@ -6,13 +6,12 @@ code drives the reference engines and the TensorRT / TensorRT-LLM ones.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Callable, Optional
 
 import numpy as np
 
-from ragstack import contracts
+from ragstack import contracts, settings
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
 from ragstack.errors import InvalidInput
@@ -23,16 +22,14 @@ ENGINE_OUTPUTS = ["output_ids", "sequence_length", "num_input_tokens", "num_outp
                   "first_scheduled_time_ns"]
 EMBED_BATCH = contracts.EMBED.max_batch_size
 RERANK_BATCH = contracts.RERANK.max_batch_size
-# How long a pipeline call waits for the lifecycle manager to load an engine before failing UNAVAILABLE.
-LEASE_TIMEOUT_ENV = "RAG_LEASE_TIMEOUT_S"
-DEFAULT_LEASE_TIMEOUT_S = 120.0
 
 
 _phases = threading.local()          # the leases a thread holds for a whole phase (see phase())
 
 
 def _lease_timeout_s() -> float:
-    return float(os.environ.get(LEASE_TIMEOUT_ENV) or DEFAULT_LEASE_TIMEOUT_S)
+    """How long a pipeline call waits for the lifecycle manager to load an engine before failing UNAVAILABLE."""
+    return settings.current().lease_timeout_s
 
 
 def leased(pb, model: str, fn: Callable, retry_if: Optional[Callable] = None):

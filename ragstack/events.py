@@ -80,14 +80,17 @@ class EventLog:
         self.stats = {"written": 0, "posted": 0, "post_failed": 0, "dropped": 0}
 
     @classmethod
-    def from_settings(cls, settings, base_dir: Union[str, Path] = ".", env: Mapping = os.environ) -> "EventLog":
+    def from_settings(cls, settings, base_dir: Union[str, Path] = ".", env: Optional[Mapping] = None) -> "EventLog":
         """Build from :class:`ragstack.policy.EventSettings`; a relative ``log_path`` is under ``base_dir``.
 
         ``RAGSTACK_EVENT_LOG`` and ``RAGSTACK_EVENT_WEBHOOK_URL`` override the settings when set (an empty
-        value turns that destination off).
+        value turns that destination off); ``env``: an environment to read them from instead of the process's.
         """
-        path = env.get(LOG_PATH_ENV, settings.log_path)
-        url = env.get(WEBHOOK_URL_ENV, settings.webhook_url)
+        from ragstack import settings as rs
+
+        overrides = rs.current() if env is None else rs.from_env(env)
+        path = settings.log_path if overrides.event_log is None else overrides.event_log
+        url = settings.webhook_url if overrides.event_webhook_url is None else overrides.event_webhook_url
         if path:
             path = Path(base_dir) / path
         return cls(path or None, url or None, settings.webhook_timeout_s)

@@ -23,13 +23,13 @@ carries (``ragstack.access.child_parameters``): the parent's forwarded headers a
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from typing import Iterator, Optional
 
 from ragstack import priority as prio
 from ragstack.errors import InvalidInput, Unavailable
+from ragstack.settings import current
 
 log = logging.getLogger(__name__)
 PORT_ENV = "TRITON_GRPC_PORT"
@@ -45,7 +45,7 @@ _lock = threading.Lock()
 
 
 def available() -> bool:
-    return bool(os.environ.get(PORT_ENV))
+    return current().grpc_port is not None
 
 
 def _c():
@@ -61,7 +61,7 @@ def _c():
 def _address() -> str:
     from ragstack.lifecycle.triton_io import local_host
 
-    return f"{local_host()}:{os.environ[PORT_ENV]}"
+    return f"{local_host()}:{current().grpc_port}"
 
 
 def _client_dtype(arr) -> str:

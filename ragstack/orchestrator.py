@@ -17,13 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from ragstack import access, bls, contracts, rag
+from ragstack import settings as rs
 from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.activity import ActivityBoard
@@ -55,11 +54,10 @@ class OrchestratorModel:
         self.decoupled = pb.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
         self.embed_tok = EmbedTokenizer(ta.resolve_engine_dir(params["embed_dir"]))
         self.rerank_tok = RerankTokenizer(ta.resolve_engine_dir(params["rerank_dir"]))
-        tokenizer_dir = os.environ.get(ta.TOKENIZER_DIR_ENV)
-        self.gen_tok = GeneratorTokenizer(ta.resolve_engine_dir(params["generate_dir"]),
-                                          Path(tokenizer_dir) if tokenizer_dir else None)
-        self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
-        self.events = EventLog.from_settings(self.policy.events, base_dir=os.environ.get(ta.DATA_PATH_ENV, "."))
+        settings = rs.current()
+        self.gen_tok = GeneratorTokenizer(ta.resolve_engine_dir(params["generate_dir"]), settings.tokenizer_dir)
+        self.policy = RuntimePolicy.load(settings.policy_file)
+        self.events = EventLog.from_settings(self.policy.events, base_dir=settings.data_base)
         self.metrics = StackMetrics(pb)
         # The served generator's identity (spec 004 headers) and prices come from its build manifest.
         generate_dir = ta.resolve_engine_dir(params["generate_dir"])

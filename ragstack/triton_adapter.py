@@ -20,20 +20,17 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ragstack import settings as rs
 from ragstack.access import child_parameters, require_internal
 from ragstack.contracts import Contract
 from ragstack.errors import NOT_SERVING_MARKERS, InvalidInput, Unavailable  # noqa: F401 - re-exported
 
 log = logging.getLogger("ragstack")
 
-# Where relative engine_dir parameters point: the engines' folder (the reference profile's model set).
+# The variables' names, for messages; their values come from ragstack.settings.
 ENGINE_PATH_ENV = "ENGINE_PATH"
-TOKENIZER_DIR_ENV = "TOKENIZER_DIR"
-# The runtime policy file (per-task sampling, budgets, thresholds).
-POLICY_FILE_ENV = "RAG_POLICY_FILE"
-DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "config" / "runtime_policy.json"
-# Where relative data folders (the vector index) live.
 DATA_PATH_ENV = "RAG_DATA_PATH"
+DEFAULT_POLICY_FILE = rs.Settings().policy_file      # the default policy, for scripts that load it directly
 
 
 def model_parameters(args: dict) -> dict:
@@ -88,13 +85,12 @@ def exit_with_server() -> "subprocess.Popen":
         return _watcher
 
 
-def _under(value: str, env: str, what: str) -> Path:
-    """``value`` if absolute, else relative to the folder the environment variable ``env`` names."""
+def _under(value: str, base: Optional[Path], env: str, what: str) -> Path:
+    """``value`` if absolute, else relative to ``base`` (the folder the environment variable ``env`` names)."""
     path = Path(value)
     if path.is_absolute():
         return path
-    base = os.environ.get(env)
-    if not base:
+    if base is None:
         raise RuntimeError(f"{what} {value!r} is relative and {env} is not set "
                            "(start the server with tools/serve_triton.sh)")
     return Path(base) / path
@@ -102,7 +98,7 @@ def _under(value: str, env: str, what: str) -> Path:
 
 def resolve_engine_dir(value: str) -> Path:
     """An engine folder: absolute, or relative to $ENGINE_PATH; it must exist."""
-    path = _under(value, ENGINE_PATH_ENV, "engine_dir")
+    path = _under(value, rs.current().engine_path, ENGINE_PATH_ENV, "engine_dir")
     if not path.is_dir():
         raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
     return path
@@ -110,7 +106,7 @@ def resolve_engine_dir(value: str) -> Path:
 
 def resolve_data_dir(value: str) -> Path:
     """A data folder (created if missing): absolute, or relative to $RAG_DATA_PATH."""
-    path = _under(value, DATA_PATH_ENV, "data folder")
+    path = _under(value, rs.current().data_path, DATA_PATH_ENV, "data folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -584,14 +580,14 @@ class _Stream:
             _release(iterator, barrier)
 
 
-TRACE_ENV = "TRITON_TRACE_FILE"     # tools/serve_triton.sh turns Triton's tracing on with it (stubs inherit it)
+TRACE_ENV = "TRITON_TRACE_FILE"     # tools/serve_triton.sh turns Triton's tracing on with it (settings.trace_file)
 
 
 def _traced(hop: Optional[Hop]) -> bool:
     """A child that must show in Triton's trace as a span of its parent: only a BLS child can (the trace goes with
     the in-process request). With tracing on, such streams keep the BLS path and its safeguards (a diagnostic
     mode: the 24.10 decoupled-BLS deadlock of ragstack/loopback.py is possible there)."""
-    return hop is not None and hop.trace is not None and bool(os.environ.get(TRACE_ENV))
+    return hop is not None and hop.trace is not None and bool(rs.current().trace_file)
 
 
 def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,

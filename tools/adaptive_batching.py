@@ -56,11 +56,11 @@ def main() -> int:
     events = EventLog(args.events)
     client = None
     if args.apply:
-        import os
-
         import tritonclient.grpc as grpcclient
+
+        from ragstack.settings import current
         client = grpcclient.InferenceServerClient(args.url)
-        key = os.environ.get("TRITON_ADMIN_KEY")
+        key = current().triton_admin_key
         headers = {"triton-grpc-protocol-admin-key": key} if key else None
     if args.metrics_port:
         _serve_gauges(args.metrics_port, controllers)

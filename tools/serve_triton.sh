@@ -63,6 +63,11 @@ export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
 # the lifecycle manager's loads.
 export TRITON_GRPC_PORT="$GRPC_PORT"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
+# Every setting the Python side reads (ragstack/settings.py), checked and printed once: a bad value stops here.
+SETTINGS_PY="$ROOT/.venv/bin/python"; [ -x "$SETTINGS_PY" ] || SETTINGS_PY=python3
+if [ -z "${TRITON_IMAGE:-}" ]; then     # with an image, the container's own run of this script checks its settings
+  (cd "$ROOT" && "$SETTINGS_PY" -m ragstack.settings) || { echo "serve_triton: fix the setting above" >&2; exit 2; }
+fi
 
 # ---- access control. The Python side re-reads key files when they change; Triton's own restricted-API key is
 # read here, once: rotating it takes a restart (and it shows in this process's command line to local users).

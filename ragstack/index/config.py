@@ -1,4 +1,5 @@
-"""Which :class:`~ragstack.index.VectorStore` a server uses: the one place that reads the configuration.
+"""Which :class:`~ragstack.index.VectorStore` a server uses, from the settings (``ragstack/settings.py``) and the
+``vector_index`` model's parameters.
 
     RAG_VECTOR_STORE   flat | pgvector                                    [flat, or the model's vector_store parameter]
     RAG_PG_DSN         the Postgres to use (libpq URI / key=value; Supabase: its connection string)
@@ -13,33 +14,34 @@ server sharing a model repository.
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping, Optional
 
+from ragstack import settings as rs
 from ragstack.index.base import VectorStore
 
-STORES = ("flat", "pgvector")
+STORES = rs.VECTOR_STORES
 
 
 def store_settings(params: Optional[Mapping[str, str]] = None, environ: Optional[Mapping[str, str]] = None) -> dict:
+    """The store's settings: the environment's (``environ``: the process's by default) over ``params``."""
     params = params or {}
-    environ = os.environ if environ is None else environ
-    kind = (environ.get("RAG_VECTOR_STORE") or params.get("vector_store") or "flat").strip().lower()
+    env = rs.current() if environ is None else rs.from_env(environ)
+    kind = (env.vector_store or params.get("vector_store") or "flat").strip().lower()
     if kind not in STORES:
         raise ValueError(f"RAG_VECTOR_STORE must be one of {', '.join(STORES)}, got {kind!r}")
     settings = {"kind": kind}
     if kind == "pgvector":
         # No DSN but PGHOST: an empty DSN, which libpq completes from PGHOST, PGPORT, PGUSER, PGDATABASE.
-        dsn = environ.get("RAG_PG_DSN") or params.get("pg_dsn") or ""
-        if not dsn and not environ.get("PGHOST"):
+        dsn = env.pg_dsn or params.get("pg_dsn") or ""
+        if not dsn and not env.pg_host:
             raise ValueError("RAG_VECTOR_STORE=pgvector needs RAG_PG_DSN or libpq's PGHOST (tools/serve_triton.sh "
                              "sets RAG_PG_DSN when it starts the embedded Postgres)")
-        password_file = environ.get("RAG_PG_PASSWORD_FILE")
-        if password_file:
+        password_file = env.pg_password_file
+        if password_file is not None:
             with open(password_file, encoding="utf-8") as f:
                 settings["password"] = f.read().strip()
-        settings.update(dsn=dsn, schema=environ.get("RAG_PG_SCHEMA") or params.get("pg_schema") or "ragstack",
-                        ef_search=int(environ.get("RAG_PG_EF_SEARCH") or params.get("pg_ef_search") or 100))
+        settings.update(dsn=dsn, schema=env.pg_schema or params.get("pg_schema") or "ragstack",
+                        ef_search=env.pg_ef_search or int(params.get("pg_ef_search") or 100))
     return settings
 
 

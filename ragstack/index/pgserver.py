@@ -54,7 +54,9 @@ class LocalPostgres:
         self.settings = {"max_connections": 200, "shared_buffers": "128MB", **(settings or {})}
         self.user = None
         if os.geteuid() == 0:
-            self.user = os.environ.get("RAG_PG_USER", "nobody")
+            from ragstack.settings import current
+
+            self.user = current().pg_user
             pwd.getpwnam(self.user)            # KeyError: no such user
 
     @property

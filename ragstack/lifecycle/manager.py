@@ -55,6 +55,7 @@ from ragstack.lifecycle.history import VersionHistory
 from ragstack.lifecycle.phases import SequentialPhases
 from ragstack.lifecycle.planner import Planner
 from ragstack.lifecycle.rollouts import Rollouts
+from ragstack.settings import MANAGER_DEFAULTS as DEFAULTS
 from ragstack.lifecycle.state import (  # noqa: F401 - re-exported: the manager's public names
     ACQ_FAILED, ACQ_LOADING, ACQ_READY, ACQ_UNMANAGED, ACQ_WAITING, CO_RESIDENT, DEAD, DEAD_STUB_MARKERS,
     DEFAULT_PHASES, FAILED, LOADING, MODES, READY, SEQUENTIAL, TRANSITIONS, UNLOADED, UNLOADING, AcquireResult,
@@ -79,10 +80,13 @@ class ModelManager(SequentialPhases, Planner, Rollouts):
     def __init__(self, models: Iterable, *, budget: MemoryBudget, loader, probe=None,
                  sink: Optional[LifecycleSink] = None, history: Optional[VersionHistory] = None,
                  clock: Callable[[], float] = time.monotonic, mode: str = CO_RESIDENT,
-                 phases: Optional[tuple] = None, cooldown_s: float = 10.0, lease_ttl_s: float = 600.0,
-                 demand_ttl_s: float = 30.0, retry_after_s: float = 5.0, slow_load_s: float = 30.0,
-                 oscillation_window_s: float = 120.0, oscillation_loads: int = 3, tick_s: float = 0.5,
-                 reconcile_s: float = 5.0, warmup_on_load: bool = True, parallel_loads: int = 1):
+                 phases: Optional[tuple] = None, cooldown_s: float = DEFAULTS.cooldown_s,
+                 lease_ttl_s: float = DEFAULTS.lease_ttl_s, demand_ttl_s: float = 30.0, retry_after_s: float = 5.0,
+                 slow_load_s: float = DEFAULTS.slow_load_s, oscillation_window_s: float = 120.0,
+                 oscillation_loads: int = 3, tick_s: float = DEFAULTS.tick_s, reconcile_s: float = 5.0,
+                 warmup_on_load: bool = True, parallel_loads: Optional[int] = None):
+        """``parallel_loads`` None: the model_manager default (ragstack.settings.ManagerParams), 1 for a loader
+        that loads one model at a time."""
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         specs = [m if isinstance(m, ModelSpec) else ModelSpec(str(m), 0) for m in models]
@@ -96,6 +100,8 @@ class ModelManager(SequentialPhases, Planner, Rollouts):
         self.retry_after_s, self.slow_load_s = retry_after_s, slow_load_s
         self.oscillation_window_s, self.oscillation_loads = oscillation_window_s, oscillation_loads
         self.tick_s, self.reconcile_s, self.warmup_on_load = tick_s, reconcile_s, warmup_on_load
+        if parallel_loads is None:
+            parallel_loads = DEFAULTS.parallel_loads if getattr(loader, "concurrent_loads", True) else 1
         self._check_parallel_loads(parallel_loads)
         self.parallel_loads = int(parallel_loads)
         self._loads_running = 0                   # loads (and heals) running on their own threads

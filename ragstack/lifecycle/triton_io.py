@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ragstack import contracts
+from ragstack import settings as rs
 from ragstack import triton_adapter as ta
 from ragstack.metrics import MetricRegistry
 from ragstack.lifecycle.budget import GiB, MemoryBudget, parse_bytes
@@ -40,15 +41,11 @@ log = logging.getLogger("ragstack.lifecycle")
 
 LOADER_MODEL = "model_manager_loader"
 LOADER_SOURCE = Path(__file__).resolve().parents[2] / "bls_models" / "model_manager" / "loader.py"
-MEMORY_BUDGET_ENV = "RAG_MEMORY_BUDGET"
-MODEL_REPO_ENV = "MODEL_REPO"
-ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"        # for --http-restricted-api=model-repository:admin-key=...
-BIND_ENV = "TRITON_BIND_ADDRESS"          # tools/serve_triton.sh: the address the server listens on
 
 
 def local_host() -> str:
     """Where this server's own ports answer from inside it: loopback, unless the launcher bound one address."""
-    bind = os.environ.get(BIND_ENV, "").strip()
+    bind = (rs.current().bind_address or "").strip()
     if not bind or bind in ("0.0.0.0", "::", "127.0.0.1"):
         return "127.0.0.1"
     return f"[{bind}]" if ":" in bind else bind
@@ -61,11 +58,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".plan", ".engine", ".onnx", ".data",
 # ------------------------------------------------------------------------------------------ repositories
 def default_repositories(extra: Iterable = ()) -> list:
     """Where engine folders (``<repo>/<model>/config.pbtxt``) are looked up, first match wins."""
-    repos = [Path(p) for p in extra if p]
-    if os.environ.get(MODEL_REPO_ENV):
-        repos.append(Path(os.environ[MODEL_REPO_ENV]))
-    repos += [Path("/models/engines"), ROOT / "model_repository" / os.environ.get("PROFILE", "reference"),
-              ROOT / "bls_models"]
+    repos = [Path(p) for p in extra if p] + rs.current().engine_repositories()
     seen, out = set(), []
     for r in repos:
         if r not in seen and r.is_dir():
@@ -118,10 +111,10 @@ def engine_dir_of(model: str, repos: Iterable) -> Optional[Path]:
         return None
     path = Path(value.string_value)
     if not path.is_absolute():
-        base = os.environ.get(ta.ENGINE_PATH_ENV)
-        if not base:
+        base = rs.current().engine_path
+        if base is None:
             return None
-        path = Path(base) / path
+        path = base / path
     return path if path.is_dir() else None
 
 
@@ -287,9 +280,9 @@ class HttpLoader(_LoaderBase):
     def __init__(self, pb, repos, probe=None, unload_timeout_s: float = 60.0, url: Optional[str] = None,
                  admin_key: Optional[str] = None, load_timeout_s: float = 600.0):
         super().__init__(pb, repos, probe, unload_timeout_s)
-        port = os.environ.get("TRITON_HTTP_PORT", "8000")
-        self.url = (url or f"http://{local_host()}:{port}").rstrip("/")
-        self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
+        settings = rs.current()
+        self.url = (url or f"http://{local_host()}:{settings.http_port}").rstrip("/")
+        self.admin_key = admin_key if admin_key is not None else settings.triton_admin_key
         self.load_timeout_s = load_timeout_s
 
     def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: float = 30.0):
@@ -341,8 +334,9 @@ class GrpcLoader(_LoaderBase):
     def __init__(self, pb, repos, probe=None, unload_timeout_s: float = 60.0, url: Optional[str] = None,
                  admin_key: Optional[str] = None, load_timeout_s: float = 600.0):
         super().__init__(pb, repos, probe, unload_timeout_s)
-        self.url = url or f"{local_host()}:{os.environ.get('TRITON_GRPC_PORT', '8001')}"
-        key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
+        settings = rs.current()
+        self.url = url or f"{local_host()}:{settings.loader_grpc_port}"
+        key = admin_key if admin_key is not None else settings.triton_admin_key
         self.headers = {"triton-grpc-protocol-admin-key": key} if key else None
         self.load_timeout_s = load_timeout_s
         self._client = None
@@ -551,58 +545,49 @@ def build_manager(pb, args: dict):
     from ragstack.lifecycle.watchdog import DEFAULT_WATCHED, StubWatchdog
     from ragstack.policy import RuntimePolicy
 
-    params = ta.model_parameters(args)
-    models = params.get("managed_models", "embed rerank generate").split()
-    repos = default_repositories(params.get("model_repositories", "").split())
-    probe = ProcMemoryProbe(os.getppid(), params.get("memory_metric", "rss"))
-    budget_text = os.environ.get(MEMORY_BUDGET_ENV) or params.get("memory_budget", "auto")
+    settings = rs.current()
+    p = rs.ManagerParams.from_parameters(ta.model_parameters(args))
+    models = list(p.managed_models)
+    repos = default_repositories(p.model_repositories)
+    probe = ProcMemoryProbe(os.getppid(), p.memory_metric)
+    budget_text = settings.memory_budget or p.memory_budget
     total = auto_budget_bytes() if budget_text == "auto" else parse_bytes(budget_text)
-    budget = MemoryBudget(total, float(params.get("safety_buffer", "0.15")))
-    base = parse_bytes(params.get("seed_base_bytes", "400M"))
-    factor = float(params.get("seed_weight_factor", "1.0"))
+    budget = MemoryBudget(total, p.safety_buffer)
     specs = []
     for name in models:
         engine_dir = engine_dir_of(name, repos)
-        specs.append(ModelSpec(name, seed_bytes(engine_dir, base, factor), str(engine_dir) if engine_dir else None))
-    data = os.environ.get(ta.DATA_PATH_ENV, ".")
-    history_path = Path(params.get("history_path", "lifecycle/versions.json"))
+        specs.append(ModelSpec(name, seed_bytes(engine_dir, p.seed_base_bytes, p.seed_weight_factor),
+                               str(engine_dir) if engine_dir else None))
+    history_path = Path(p.history_path)
     if not history_path.is_absolute():
-        history_path = Path(data) / history_path
+        history_path = settings.data_base / history_path
     try:
-        policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
-        events = EventLog.from_settings(policy.events, base_dir=data)
+        policy = RuntimePolicy.load(settings.policy_file)
+        events = EventLog.from_settings(policy.events, base_dir=settings.data_base)
     except Exception as e:  # noqa: BLE001 - no policy file: events only where the environment says
         log.warning("runtime policy not loaded (%s): events go to $RAGSTACK_EVENT_LOG only", e)
-        events = EventLog(os.environ.get("RAGSTACK_EVENT_LOG") or None)
-    unload_timeout = float(params.get("unload_timeout_s", "60"))
-    load_api = params.get("load_api", "grpc")
-    if load_api == "pb":
-        loader = HelperLoader(pb, repos, probe, unload_timeout)
-    elif load_api == "http":
-        loader = HttpLoader(pb, repos, probe, unload_timeout, url=params.get("server_url") or None)
-    elif load_api == "grpc":
-        loader = GrpcLoader(pb, repos, probe, unload_timeout, url=params.get("server_url") or None)
+        events = EventLog(settings.event_log or None)
+    if p.load_api == "pb":
+        loader = HelperLoader(pb, repos, probe, p.unload_timeout_s)
+    elif p.load_api == "http":
+        loader = HttpLoader(pb, repos, probe, p.unload_timeout_s, url=p.server_url)
     else:
-        raise ValueError(f"model_manager: load_api must be grpc, http or pb, got {load_api!r}")
-    phases = params.get("phases")
-    parallel = int(params.get("parallel_loads", "2")) if loader.concurrent_loads else 1
+        loader = GrpcLoader(pb, repos, probe, p.unload_timeout_s, url=p.server_url)
     manager = ModelManager(
         specs, budget=budget, loader=loader, probe=probe, sink=TritonSink(pb, events),
-        history=VersionHistory(history_path), mode=params.get("mode", "co_resident"),
-        phases=tuple(phases.split()) if phases else None, cooldown_s=float(params.get("cooldown_s", "10")),
-        lease_ttl_s=float(params.get("lease_ttl_s", "600")), slow_load_s=float(params.get("slow_load_s", "30")),
-        tick_s=float(params.get("tick_s", "0.5")), parallel_loads=parallel)
+        history=VersionHistory(history_path), mode=p.mode, phases=p.phases, cooldown_s=p.cooldown_s,
+        lease_ttl_s=p.lease_ttl_s, slow_load_s=p.slow_load_s, tick_s=p.tick_s,
+        parallel_loads=p.parallel_loads if loader.concurrent_loads else 1)
 
     def resolve(model, value):
         path = Path(value)
-        if not path.is_absolute() and os.environ.get(ta.ENGINE_PATH_ENV):
-            path = Path(os.environ[ta.ENGINE_PATH_ENV]) / path
+        if not path.is_absolute() and settings.engine_path is not None:
+            path = settings.engine_path / path
         return path
 
     # Every other Python model of the server is watched for dead stubs and reloaded (never budgeted).
-    watched = [m for m in params.get("watched_models", " ".join(DEFAULT_WATCHED)).split() if m not in models]
-    watchdog = StubWatchdog(watched, probe=probe, loader=loader, sink=manager.sink,
-                            tick_s=float(params.get("tick_s", "0.5")))
+    watched = [m for m in (p.watched_models or DEFAULT_WATCHED) if m not in models]
+    watchdog = StubWatchdog(watched, probe=probe, loader=loader, sink=manager.sink, tick_s=p.tick_s)
     manager.start()        # its first ticks adopt the engines Triton loaded at start (once the server is up)
     watchdog.start()
     return manager, ManagerService(manager, resolve, watchdog), events

@@ -5,14 +5,12 @@ it is answered; the instances serve requests concurrently, and they decode toget
 batch. With `stream` true, text deltas are
 sent as tokens arrive; the final response carries finish_reason and token counts.
 """
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import access, bls, contracts
+from ragstack import access, bls, contracts, settings
 from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.chat import GeneratorTokenizer
@@ -26,9 +24,8 @@ class TritonPythonModel:
     def initialize(self, args):
         ta.exit_with_server()
         params = ta.model_parameters(args)
-        tokenizer_dir = os.environ.get(ta.TOKENIZER_DIR_ENV)
         self.tokenizer = GeneratorTokenizer(ta.resolve_engine_dir(params["engine_dir"]),
-                                            Path(tokenizer_dir) if tokenizer_dir else None)
+                                            settings.current().tokenizer_dir)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "32")),
                                        thread_name_prefix="generate_text")
 

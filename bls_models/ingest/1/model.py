@@ -1,11 +1,10 @@
 """ingest: documents (texts, or files converted by `docling`) in → token-aware, structure-aware chunks → `embed` engine → `vector_index`. Upsert or delete by doc id."""
 import json
-import os
 
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import access, bls, contracts
+from ragstack import access, bls, contracts, settings
 from ragstack import priority as prio
 from ragstack import triton_adapter as ta
 from ragstack.activity import ActivityBoard
@@ -26,7 +25,7 @@ class TritonPythonModel:
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
         # chunk_text counts what encode() adds (special tokens, end-of-text), so a chunk always fits the engine.
         self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length)
-        self.policy = RuntimePolicy.load(os.environ.get(ta.POLICY_FILE_ENV) or ta.DEFAULT_POLICY_FILE)
+        self.policy = RuntimePolicy.load(settings.current().policy_file)
         self.activity = ActivityBoard()
 
     def finalize(self):
