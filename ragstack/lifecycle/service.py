@@ -122,6 +122,14 @@ class ManagerService:
         self.watchdog = watchdog          # StubWatchdog of the unbudgeted Python models, or None
 
     def handle(self, op: str, model: Optional[str], payload: Optional[dict]) -> dict:
+        """Run one op. The request is checked field by field first (op, model, payload): a bad one is
+        :class:`InvalidInput` naming the field. A :class:`LifecycleError` (the manager refusing what was asked,
+        e.g. a rollback with no previous version) is InvalidInput too; any other exception is a bug and
+        propagates unchanged, so the model answers INTERNAL and logs it (``triton_adapter.error_response``)."""
+        if not isinstance(op, str):
+            raise InvalidInput(f"model_manager: op must be a string, got {type_name(op)}")
+        if model is not None and not isinstance(model, str):
+            raise InvalidInput(f"model_manager: model must be a string, got {type_name(model)}")
         if op not in OPS:
             raise InvalidInput(f"model_manager: unknown op {op!r:.100}; expected one of {', '.join(OPS)}")
         if op in NEEDS_MODEL and not model:

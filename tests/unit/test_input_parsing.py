@@ -179,6 +179,41 @@ def test_manager_service_keeps_a_bug_an_internal_error():
         assert not isinstance(info.value, InvalidInput)
 
 
+@pytest.mark.parametrize("op, model, payload, message", [
+    (None, "embed", {}, "op must be a string, got JSON null"),
+    (["acquire"], "embed", {}, "op must be a string, got a JSON array"),
+    ("acquire", 7, {}, "model must be a string, got a JSON number"),
+    ("acquire", None, {}, "op 'acquire' needs a model"),
+    ("acquire", "embed", [1], "payload must be a JSON object"),
+    ("reboot", "embed", {}, "unknown op 'reboot'"),
+])
+def test_manager_service_checks_op_and_model_before_anything_runs(op, model, payload, message):
+    manager = FakeManager()
+    with pytest.raises(InvalidInput, match=message):
+        ManagerService(manager).handle(op, model, payload)
+    assert manager.calls == []
+
+
+def test_manager_service_answers_a_refusal_as_bad_input_and_a_bug_as_internal(caplog):
+    """The manager refusing the request (LifecycleError) is the caller's INVALID_ARG; a KeyError inside an op is
+    a bug: INTERNAL on the wire, logged with its traceback."""
+    from ragstack.lifecycle.manager import LifecycleError
+
+    with pytest.raises(InvalidInput, match="no previous version"):
+        ManagerService(FakeManager(boom=LifecycleError("embed: no previous version"))).handle(
+            "rollback", "embed", {"root_cause": "r"})
+    try:                                   # what bls_models/model_manager does with any exception
+        ManagerService(FakeManager(boom=KeyError("models"))).handle("status", None, {})
+        response = None
+    except Exception as e:  # noqa: BLE001
+        assert not isinstance(e, InvalidInput)
+        with caplog.at_level("ERROR", logger="ragstack"):
+            response = ta.error_response(FakePb, e)
+    assert response.error.code == FakePb.TritonError.INTERNAL
+    assert response.error.msg.startswith("internal error: KeyError")
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
 def test_canary_router_reports_bad_settings_as_invalid_input():
     with pytest.raises(InvalidInput, match="share must be in"):
         CanaryRouter("embed", 1, 2, share=1.5)
