@@ -11,7 +11,7 @@ import functools
 import json
 import re
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, List, NotRequired, Optional, Protocol, Sequence, Tuple, TypedDict
 
 from ragstack import json_input
 from ragstack.errors import InvalidInput
@@ -442,16 +442,93 @@ def check_answer(text: str, schema: dict, finish_reason: str, context_ids: list)
     return answer
 
 
+# ------------------------------------------------------------------------------------------------ engines
+# What run() needs of each engine, as call signatures. The orchestrator implements them over BLS calls, the
+# benchmarks in-process, the tests with fakes; each takes and returns plain values.
+class EmbedQuery(Protocol):
+    def __call__(self, query: str, timer: "Timer") -> Tuple[Sequence[float], int]:
+        """The query's embedding and its token count (tokenizing inside ``timer.stage("tokenize")``)."""
+
+
+class Search(Protocol):
+    def __call__(self, collection: str, vector: Sequence[float], top_k: int) -> List[Context]:
+        """The ``top_k`` nearest chunks of ``collection``, best first."""
+
+
+class Rerank(Protocol):
+    def __call__(self, query: str, texts: List[str], timer: "Timer") -> Sequence[float]:
+        """One relevance score per text, in the order given (higher is more relevant)."""
+
+
+class Generation(TypedDict):
+    """What a generate engine returns: the text, why it stopped, the token counts (and the queue delay when the
+    engine reports one)."""
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    queue_delay_us: NotRequired[Optional[float]]
+
+
+class Generate(Protocol):
+    def __call__(self, system: str, user: str, schema: dict, policy: Any, max_tokens: int,
+                 on_delta: Optional[Callable[[str], None]], timer: "Timer",
+                 guide: Optional[Tuple[str, str]] = None) -> Generation:
+        """Generate under ``schema`` (or under ``guide``, a (guide type, guide text) pair, when given) with the
+        task ``policy``'s sampling; ``on_delta`` receives text as it is decoded."""
+
+
+class CountTokens(Protocol):
+    def __call__(self, system: str, user: str) -> int:
+        """The prompt's tokens as the generator will see them."""
+
+
+class PromptLimit(Protocol):
+    def __call__(self, max_tokens: int) -> Optional[int]:
+        """The generate engine's own limit on the prompt when ``max_tokens`` are to follow (None: no limit)."""
+
+
+class CountTexts(Protocol):
+    def __call__(self, texts: List[str]) -> List[int]:
+        """The tokens of each text alone, in one batched call."""
+
+
 @dataclasses.dataclass
 class Engines:
-    """The stage callables. Each takes plain values and returns plain values."""
-    embed_query: Callable          # (query, timer) -> (vector, n_tokens)
-    search: Callable               # (collection, vector, top_k) -> [Context]
-    rerank: Callable               # (query, [text], timer) -> [score]
-    generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
-    count_tokens: Callable         # (system, user) -> prompt tokens as the generator will see them
-    prompt_limit: Optional[Callable] = None   # (max_tokens) -> the generate engine's own prompt limit
-    count_texts: Optional[Callable] = None    # ([text]) -> [tokens of each text alone], one batched call
+    """The engines one run uses (see the protocols above for each signature)."""
+    embed_query: EmbedQuery
+    search: Search
+    rerank: Rerank
+    generate: Generate
+    count_tokens: CountTokens
+    prompt_limit: Optional[PromptLimit] = None
+    count_texts: Optional[CountTexts] = None
+
+
+ENGINE_PROTOCOLS = {"embed_query": EmbedQuery, "search": Search, "rerank": Rerank, "generate": Generate,
+                    "count_tokens": CountTokens, "prompt_limit": PromptLimit, "count_texts": CountTexts}
+
+
+def check_engines(engines: Engines) -> None:
+    """TypeError naming the engine whose callable cannot be called the way its protocol says (positional
+    parameters by position, ``guide`` by keyword). For tests and new implementations: a type checker sees the
+    same, and run() does not pay for it per request."""
+    import inspect
+
+    for name, protocol in ENGINE_PROTOCOLS.items():
+        fn = getattr(engines, name)
+        if fn is None and name in ("prompt_limit", "count_texts"):
+            continue
+        if not callable(fn):
+            raise TypeError(f"engine {name} is not callable: {fn!r}")
+        params = list(inspect.signature(protocol.__call__).parameters.values())[1:]     # without self
+        positional = [object()] * sum(p.default is inspect.Parameter.empty for p in params)
+        keywords = {p.name: None for p in params if p.default is not inspect.Parameter.empty}
+        try:
+            inspect.signature(fn).bind(*positional, **keywords)
+        except TypeError as e:
+            raise TypeError(f"engine {name} does not take {protocol.__name__}'s arguments "
+                            f"({', '.join(p.name for p in params)}): {e}") from None
 
 
 @dataclasses.dataclass
@@ -497,7 +574,8 @@ class Timer:
         return _Span()
 
 
-def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy, max_tokens: int) -> list:
+def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy,
+                 max_tokens: int) -> Tuple[list, int]:
     """Drop the lowest-ranked contexts that do not fit the prompt budget (prompt ≤ 4,096 and prompt +
     completion ≤ 6,000 tokens under spec 004, and within the engine's own limits), then check the budget; an overrun left after trimming (a huge
     query) raises the policy's BudgetError, flagged token_budget_overrun."""
@@ -623,7 +701,7 @@ def _quote(query: str, candidates: list, contexts: list, schema: dict, engines: 
         answer = {"quotes": [{"context": c.id, "text": c.text} for c in candidates[:n_quotes]]}
         if on_delta is not None:
             on_delta(json.dumps(answer, ensure_ascii=False))
-        gen = {"text": "", "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": "extracted"}
+        gen: Generation = {"text": "", "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": "extracted"}
     elif task_policy.quote_select == "index":
         system, user = index_prompt(query, candidates)
         picked_schema = index_schema(len(candidates), n_quotes)

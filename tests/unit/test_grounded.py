@@ -141,7 +141,9 @@ def test_quote_candidates_are_the_best_labelled_spans_once_each():
     def rerank(query, texts, timer):
         scored.extend(texts)
         return [1.0 if "Requests per minute: 600" in t else 0.1 for t in texts]
-    eng = rag.Engines(None, None, rerank, None, None)
+    def unused(*args, **kwargs):
+        raise AssertionError("quote_candidates uses the reranker only")
+    eng = rag.Engines(unused, unused, rerank, unused, unused)
     best = rag.quote_candidates("Pro rate limit?", ctx, eng, rag.Timer(), limit=3)
     assert len(scored) == len(rag.quote_units(MARKDOWN))                # the second copy's spans: not scored again
     assert [c.text for c in best][0] == "Pro | 600 | 20" and best[0].id == "ctx-1" and len(best) == 3

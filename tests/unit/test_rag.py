@@ -1,4 +1,5 @@
 """The RAG pipeline core with in-test engines: validation, ordering, schema, citations, timings."""
+import dataclasses
 import json
 import time
 
@@ -40,7 +41,7 @@ def fake_engines(hits, rerank_scores, reply):
         calls["rerank"] = texts
         return rerank_scores[:len(texts)]
 
-    def generate(system, user, schema, policy, max_tokens, on_delta, timer):
+    def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
         calls["generate"] = dict(system=system, user=user, schema=schema, policy=policy, max_tokens=max_tokens)
         text = reply(schema) if callable(reply) else reply
         if on_delta:
@@ -212,3 +213,32 @@ def test_an_answer_with_a_lone_surrogate_escape_stays_sendable():
     out = RagResult(answer=answer, contexts=[], usage={}).outputs()["answer"]
     out.encode("utf-8")
     assert _json.loads(out) == answer
+
+
+# ------------------------------------------------------------------------------------------ engine protocols
+def test_the_fakes_and_the_orchestrators_engines_take_the_protocols_arguments():
+    from types import SimpleNamespace
+
+    from ragstack.chat import GeneratorTokenizer
+    from ragstack.orchestrator import OrchestratorModel
+
+    rag.check_engines(fake_engines(HITS, [1.0], "{}")[0])
+    tok = SimpleNamespace(count_prompt=GeneratorTokenizer.count_prompt.__get__(object()),
+                          prompt_limit=GeneratorTokenizer.prompt_limit.__get__(object()),
+                          count_texts=GeneratorTokenizer.count_texts.__get__(object()))
+    request = SimpleNamespace(parameters=lambda: "{}", trace=lambda: None, is_cancelled=lambda: False)
+    engines = OrchestratorModel._engines(SimpleNamespace(pb=None, gen_tok=tok), request)  # type: ignore[arg-type]
+    rag.check_engines(engines)
+
+
+def test_an_engine_that_cannot_take_its_protocols_arguments_is_named():
+    engines, _ = fake_engines(HITS, [1.0], "{}")
+
+    def generate(system, user, schema, policy, max_tokens, on_delta, timer):     # no guide
+        return {}
+    with pytest.raises(TypeError, match="engine generate does not take Generate's arguments"):
+        rag.check_engines(dataclasses.replace(engines, generate=generate))
+    with pytest.raises(TypeError, match="engine search is not callable"):
+        rag.check_engines(dataclasses.replace(engines, search=None))
+    with pytest.raises(TypeError, match="engine rerank does not take"):
+        rag.check_engines(dataclasses.replace(engines, rerank=lambda query, texts: []))
