@@ -246,13 +246,14 @@ class InProcessRag:
             return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
                                    for s in range(0, len(ids), RERANK_BATCH)])
 
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer):
+        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
+            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))   # rag.Generate: quote's EBNF
             with timer.stage("tokenize"):
                 ids = self.gen_tok.prompt_ids(user, system)
             self.gen_tok.check_budget(len(ids), max_tokens)
             req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
                                     pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
-                                    top_p=policy.top_p, guide_type="json_schema", guide=json.dumps(schema),
+                                    top_p=policy.top_p, guide_type=guide_type, guide=guide_text,
                                     exclude_input_in_output=True, **policy.penalties())
             res = self.generator.generate(req, timeout=900)
             if res.finish_reason == "error":
