@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A batch of N queries through `rag` under four lifecycle configurations (issue 12, spec 001).
+"""A batch of N queries through `rag` under four lifecycle configurations (issue 12).
 
 What a user of the stack sees: the batch is N `rag` requests sent at once (gRPC, asynchronous) to one
 tritonserver (the reference engines, `rag`, `ingest`, `vector_index`, `model_manager`). Every engine call of the
@@ -9,7 +9,7 @@ requests ask for. Measured for each batch size N (default 8, 64, 256), one case 
 * **resident**: co-resident mode, every engine loaded before the batch (no load at all: the baseline);
 * **co_resident_cold**: co-resident mode under a budget that holds the three engines, none loaded when the
   batch arrives: each engine loads at its first request and stays;
-* **sequential_two**: sequential mode under a budget that holds two engines (spec 001: the phase in use and the
+* **sequential_two**: sequential mode under a budget that holds two engines (the phase in use and the
   next one, pre-warmed), none loaded when the batch arrives;
 * **sequential_one**: sequential mode under a budget that holds one engine at a time, none loaded when the batch
   arrives: each phase switch retires an engine and loads the next (no pre-warm possible).

@@ -16,7 +16,7 @@ Each configuration measures its own (a) first, on the same server. Reported: que
 the ingest's throughput (chunks/s) and how long it yielded, the engines' request counts by level, and the target
 (c)'s p99 within 1.5x of (a)'s. With about 30 queries per phase a p99 is close to the maximum: read it as that.
 
-Adaptive batching (spec 001): during (c) the controller (ragstack/adaptive.py) runs in dry run on the server's own
+Adaptive batching: during (c) the controller (ragstack/adaptive.py) runs in dry run on the server's own
 metrics, and after (c) one setting change is applied for real (an `embed` reload with a config override), to
 set what a change costs against what batching buys on this CPU (results/engines.json).
 

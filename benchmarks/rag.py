@@ -62,7 +62,7 @@ CLEAN_ROUNDS, MAX_OTHER, BUDGET_S = 2, 0.10, 1500.0
 
 # ---------------------------------------------------------------------------------------------- client
 def identity_headers(models: Path) -> dict:
-    """Spec 004's identity headers for the served generator (the policy rejects requests without them), from
+    """The engine identity headers for the served generator (the policy rejects requests without them), from
     its build manifest, as tools/rag_client.py sends them."""
     from ragstack.manifest import read_manifest
 

@@ -2,7 +2,7 @@
 """Build the production (trtllm profile) engines from the build specs in engine_builds/specs/.
 
   export          ONNX export of an embed/rerank model into an engine folder (CPU; --verify checks it)
-  plan            trtexec: the ONNX in an engine folder -> model.plan (spec 002); runs in the TensorRT container
+  plan            trtexec: the ONNX in an engine folder -> model.plan; runs in the TensorRT container
                   (ragstack.contracts.TENSORRT_CONTAINER, tools/build_plans.sh), not in the trtllm image
   trtllm          TensorRT-LLM checkpoint + trtllm-build for a generator, with tokenizer and tokenizer info
   tokenizer-info  the xgrammar tokenizer info the tensorrtllm backend reads (xgrammar_tokenizer_info_path)

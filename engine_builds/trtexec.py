@@ -1,4 +1,4 @@
-"""``trtexec`` command lines for the embed and rerank plans (spec 002), from a build spec and an engine folder.
+"""``trtexec`` command lines for the embed and rerank plans, from a build spec and an engine folder.
 
 The optimisation profile bounds every activation buffer TensorRT allocates: batch 1..``max_batch_size`` of the
 Triton contract (so Triton can never send a batch the plan refuses) and length 1..``engine.max_length`` (what
@@ -9,14 +9,14 @@ Precision, and what TensorRT 10.x (the pinned container's) really offers for it:
 * ``fp8`` and ``nvfp4`` only take effect where the ONNX graph carries FP8 / FP4 quantize-dequantize nodes, which
   ModelOpt inserts with calibration data (``model.fp8.onnx`` / ``model.nvfp4.onnx`` beside ``model.onnx``). Such a
   graph is built strongly typed (``--stronglyTyped``: the graph's types decide, no precision flags allowed).
-* Without it, ``fp8`` is spec 002's weakly typed ``--fp8 --fp16`` build: FP8 kernels are allowed, but a graph
+* Without it, ``fp8`` is the weakly typed ``--fp8 --fp16`` build: FP8 kernels are allowed, but a graph
   without FP8 Q/DQ runs in FP16. trtexec has no ``--nvfp4`` (nor ``--fp4``) flag, so ``nvfp4`` has no such form.
 * ``fp16`` (``--fp16``) is the fallback of both.
 
 So a spec yields an ordered list of attempts; the build runs the first whose input exists and falls back to the
-next when trtexec fails, and the manifest records which one produced the plan. Spec 002's ``--enableLayerNormPlugin``
-and ``--enableQAPlugin`` are not trtexec options and are left out; ``--skipInference`` is the current name of
-``--buildOnly``.
+next when trtexec fails, and the manifest records which one produced the plan. ``--enableLayerNormPlugin``
+and ``--enableQAPlugin``, which older build notes list, are not trtexec options and are left out;
+``--skipInference`` is the current name of ``--buildOnly``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TensorRT-LLM command lines for the generator (spec 004): a checkpoint, then ``trtllm-build``.
+"""TensorRT-LLM command lines for the generator: a checkpoint, then ``trtllm-build``.
 
 Flags are those of TensorRT-LLM 1.0 (``ragstack.contracts.TRTLLM_VERSION``, the release the pinned container
 ships): ``trtllm-build``'s own options plus its plugin options (``--gpt_attention_plugin``, ``--gemm_plugin``,
@@ -10,8 +10,9 @@ What each build choice is for:
 * paged KV cache + paged context FMHA: the KV cache in blocks, which is what KV-cache reuse
   (``enable_kv_cache_reuse``) and chunked context (``enable_chunked_context``) in the Triton config need;
 * remove_input_padding + the GPT attention plugin: packed sequences, required for in-flight batching;
-* max_batch_size / max_input_len / max_seq_len: spec 004's capacity plan (4 requests, 4,096 prompt tokens,
-  6,000 in all), taken from the spec's engine fields, which the BLS ``generate_text`` model enforces too;
+* max_batch_size / max_input_len / max_seq_len: the capacity plan (4 requests, 4,096 prompt tokens, 6,000 in
+  all; docs/design-notes.md#engines), taken from the build spec's engine fields, which the BLS ``generate_text``
+  model enforces too;
 * max_num_tokens: the tokens one iteration may process; it bounds the activation memory, and with chunked context
   a longer context is processed in chunks of it.
 

@@ -3,7 +3,7 @@
 
 The dashboard is generated rather than hand-edited because Grafana JSON repeats the same panel skeleton a
 dozen times: here each panel is one line of intent (title, queries, unit, thresholds), and the thresholds
-are the same numbers as the alert rules (spec 000/001/004). ``--check`` only compares.
+are the same numbers as the alert rules (monitoring/alerts.yml; docs/design-notes.md). ``--check`` only compares.
 """
 import argparse
 import json
@@ -65,7 +65,7 @@ def rows() -> list:
                  f"(sum by (model) (rate(nv_inference_request_success{{{M}}}[5m])) + "
                  f"sum by (model) (rate(nv_inference_request_failure{{{M}}}[5m])))", "{{model}}"),
             ], "percentunit", 10, thresholds=(0.01, 0.02),
-                description="Warning over 1 %, auto-rollback over 2 % (spec 000)."),
+                description="Warning over 1 %, auto-rollback over 2 %."),
             panel("Models loaded", [("count(count by (model, version) (nv_inference_count))", "models")],
                   "none", 4, kind="stat",
                   description="Triton keeps per-model series only while a model is loaded."),
@@ -78,7 +78,7 @@ def rows() -> list:
                  "{{model}} compute"),
             ], "µs", 8, description="Queue above compute for 10 minutes raises QueueTimeAboveCompute."),
             panel("LLM queue delay p50 / p95", quantiles("llm_queue_delay_us", "model", where=M),
-                  "µs", 8, thresholds=(2500,), description="max_queue_delay_us 2500 (spec 004)."),
+                  "µs", 8, thresholds=(2500,), description="max_queue_delay_us 2500 (config/runtime_policy.json)."),
             panel("Per-stage latency p50 / p95", quantiles("llm_stage_latency_us", "stage"), "µs", 8,
                   description="tokenize, embed, search, rerank, generate."),
         ]),
@@ -94,11 +94,11 @@ def rows() -> list:
         ]),
         ("Models and memory", [
             panel("Model load time", [("llm_model_load_seconds", "{{model}}")], "s", 6, kind="stat",
-                  thresholds=(30,), description="Alert over 30 s (spec 000)."),
+                  thresholds=(30,), description="Alert over 30 s (slow_load_s)."),
             panel("GPU utilisation", [("nv_gpu_utilization", "{{gpu_uuid}}")], "percentunit", 6,
                   thresholds=(0.9,)),
             panel("GPU memory used", [("nv_gpu_memory_used_bytes / nv_gpu_memory_total_bytes", "{{gpu_uuid}}")],
-                  "percentunit", 6, thresholds=(0.8, 0.9, 0.95), description="80/90/95 % (spec 001)."),
+                  "percentunit", 6, thresholds=(0.8, 0.9, 0.95), description="Warning/major/critical at 80/90/95 %."),
             panel("Process memory vs budget", [("llm_memory_used_bytes / llm_memory_budget_bytes",
                                                 "{{component}}")],
                   "percentunit", 6, thresholds=(0.8, 0.9, 0.95)),

@@ -1,4 +1,4 @@
-"""Adaptive batch sizing (spec 001 §3): start small, ramp with queue depth, back off on p95 or memory headroom.
+"""Adaptive batch sizing: start small, ramp with queue depth, back off on p95 or memory headroom.
 
 A controller per engine walks a bounded ladder of dynamic-batching settings (preferred batch sizes and queue
 delay), one rung at a time:
@@ -40,8 +40,9 @@ class Rung:
         return max(self.preferred) if self.preferred else 1
 
 
-# Spec 001: "start small (e.g., embed 8, rerank 8, generate 1) then ramp"; the top rungs are spec 002's presets
-# and one above them, within each engine's max_batch_size.
+# Each ladder starts small (at most 8 per batch) and ramps; its top rungs are the GPU profile's batching presets
+# (model_config.EMBED_BATCHING / RERANK_BATCHING) and one above them, within each engine's max_batch_size
+# (docs/design-notes.md#batching).
 LADDERS = {
     "embed": (Rung((4, 8), 0), Rung((4, 8, 16), 2000), Rung((8, 16, 32), 3000)),
     "rerank": (Rung((2, 4, 8), 0), Rung((2, 4, 8), 5000), Rung((4, 8, 16), 5000)),

@@ -1,7 +1,7 @@
 """Structured events: one JSON line per event in an event log, and a POST to the readiness webhook.
 
-The events (spec 004) are the record of budget breaches, observability alerts and rollbacks that finance,
-on-call and Module 6's sign-off read. Two properties matter more than anything else here:
+The events are the record of budget breaches, observability alerts and rollbacks that finance, on-call and the
+evaluation sign-off read (docs/design-notes.md#serving-rules). Two properties matter more than anything else here:
 
 * **The log is always parseable.** Every Triton model instance is a separate stub process and each may run
   several threads, all appending to the same file. Each event is therefore written with a single ``write(2)``

@@ -1,6 +1,7 @@
-"""Engine identity headers: every request names the engine it expects (spec 004).
+"""Engine identity headers: every request names the engine it expects.
 
-A client (Module 6's eval slices, the sign-off smoke tests) sends ``X-Engine-Hash`` and ``X-Quantisation``;
+A client (the evaluation tool's slices, the sign-off smoke tests: docs/design-notes.md#evaluation) sends
+``X-Engine-Hash`` and ``X-Quantisation``;
 the server rejects a request that is missing either or names another engine. That way results can never be
 attributed to an engine that did not produce them, e.g. after a rollback swapped the plan underneath a client.
 

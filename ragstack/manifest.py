@@ -2,8 +2,9 @@
 
 Every build step in ``engine_builds/`` (ONNX export, TensorRT plan, TensorRT-LLM engine, tokenizer info) rewrites
 the ``manifest.json`` of the folder it wrote into, so the manifest always describes the files as they are now.
-The serving side only reads it: a BLS model can stamp responses with the engine hash and quantisation (spec 004's
-``X-Engine-Hash`` / ``X-Quantisation``), and an operator can check a deployed folder against its manifest.
+The serving side only reads it: a BLS model can stamp responses with the engine hash and quantisation (the
+``X-Engine-Hash`` / ``X-Quantisation`` headers clients must send), and an operator can check a deployed folder
+against its manifest.
 
 Pure logic (hashlib, json): no torch, no TensorRT, importable inside the Triton Python backend.
 
@@ -110,7 +111,7 @@ class Manifest:
     pricing: Optional[dict] = None
 
     def headers(self) -> dict:
-        """The response headers spec 004 asks every generation to carry."""
+        """The headers that name this engine: every generation request must carry them, and responses may too."""
         return {"X-Engine-Hash": self.engine_hash, "X-Quantisation": self.quantisation}
 
     def to_json(self) -> str:

@@ -35,7 +35,8 @@ REFERENCE_PRICING = {"price_per_1k_input_usd": 0.0005, "price_per_1k_output_usd"
 
 def _write_manifests(folder: Path, specs: dict, step_args: dict) -> None:
     """Every engine folder of a set gets a manifest (hashes of its weights and tokenizer) like a real build:
-    the serving side reads the engine hash and quantisation from it (spec 004's identity headers)."""
+    the serving side reads the engine hash and quantisation from it (the X-Engine-Hash / X-Quantisation headers
+    requests must match)."""
     import tokenizers
     import torch
     import transformers

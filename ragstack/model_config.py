@@ -40,7 +40,8 @@ class Deployment:
     priority: Optional[P.PriorityQueues] = None
 
 
-# Batching presets of spec 002: embed [4,8,16] with 2-5 ms, rerank [2,4,8] with ~5 ms (the GPU profile).
+# The GPU profile's batching presets: embed prefers [4,8,16] within 2-5 ms, rerank [2,4,8] within ~5 ms
+# (docs/design-notes.md#batching).
 EMBED_BATCHING = Batching((4, 8, 16), 3000)
 RERANK_BATCHING = Batching((2, 4, 8), 5000)
 # The CPU reference profile does not wait for company: a batch of 16 buys only 1.14x over one request on the
@@ -272,8 +273,9 @@ def _optional(t: C.Tensor, is_input: bool) -> str:
     return "yes" if t.optional else "no"
 
 
-# The production profile: TensorRT plans for embed and rerank (served by Python models) with the spec 002 batching presets, TensorRT-LLM's
-# tensorrtllm backend for generate with the spec 004 parameters. Built by engine_builds/ (docs/gpu-deployment.md);
+# The production profile: TensorRT plans for embed and rerank (served by Python models) with the batching presets
+# above, TensorRT-LLM's tensorrtllm backend for generate (in-flight batching, chunked context, KV-cache reuse,
+# xgrammar guided decoding). Built by engine_builds/ (docs/gpu-deployment.md);
 # the paths are where tools/serve_triton.sh and docker-compose.triton.yml mount the engine and tokenizer folders.
 TRTLLM = (
     # The trtllm image has no tensorrt_plan platform (only the TensorRT-LLM, Python and ensemble backends): the plans
@@ -284,7 +286,8 @@ TRTLLM = (
     Deployment(C.RERANK, kind="KIND_GPU", batching=RERANK_BATCHING, priority=P.QUEUES,
                parameters=(("engine_dir", "rerank"), ("plan_file", "model.plan"))),
     # KIND_CPU as in TensorRT-LLM's own config: the backend puts its one executor on the GPU itself. A 2 ms
-    # window lets requests arriving together start in the same iteration, under spec 004's 2.5 ms queue alert.
+    # window lets requests arriving together start in the same iteration, under the 2.5 ms queue-delay alert
+    # (max_queue_delay_us in config/runtime_policy.json).
     # Priority: Triton's queue in front of the backend orders what reaches the executor. The pinned tensorrt_llm
     # model has no input for the executor's own request priority (v1.0.0 config.pbtxt and utils.cc
     # createRequestsFromInputTensors set none), so once admitted a background request is decoded like any other.

@@ -59,7 +59,8 @@ class OrchestratorModel:
         self.policy = RuntimePolicy.load(settings.policy_file)
         self.events = EventLog.from_settings(self.policy.events, base_dir=settings.data_base)
         self.metrics = StackMetrics(pb)
-        # The served generator's identity (spec 004 headers) and prices come from its build manifest.
+        # The served generator's identity (the engine hash and quantisation requests must name) and its prices
+        # come from its build manifest.
         generate_dir = ta.resolve_engine_dir(params["generate_dir"])
         manifest_path = generate_dir / MANIFEST_FILE
         self.manifest = read_manifest(manifest_path) if manifest_path.is_file() else None

@@ -1,8 +1,8 @@
-"""Runtime policies: per-task sampling defaults and the per-request budgets of spec 004.
+"""Runtime policies: per-task sampling defaults and the per-request budgets (tokens, cost, queue delay).
 
 Everything lives in one file, ``config/runtime_policy.json``, because several parties must agree on the same
 numbers: the BLS models enforce them, the prompt-runtime sign-off (:mod:`ragstack.prompt_runtime`) compares
-Module 6's manifests against them, and the alert rules and health check alert on them. The file is validated
+the evaluation tool's manifests against them, and the alert rules and health check alert on them. The file is validated
 completely at load, with errors that name the offending field: a misspelt key (``temprature``) would otherwise
 fall back to a default silently, and a bad threshold would only show up as a wrong decision under traffic.
 
@@ -115,7 +115,9 @@ class TaskPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Spec 004's readiness thresholds. ``max_tokens`` is prompt + completion combined."""
+    """The readiness thresholds every request is held to: the queue delay that raises an alert, ``max_tokens``
+    (prompt + completion combined) and ``max_prompt_tokens`` (over either: rejected), and the cost per request
+    (a breach is handled as ``cost_breach_action`` says)."""
     max_queue_delay_us: int
     max_tokens: int
     max_prompt_tokens: int
@@ -139,7 +141,7 @@ class CostDecision:
     """Outcome of :meth:`RuntimePolicy.check_cost` when the request may be served.
 
     ``alert`` is the marker the caller acts on: serve the request, then emit ``flag`` as an event (finance is
-    notified on a breach, spec 004).
+    notified of a breach through the event log and webhook).
     """
     cost_usd: float
     limit_usd: float
@@ -163,7 +165,7 @@ class RuntimePolicy:
         # Background work waits for urgent requests to finish before each engine batch, at most this long
         # (ragstack/activity.py; 0: it never waits).
         self.background_max_yield_ms = background_max_yield_ms
-        # Spec 004: requests without matching X-Engine-Hash / X-Quantisation headers are rejected.
+        # True: requests without X-Engine-Hash / X-Quantisation headers matching the served manifest are rejected.
         self.require_engine_identity = require_engine_identity
         self.default_task = default_task
         self.thresholds = thresholds

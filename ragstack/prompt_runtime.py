@@ -1,9 +1,12 @@
-"""Prompt runtime manifests: Module 6's declaration of the engine and thresholds its prompts were signed off on.
+"""Prompt runtime manifests: the evaluation tool's declaration of the engine and thresholds its prompts were
+signed off on.
 
-Module 6 (the eval blueprint generator) builds prompts and eval slices against one engine and one set of
+The evaluation tool (an eval blueprint generator outside this repository, docs/design-notes.md#evaluation) builds
+prompts and eval slices against one engine and one set of
 readiness thresholds. Before an engine version is promoted, each of its prompt runtime manifests must name the
 engine hash and tokenizer-info hash actually served, and the thresholds the runtime policy actually enforces
-(spec 004); otherwise its eval results describe a different system. :class:`PromptRuntimeManager` checks a
+(``config/runtime_policy.json``); otherwise its eval results describe a different system.
+:class:`PromptRuntimeManager` checks a
 folder of manifests against the served engine's build manifest and the policy, and :meth:`summary` reports
 every disagreement by field (expected vs found) so a reviewer can sign off or say exactly what to fix.
 

@@ -576,9 +576,10 @@ class Timer:
 
 def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy,
                  max_tokens: int) -> Tuple[list, int]:
-    """Drop the lowest-ranked contexts that do not fit the prompt budget (prompt ≤ 4,096 and prompt +
-    completion ≤ 6,000 tokens under spec 004, and within the engine's own limits), then check the budget; an overrun left after trimming (a huge
-    query) raises the policy's BudgetError, flagged token_budget_overrun."""
+    """Drop the lowest-ranked contexts that do not fit the prompt budget (the policy's thresholds: prompt ≤
+    4,096 and prompt + completion ≤ 6,000 tokens as configured, and within the engine's own limits), then check the
+    budget; an overrun left after trimming (a huge query) raises the policy's BudgetError, flagged
+    token_budget_overrun. Returns the contexts kept and the prompt's token count."""
     system, bare = build_prompt(task, query, [])
     fixed = engines.count_tokens(system, bare)
     blocks = [f"[{c.id}] {c.text}\n\n" for c in contexts]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Adaptive batching beside a running server (spec 001): off unless started, and dry-run unless --apply.
+"""Adaptive batching beside a running server (ragstack/adaptive.py): off unless started, and dry-run unless --apply.
 
 Every --interval seconds it reads Triton's metrics port (queue depth per engine, the pipeline's per-stage latency
 histogram for the p95, the lifecycle manager's memory headroom), feeds one ragstack.adaptive.Controller per

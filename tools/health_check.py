@@ -36,7 +36,7 @@ from ragstack.policy import RuntimePolicy  # noqa: E402
 
 READY, NOT_READY, DEGRADED = "ready", "not_ready", "degraded"
 EXIT_CODES = {READY: 0, NOT_READY: 1, DEGRADED: 2}
-DEFAULT_MAX_ERROR_RATE = 0.01  # spec 000: alert on errors over 1 %
+DEFAULT_MAX_ERROR_RATE = 0.01  # degraded when more than 1 % of requests fail
 
 _SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?\s*')
@@ -194,7 +194,7 @@ def parse_args(argv=None):
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="Triton HTTP endpoint")
     ap.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics", help="'' to skip the metrics")
     ap.add_argument("--models", default="", help="comma-separated models that must be ready")
-    ap.add_argument("--interval", type=float, default=30.0, help="seconds between rounds (spec 000: 30)")
+    ap.add_argument("--interval", type=float, default=30.0, help="seconds between rounds (30: the readiness poll)")
     ap.add_argument("--rounds", type=int, default=1, help="number of rounds; 0 = until interrupted")
     ap.add_argument("--timeout", type=float, default=2.0, help="per-request timeout, seconds")
     ap.add_argument("--policy", default=str(ROOT / "config" / "runtime_policy.json"),

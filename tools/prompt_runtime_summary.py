@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check Module 6's prompt runtime manifests against the served engine and the runtime policy (sign-off).
+"""Check the evaluation tool's prompt runtime manifests (docs/design-notes.md#evaluation) against the
+served engine and the runtime policy (sign-off).
 
 Exit status: 0 aligned, 1 not aligned, 2 the engine manifest or policy could not be read.
 """

@@ -23,7 +23,8 @@ def _bytes(values):
 
 
 def _identity(args) -> dict:
-    """Spec 004's identity headers, from the flags or the served generator's manifest."""
+    """The engine identity headers (X-Engine-Hash, X-Quantisation), from the flags or the served generator's
+    manifest."""
     if args.engine_hash and args.quantisation:
         values = {"x-engine-hash": args.engine_hash, "x-quantisation": args.quantisation}
     else:

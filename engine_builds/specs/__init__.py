@@ -33,14 +33,15 @@ PRECISIONS = ("fp8", "nvfp4", "fp16")
 
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
-    """How ``trtexec`` builds the plan (spec 002). ``precision`` is the target; FP16 is the fallback."""
+    """How ``trtexec`` builds the plan. ``precision`` is the target (FP8 for embed, NVFP4 for rerank); FP16 is the
+    fallback."""
 
     precision: str
     opt_batch: int = 8
     opt_length: int = 512
     workspace_mib: int = 4096
     optimization_level: int = 5
-    # trtexec 10.x accepts "none" or "ampere+" (spec 002's "0" is not a valid value; "none" is what it meant).
+    # trtexec 10.x accepts "none" or "ampere+" ("0", as older notes write it, is not a valid value: it means "none").
     hardware_compatibility: str = "none"
     device: int = 0
 
@@ -53,7 +54,7 @@ class PlanOptions:
 
 @dataclasses.dataclass(frozen=True)
 class TrtllmOptions:
-    """How the TensorRT-LLM checkpoint and engine are made (spec 004).
+    """How the TensorRT-LLM checkpoint and engine are made.
 
     ``qformat`` None converts the weights as they are (``convert_script``); otherwise ModelOpt quantises them
     through TensorRT-LLM's ``quantization/quantize.py`` (``w4a8_awq``: INT4 AWQ weights with FP8 activations).

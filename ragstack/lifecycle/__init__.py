@@ -1,4 +1,4 @@
-"""Model lifecycle inside Triton: load/unload engines under a memory budget (specs 000, 001, 002).
+"""Model lifecycle inside Triton: load/unload engines under a memory budget, canary rollouts, self-healing.
 
 * :mod:`~ragstack.lifecycle.manager`: :class:`ModelManager`, the pure policy core (budget, LRU, cooldown,
   leases, sequential pre-warm, self-healing, canary rollout).

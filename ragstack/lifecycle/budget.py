@@ -1,7 +1,8 @@
-"""The memory budget of spec 001: a capacity, a safety buffer, and the high-watermark they leave.
+"""The engines' memory budget: a capacity, a safety buffer, and the high-watermark they leave.
 
 A load may proceed only while the engines' committed memory stays at or under the high-watermark
-(``total * (1 - safety_buffer)``); the buffer (15-20 % in spec 001) is the room left for activations, KV cache
+(``total * (1 - safety_buffer)``); the buffer (0.15 by default; 15-20 % is the
+intended range, docs/design-notes.md#memory) is the room left for activations, KV cache
 growth and fragmentation that a per-model footprint measured after load does not show.
 """
 from __future__ import annotations

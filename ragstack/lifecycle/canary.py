@@ -1,10 +1,10 @@
-"""Canary rollout (spec 000 §6, spec 004): a new engine version beside the current one, judged on live traffic.
+"""Canary rollout: a new engine version beside the current one, judged on live traffic.
 
 :class:`CanaryRouter` splits traffic between the stable and the canary version by a configurable share, keeps
 per-version counters (requests, errors, latency) and decides:
 
 * **rollback** as soon as the canary has served at least ``min_requests`` and its error rate is over
-  ``max_error_rate`` (2 % in spec 000), or its p95 latency is over ``max_latency_ratio`` times the stable one;
+  ``max_error_rate`` (2 % by default), or its p95 latency is over ``max_latency_ratio`` times the stable one;
 * **promote** once it has served ``promote_after`` requests within both limits;
 * **continue** otherwise.
 

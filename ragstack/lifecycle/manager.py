@@ -1,4 +1,4 @@
-"""The model lifecycle authority: which engines are loaded, under one memory budget (specs 000, 001, 002).
+"""The model lifecycle authority: which engines are loaded, under one memory budget (docs/design-notes.md#memory).
 
 Pure logic: the loader (what actually loads and unloads), the memory probe (what a loaded model holds, and
 whether its processes are alive), the clock and the observer are injected, so the unit tests drive every rule
@@ -21,7 +21,7 @@ The rules
 * **Self-healing.** The probe lists the live processes ("slots") of each model. A slot that disappears means a
   dead stub (Triton 2.51 neither restarts it nor stops reporting the model ready): the model is reloaded with
   new instances at once, and requests for it wait for the reload instead of failing.
-* **Alerts.** A load over ``slow_load_s`` (30 s, spec 000) or ``oscillation_loads`` loads of one model within
+* **Alerts.** A load over ``slow_load_s`` (30 s by default) or ``oscillation_loads`` loads of one model within
   ``oscillation_window_s`` raise an alert through the observer.
 * **Canary.** ``canary_start`` loads a new version beside the current one; leases are routed between them by a
   :class:`CanaryRouter`; its decision promotes the canary or rolls it back (reloading the previous version,
@@ -594,7 +594,7 @@ class ModelManager(SequentialPhases, Planner, Rollouts):
             m.last_oscillation_alert = now
             self.sink.alert("model_oscillation", model=m.name, loads=len(recent),
                             window_s=self.oscillation_window_s, cooldown_s=self.cooldown_s,
-                            hint="raise cooldown_s or the budget, or pin the model (spec 001 tuning playbook)")
+                            hint="raise cooldown_s or the budget, or pin the model")
 
     def _log(self, action: str, m: ModelState, detail: str, seconds: Optional[float] = None, **extra) -> None:
         entry = {"t": round(self.clock() - self._t0, 3), "model": m.name, "action": action, "detail": detail}

@@ -1,4 +1,5 @@
-"""Sequential mode (spec 001): the phases embed -> rerank -> generate, one after the other.
+"""Sequential mode: the phases embed -> rerank -> generate, one after the other (for engines that do not fit the
+budget together).
 
 Acquiring one phase pre-warms the next and retires the others (at most two engines resident, the next load
 overlapping the current phase's work); demands are served in phase order, not arrival order. Part of

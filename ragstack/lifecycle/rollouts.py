@@ -1,4 +1,4 @@
-"""Version rollouts (spec 000 §6, spec 004): a canary beside the stable version, its automatic promotion or
+"""Version rollouts: a canary beside the stable version, its automatic promotion or
 rollback, and the operator's rollback to the previous version. Leases are routed between the versions by a
 :class:`~ragstack.lifecycle.canary.CanaryRouter`; a decision becomes a :class:`VersionJob` that the planner runs
 (reload with the new set of versions, warm-up, history, event). Part of

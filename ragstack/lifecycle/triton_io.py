@@ -454,7 +454,7 @@ FAMILIES = {
     "llm_models_resident": ("GAUGE", "Managed models resident now", ()),
     "llm_model_resident_bytes": ("GAUGE", "Measured memory of each resident model", ("model",)),
     "llm_memory_used_bytes": ("GAUGE", "Resident memory of a serving process (stub or server)", ("component",)),
-    "llm_memory_budget_bytes": ("GAUGE", "The memory budget of the same component (spec 001)", ("component",)),
+    "llm_memory_budget_bytes": ("GAUGE", "The memory budget of the same component", ("component",)),
     "llm_memory_headroom_bytes": ("GAUGE", "What is left under the high-watermark", ("component",)),
     "llm_model_version_requests_total": ("COUNTER", "Leased requests per engine version and outcome",
                                    ("model", "version", "outcome")),

@@ -132,7 +132,7 @@ def client(request):
 
 @pytest.fixture(scope="session")
 def identity(tiny_models) -> dict:
-    """The engine-identity headers spec 004 requires on the rag endpoint, from the served manifest."""
+    """The engine-identity headers the policy requires on the rag endpoint, from the served manifest."""
     from ragstack.manifest import read_manifest
 
     return read_manifest(tiny_models / "generate").headers()

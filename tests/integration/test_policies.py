@@ -1,4 +1,4 @@
-"""Spec 004's operating rules on a real tritonserver: identity headers, token budget, cost, metrics, events,
+"""The runtime policy's rules on a real tritonserver: identity headers, token budget, cost, metrics, events,
 tracing. The server is the session's (tiny models), started with a webhook receiver and tracing on."""
 import json
 import re

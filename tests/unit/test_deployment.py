@@ -1,5 +1,6 @@
 """The production deployment: both profiles' configs parse as Triton's ModelConfig, the trtllm profile has the
-spec 002 / spec 004 settings, its paths agree with the launcher, the image and compose, and the Dockerfile and
+GPU batching presets and the TensorRT-LLM settings (docs/design-notes.md),
+its paths agree with the launcher, the image and compose, and the Dockerfile and
 compose file pass their linters."""
 import json
 import re
@@ -102,7 +103,7 @@ def test_generate_is_the_tensorrtllm_backend_with_the_spec_004_parameters():
     assert params["guided_decoding_backend"] == "xgrammar"
     assert params["enable_kv_cache_reuse"] == params["enable_chunked_context"] == "true"
     assert 0.0 < float(params["kv_cache_free_gpu_mem_fraction"]) < 0.5
-    # spec 004: alert when the queue delay passes 2.5 ms, so the batching window stays below it.
+    # The policy alerts when the queue delay passes 2.5 ms, so the batching window stays below it.
     assert 0 < cfg.dynamic_batching.max_queue_delay_microseconds < 2500
     assert [g.kind for g in cfg.instance_group] == [cfg.instance_group[0].KIND_CPU]
 

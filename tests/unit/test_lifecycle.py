@@ -770,11 +770,11 @@ def test_a_good_canary_is_promoted_and_a_manual_rollback_restores_the_previous_v
     assert mgr.canary_route("embed") == 2
     # a second process reading the same file sees the promotion
     assert VersionHistory(tmp_path / "versions.json").previous("embed") == 1
-    mgr.rollback("embed", root_cause="p99 regression reported by Module 6")
+    mgr.rollback("embed", root_cause="p99 regression reported by the evaluation")
     mgr.run_pending()
     assert loader.calls[-1] == ("load", "embed", (1,)) and loader.warmups[-1] == ("embed", 1)
     rb = [e[1] for e in sink.events if e[0] == "rollback"][-1]
-    assert rb["root_cause"] == "p99 regression reported by Module 6" and rb["trigger"] == "manual"
+    assert rb["root_cause"] == "p99 regression reported by the evaluation" and rb["trigger"] == "manual"
     assert history.current("embed") == 1 and mgr.canary_route("embed") == 1
     with pytest.raises(LifecycleError, match="no previous version"):
         mgr.rollback("embed", root_cause="again")

@@ -1,4 +1,5 @@
-"""ragstack.prompt_runtime and tools/prompt_runtime_summary.py: Module 6 manifests vs engine and policy."""
+"""ragstack.prompt_runtime and tools/prompt_runtime_summary.py: the evaluation tool's manifests vs engine and
+policy."""
 import json
 import subprocess
 import sys
