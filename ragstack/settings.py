@@ -13,6 +13,11 @@ settings are printed once (secrets shown only as set or unset) and a bad value s
 written into its ``config.pbtxt`` (``ragstack/model_config.py``), read back in ``lifecycle/triton_io.py``, and are
 the ``ModelManager`` constructor's defaults.
 
+Not here, on purpose: the variables only the launcher reads (``BLS_REPO``, ``LOAD_MODELS``, ...); what a client
+sends (``RAG_API_KEY[_FILE]``, ``RAG_ADMIN_KEY[_FILE]`` read as the caller's own key by
+``ragstack.lifecycle.client.env_key``); and ``bls_models/model_manager/loader.py``, which stays self-contained
+(numpy and pb only) and reads ``RAG_INTERNAL_SECRET_FILE`` itself.
+
 Empty values: for most variables an empty value is the same as an unset one. The event destinations
 (``RAGSTACK_EVENT_LOG``, ``RAGSTACK_EVENT_WEBHOOK_URL``) are the exception: set but empty turns that destination
 off, whatever the runtime policy says.

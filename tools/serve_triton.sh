@@ -34,6 +34,8 @@
 #   RAG_API_KEY_FILE / RAG_API_KEYS        reader keys: when set, rag/rag_stream need one           [open]
 #   RAG_DIRECT_MODELS    internal models opened to direct client calls, comma-separated or '*'       [none]
 #   RAG_RUN_DIR          where the per-start secrets go (0700)                     [a fresh mktemp -d]
+# Before tritonserver starts, `python -m ragstack.settings` prints every setting the Python side reads (README
+# "Settings"; secrets only as set/unset) and stops the start (exit 2) on a value it cannot use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROFILE="${PROFILE:-reference}"
