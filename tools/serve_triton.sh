@@ -65,11 +65,6 @@ export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
 # the lifecycle manager's loads.
 export TRITON_GRPC_PORT="$GRPC_PORT"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
-# Every setting the Python side reads (ragstack/settings.py), checked and printed once: a bad value stops here.
-SETTINGS_PY="$ROOT/.venv/bin/python"; [ -x "$SETTINGS_PY" ] || SETTINGS_PY=python3
-if [ -z "${TRITON_IMAGE:-}" ]; then     # with an image, the container's own run of this script checks its settings
-  (cd "$ROOT" && "$SETTINGS_PY" -m ragstack.settings) || { echo "serve_triton: fix the setting above" >&2; exit 2; }
-fi
 
 # ---- access control. The Python side re-reads key files when they change; Triton's own restricted-API key is
 # read here, once: rotating it takes a restart (and it shows in this process's command line to local users).
@@ -102,6 +97,13 @@ if [ -z "$ADMIN_KEY" ]; then
 fi
 export TRITON_ADMIN_KEY="$ADMIN_KEY"   # the lifecycle manager's loaders (ragstack/lifecycle/triton_io.py)
 RESTRICTED="model-repository,model-config,statistics,trace,logging,shared-memory:admin-key=$ADMIN_KEY"
+
+# Every setting the Python side reads (ragstack/settings.py), as the stubs will inherit them: checked and printed
+# once, and a bad value stops here. (The embedded Postgres's RAG_PG_DSN is set further down, and printed there.)
+SETTINGS_PY="$ROOT/.venv/bin/python"; [ -x "$SETTINGS_PY" ] || SETTINGS_PY=python3
+if [ -z "${TRITON_IMAGE:-}" ]; then     # with an image, the container's own run of this script checks its settings
+  (cd "$ROOT" && "$SETTINGS_PY" -m ragstack.settings) || { echo "serve_triton: fix the setting above" >&2; exit 2; }
+fi
 
 # --disable-auto-complete-config: every config.pbtxt is complete (generated from ragstack/contracts.py), and without
 # it the Python backend starts a throw-away stub per model load just to ask model.py for a config: that stub

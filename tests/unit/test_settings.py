@@ -122,6 +122,8 @@ def test_the_launcher_prints_the_settings_and_stops_on_a_bad_one(tmp_path):
     assert good.returncode == 0, good.stderr          # /bin/true stands in for tritonserver
     assert re.search(r"\* RAG_LEASE_TIMEOUT_S +30\.0", good.stderr)
     assert re.search(r"\* RAG_API_KEYS +\(set\)", good.stderr) and "r3ader-key" not in good.stderr
+    assert re.search(r"\* TRITON_ADMIN_KEY +\(set\)", good.stderr)     # printed after the launcher made one
+    assert re.search(r"\* RAG_INTERNAL_SECRET_FILE +\S*/internal_secret", good.stderr)
     assert good.stderr.count("ragstack settings") == 1
 
 
