@@ -40,11 +40,12 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import key_headers  # noqa: E402
+from common import identity_headers, ingest_corpus  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, display_path,  # noqa: E402
                     eval_questions, latency_summary, machine_info, model_stats, now_iso, paired_ratio, progress,
                     run_perf_analyzer, stats_delta, target, wait_idle, write_input_data, write_json)
 
+from ragstack import client_io  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
 TORCH_THREADS = 2
@@ -61,55 +62,13 @@ CLEAN_ROUNDS, MAX_OTHER, BUDGET_S = 2, 0.10, 1500.0
 
 
 # ---------------------------------------------------------------------------------------------- client
-def identity_headers(models: Path) -> dict:
-    """Spec 004's identity headers for the served generator (the policy rejects requests without them), from
-    its build manifest, as tools/rag_client.py sends them."""
-    from ragstack.manifest import read_manifest
-
-    m = read_manifest(models / "generate")
-    return {"x-engine-hash": m.engine_hash, "x-quantisation": m.quantisation}
-
-
 def rag_inputs(mod, query: str, top_k: int, top_n: int, max_tokens=None) -> list:
-    arrays = {"query": np.array([[query.encode("utf-8")]], dtype=np.object_),
-              "top_k": np.array([[top_k]], np.int32), "top_n": np.array([[top_n]], np.int32)}
-    if max_tokens:
-        arrays["max_tokens"] = np.array([[max_tokens]], np.int32)
-    inputs = []
-    for name, arr in arrays.items():
-        t = mod.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    return inputs
+    return client_io.infer_inputs(mod, "rag", {"query": query, "top_k": top_k, "top_n": top_n,
+                                               "max_tokens": max_tokens or None})
 
 
 def parse_result(result) -> dict:
-    return {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
-
-
-def ingest_corpus(http_url: str) -> dict:
-    """data/corpus through the `ingest` model, one document per request, exactly as tools/rag_client.py does."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
-    paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))
-    t0 = time.perf_counter()
-    docs = []
-    for path in paths:
-        arrays = {"doc_ids": [path.stem], "texts": [path.read_text(encoding="utf-8")],
-                  "metadata": [json.dumps({"source": str(path.relative_to(ROOT)), "title": path.stem})],
-                  "collection": ["default"]}
-        inputs = []
-        for name, values in arrays.items():
-            arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-            t = httpclient.InferInput(name, list(arr.shape), "BYTES")
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        report = json.loads(client.infer("ingest", inputs, headers=key_headers()).as_numpy("report")[0])
-        doc = report["documents"][0]
-        docs.append({"doc_id": path.stem, "status": doc["status"], "chunks": doc["chunks"]})
-    return {"documents": len(docs), "chunks": sum(d["chunks"] for d in docs),
-            "seconds": round(time.perf_counter() - t0, 2), "per_document": docs}
+    return {name: client_io.output_json(result, name) for name in ("answer", "contexts", "usage")}
 
 
 # ------------------------------------------------------------------------------------ sequential overhead
