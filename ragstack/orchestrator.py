@@ -21,8 +21,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from ragstack import access, bls, contracts, rag
 from ragstack import priority as prio
 from ragstack import triton_adapter as ta
@@ -39,10 +37,6 @@ from ragstack.text import EmbedTokenizer, RerankTokenizer
 C = contracts.RAG_ORCHESTRATOR
 log = logging.getLogger(__name__)
 DEFAULTS = {"task": "answer", "top_k": 8, "top_n": 3, "collection": "default"}
-
-
-def _strings(value: str):
-    return np.array([value.encode("utf-8")], dtype=np.object_)
 
 
 class OrchestratorModel:
@@ -196,7 +190,7 @@ class OrchestratorModel:
         self.metrics.request(task, "ok")
 
     def _outputs(self, values: dict, requested=None) -> list:
-        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()}, requested)
+        return ta.output_tensors(self.pb, C, {k: contracts.one_string(v) for k, v in values.items()}, requested)
 
     # ---------------------------------------------------------------------------------------- pipeline
     def _parse(self, request) -> rag.RagRequest:
@@ -228,12 +222,7 @@ class OrchestratorModel:
             return bls.embed_tokens(pb, ids, mask, hop)[0], int(lengths[0])
 
         def search(collection, vector, top_k):
-            inputs = {"op": _strings("search"), "collection": _strings(collection),
-                      "query_vector": np.asarray(vector, dtype=np.float32), "top_k": np.array([top_k], np.int32)}
-            out = ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0]
-            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
-                                metadata=h.get("metadata") or {})
-                    for h in json.loads(out)["hits"]]
+            return [rag.Context.of_hit(h) for h in bls.search(pb, collection, vector, top_k, hop)]
 
         def rerank(query, texts, timer):
             with timer.stage("tokenize"):

@@ -48,6 +48,12 @@ class Context:
         d = dataclasses.asdict(self)
         return {"id": d.pop("id"), **d}
 
+    @classmethod
+    def of_hit(cls, hit: dict) -> "Context":
+        """A search hit of the vector store (``VectorStore.search``, vector_index's ``hits``)."""
+        return cls(text=hit["text"], doc_id=hit["doc_id"], chunk_id=hit["chunk_id"], score=float(hit["score"]),
+                   metadata=hit.get("metadata") or {})
+
 
 @dataclasses.dataclass
 class RagRequest:

@@ -426,9 +426,8 @@ class HelperLoader(_LoaderBase):
 
     def _call(self, op: str, model: str, payload: Optional[dict] = None) -> dict:
         out = ta.bls_infer(self.pb, "model_manager_loader", {
-            "op": np.array([op.encode()], dtype=np.object_),
-            "model": np.array([model.encode()], dtype=np.object_),
-            "payload": np.array([json.dumps(payload or {}).encode()], dtype=np.object_)}, ["result"])
+            "op": contracts.one_string(op), "model": contracts.one_string(model),
+            "payload": contracts.one_string(json.dumps(payload or {}))}, ["result"])
         return json.loads(out["result"].reshape(-1)[0])
 
     def _load(self, model: str, versions, fresh: bool = False) -> None:
