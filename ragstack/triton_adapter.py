@@ -100,9 +100,15 @@ def _under(value: str, env: str, what: str) -> Path:
     return Path(base) / path
 
 
+def engine_dir_path(value: str) -> Path:
+    """Where an ``engine_dir`` parameter points: ``value`` if absolute, else under $ENGINE_PATH (RuntimeError when
+    that is not set). The one resolver of engine folders; it does not check that the folder exists."""
+    return _under(value, ENGINE_PATH_ENV, "engine_dir")
+
+
 def resolve_engine_dir(value: str) -> Path:
-    """An engine folder: absolute, or relative to $ENGINE_PATH; it must exist."""
-    path = _under(value, ENGINE_PATH_ENV, "engine_dir")
+    """An engine folder (:func:`engine_dir_path`) that must exist."""
+    path = engine_dir_path(value)
     if not path.is_dir():
         raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
     return path

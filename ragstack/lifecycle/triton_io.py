@@ -116,12 +116,10 @@ def engine_dir_of(model: str, repos: Iterable) -> Optional[Path]:
     value = cfg.parameters.get("engine_dir")
     if value is None or not value.string_value:
         return None
-    path = Path(value.string_value)
-    if not path.is_absolute():
-        base = os.environ.get(ta.ENGINE_PATH_ENV)
-        if not base:
-            return None
-        path = Path(base) / path
+    try:
+        path = ta.engine_dir_path(value.string_value)
+    except RuntimeError:              # relative, and no ENGINE_PATH
+        return None
     return path if path.is_dir() else None
 
 
@@ -593,10 +591,10 @@ def build_manager(pb, args: dict):
         tick_s=float(params.get("tick_s", "0.5")), parallel_loads=parallel)
 
     def resolve(model, value):
-        path = Path(value)
-        if not path.is_absolute() and os.environ.get(ta.ENGINE_PATH_ENV):
-            path = Path(os.environ[ta.ENGINE_PATH_ENV]) / path
-        return path
+        try:
+            return ta.engine_dir_path(value)
+        except RuntimeError:          # relative, and no ENGINE_PATH: as given
+            return Path(value)
 
     # Every other Python model of the server is watched for dead stubs and reloaded (never budgeted).
     watched = [m for m in params.get("watched_models", " ".join(DEFAULT_WATCHED)).split() if m not in models]
