@@ -216,27 +216,14 @@ class OrchestratorModel:
         # Every child carries the level: the engines see it, and a background one is queued at its level.
         hop.parameters = prio.with_level(hop.parameters, level)
 
-        def embed_query(query, timer):
-            with timer.stage("tokenize"):
-                ids, mask, lengths = self.embed_tok.encode([query], "query")
-            return bls.embed_tokens(pb, ids, mask, hop)[0], int(lengths[0])
-
-        def search(collection, vector, top_k):
-            return [rag.Context.of_hit(h) for h in bls.search(pb, collection, vector, top_k, hop)]
-
-        def rerank(query, texts, timer):
-            with timer.stage("tokenize"):
-                ids, mask = self.rerank_tok.encode_pairs(query, texts)
-            return bls.rerank_tokens(pb, ids, mask, hop)
-
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
-            # guide: (type, text) when rag.run builds its own (the quote task's EBNF); else the schema's
-            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
+        def generate(system, user, guide_type, guide, policy, max_tokens, on_delta, timer):
             return bls.generate(pb, self.gen_tok, user, system=system, max_tokens=max_tokens,
                                 temperature=policy.temperature, top_p=policy.top_p, guide_type=guide_type,
-                                guide=guide_text, on_delta=on_delta, is_cancelled=request.is_cancelled,
+                                guide=guide, on_delta=on_delta, is_cancelled=request.is_cancelled,
                                 timer=timer, hop=hop, stream=True, penalties=policy.penalties())
 
-        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
-                           count_texts=self.gen_tok.count_texts)
+        return rag.token_engines(
+            self.embed_tok, self.rerank_tok, self.gen_tok, generate=generate,
+            embed=lambda ids, mask: bls.embed_tokens(pb, ids, mask, hop),
+            search=lambda collection, vector, top_k: bls.search(pb, collection, vector, top_k, hop),
+            rerank=lambda ids, mask: bls.rerank_tokens(pb, ids, mask, hop))

@@ -212,3 +212,46 @@ def test_an_answer_with_a_lone_surrogate_escape_stays_sendable():
     out = RagResult(answer=answer, contexts=[], usage={}).outputs()["answer"]
     out.encode("utf-8")
     assert _json.loads(out) == answer
+
+
+class _Tokenizers:
+    """Stands in for EmbedTokenizer, RerankTokenizer and GeneratorTokenizer: one id per word."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, texts, kind):
+        self.seen.append(("embed", kind))
+        return [[1] * len(texts[0].split())], [[1] * len(texts[0].split())], [len(texts[0].split())]
+
+    def encode_pairs(self, query, texts):
+        self.seen.append(("rerank", len(texts)))
+        return [[i] for i in range(len(texts))], [[1]] * len(texts)
+
+    def count_prompt(self, system, user):
+        return len((system + user).split())
+
+    def prompt_limit(self, max_tokens):
+        return 10_000
+
+    def count_texts(self, texts):
+        return [len(t.split()) for t in texts]
+
+
+def test_token_engines_tokenize_once_per_stage_and_give_the_generator_the_answer_schema_as_its_guide():
+    tok = _Tokenizers()
+    got = {}
+
+    def generate(system, user, guide_type, guide, policy, max_tokens, on_delta, timer):
+        got["guide"] = (guide_type, json.loads(guide))
+        return {"text": json.dumps({"answer": "b", "citations": ["ctx-1"]}), "finish_reason": "stop",
+                "num_input_tokens": 3, "num_output_tokens": 2}
+    hits = [{"text": t, "doc_id": f"d{i}", "chunk_id": f"d{i}#0", "score": s} for i, (t, s) in enumerate(HITS)]
+    engines = rag.token_engines(tok, tok, tok, embed=lambda ids, mask: [[0.5] * len(ids[0])],
+                                search=lambda collection, vector, top_k: hits[:top_k],
+                                rerank=lambda ids, mask: [0.1, 0.9, 0.5][:len(ids)], generate=generate)
+    result = rag.run(rag.RagRequest(query="two words", top_k=3, top_n=1), engines, POLICY)
+    assert tok.seen == [("embed", "query"), ("rerank", 3)]
+    assert [c.text for c in result.contexts] == ["beta"] and result.usage["query_tokens"] == 2
+    assert got["guide"][0] == "json_schema" and got["guide"][1]["properties"]["citations"]["items"]["enum"] == ["ctx-1"]
+    assert result.usage["timings_ms"]["tokenize"] >= 0.0
