@@ -212,7 +212,7 @@ def run_mode(pipe: InProcessPipeline, items: list, mode: str, threshold, args) -
     def one(item):
         t0 = time.perf_counter()
         try:
-            req = rag.validate_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
+            req = rag.validate_rag_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
                                                       top_n=top_n, max_tokens=args.max_tokens))
             res = rag.run(req, engines, policy)
         except Exception as e:   # noqa: BLE001  an error is a result here (counted, shown)

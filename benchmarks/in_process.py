@@ -108,6 +108,6 @@ class InProcessPipeline:
     def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:
         from ragstack import rag
 
-        req = rag.validate_request(rag.RagRequest(query=query, top_k=top_k, top_n=top_n, max_tokens=max_tokens))
+        req = rag.validate_rag_request(rag.RagRequest(query=query, top_k=top_k, top_n=top_n, max_tokens=max_tokens))
         result = rag.run(req, self.engines(), self.policy, prices=self.prices)
         return {"answer": result.answer, "usage": result.usage}

@@ -205,10 +205,10 @@ class OrchestratorModel:
         documents = ta.input_strings(pb, request, C, "documents")
         req = rag.RagRequest(
             query=string("query"), task=string("task"), schema=rag.parse_schema(string("schema")),
-            documents=rag.parse_documents(documents) if documents else None,
+            documents=rag.parse_caller_documents(documents) if documents else None,
             top_k=integer("top_k"), top_n=integer("top_n"), max_tokens=integer("max_tokens"),
             collection=string("collection"))
-        return rag.validate_request(req)
+        return rag.validate_rag_request(req)
 
     def _engines(self, request, level: int = prio.URGENT) -> rag.Engines:
         pb = self.pb

@@ -68,7 +68,7 @@ class RagRequest:
     collection: str = "default"
 
 
-def parse_documents(values) -> list:
+def parse_caller_documents(values) -> list:
     """Caller documents: each a plain string, or a JSON object {"id", "text", "metadata"}."""
     if len(values) > MAX_DOCUMENTS:
         raise InvalidInput(f"at most {MAX_DOCUMENTS} documents per request, got {len(values)}")
@@ -124,7 +124,7 @@ def _validator(canonical_schema: str):
     return cls(schema)
 
 
-def validate_request(req: RagRequest) -> RagRequest:
+def validate_rag_request(req: RagRequest) -> RagRequest:
     """What the pipeline itself needs; sampling limits (max_tokens per task) are the policy's to check."""
     if not isinstance(req.query, str) or not req.query.strip():
         raise InvalidInput("query is empty")

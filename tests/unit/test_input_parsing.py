@@ -65,7 +65,7 @@ def test_rag_schema_and_documents_bound_the_nesting():
     with pytest.raises(InvalidInput, match="schema must be a JSON object, got a JSON array"):
         rag.parse_schema("[1]")
     with pytest.raises(InvalidInput, match=r"documents\[0\].*nests JSON deeper"):
-        rag.parse_documents(['{"a": ' * DEEP + "1" + "}" * DEEP])
+        rag.parse_caller_documents(['{"a": ' * DEEP + "1" + "}" * DEEP])
 
 
 def test_ingest_request_size_limits(monkeypatch):

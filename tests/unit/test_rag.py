@@ -79,7 +79,7 @@ def test_equal_rerank_scores_keep_retrieval_order():
 
 def test_caller_documents_bypass_the_index():
     engines, calls = fake_engines([], [0.2, 0.8], json.dumps({"answer": "x", "citations": ["ctx-1"]}))
-    docs = rag.parse_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
+    docs = rag.parse_caller_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
     result = rag.run(rag.RagRequest(query="q", documents=docs, top_n=1), engines, POLICY)
     assert "search" not in calls and [c.doc_id for c in result.contexts] == ["b"]
 
@@ -98,7 +98,7 @@ def test_truncated_json_at_token_cap_is_reported_as_such():
 @pytest.mark.parametrize("task, policy", [("generate_json", (0.0, 1.0)), ("rank_candidates", (0.0, 1.0)),
                                           ("judge", (0.1, 0.9)), ("answer", (0.0, 1.0))])
 def test_task_policies_reach_the_generator(task, policy):
-    docs = rag.parse_documents(["one", "two"])
+    docs = rag.parse_caller_documents(["one", "two"])
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
 
     def reply(s):
@@ -107,7 +107,7 @@ def test_task_policies_reach_the_generator(task, policy):
                            "answer": {"answer": "a", "citations": ["ctx-1"]}}[task])
     engines, calls = fake_engines([], [0.3, 0.6], reply)
     req = rag.RagRequest(query="q", task=task, documents=docs, schema=schema if task == "generate_json" else None)
-    rag.run(rag.validate_request(req), engines, POLICY)
+    rag.run(rag.validate_rag_request(req), engines, POLICY)
     p = calls["generate"]["policy"]
     assert (p.temperature, p.top_p) == policy
     if task == "rank_candidates":                     # every candidate is ranked, not only top_n
@@ -126,7 +126,7 @@ def test_task_policies_reach_the_generator(task, policy):
 ])
 def test_bad_requests(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
-        rag.validate_request(rag.RagRequest(**kwargs))
+        rag.validate_rag_request(rag.RagRequest(**kwargs))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -147,7 +147,7 @@ def test_bad_schemas(text, message):
 ])
 def test_bad_documents(docs, message):
     with pytest.raises(InvalidInput, match=message):
-        rag.parse_documents(docs)
+        rag.parse_caller_documents(docs)
 
 
 def test_max_tokens_is_capped_by_the_task_policy():
