@@ -11,50 +11,7 @@ import pytest
 from ragstack import bls, contracts, index_ops
 from ragstack import triton_adapter as ta
 from ragstack.index import FlatFileStore
-
-
-class _Tensor:
-    def __init__(self, name, arr):
-        self.name, self.arr = name, arr
-
-    def as_numpy(self):
-        return self.arr
-
-
-class _Response:
-    def __init__(self, outputs):
-        self.outputs = outputs
-
-    def has_error(self):
-        return False
-
-
-class FakePb:
-    """Triton's BLS as far as ``ta.bls_infer`` uses it; ``serve(model, {name: array})`` answers each request."""
-
-    def __init__(self, serve):
-        pb = self
-        self.requests = []
-
-        class InferenceRequest:
-            def __init__(self, model_name, inputs, requested_output_names, **kwargs):
-                self.model, self.inputs = model_name, {t.name: t.arr for t in inputs}
-                pb.requests.append(self)
-
-            def exec(self):
-                return _Response(serve(self.model, self.inputs))
-        self.InferenceRequest = InferenceRequest
-
-    Tensor = _Tensor
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return _Tensor(name, request[name]) if name in request else None
-
-    @staticmethod
-    def get_output_tensor_by_name(response, name):
-        arr = response.outputs.get(name)
-        return None if arr is None else _Tensor(name, arr)
+from tests.unit.fake_pb import FakePb
 
 
 @pytest.fixture
@@ -66,7 +23,7 @@ def index_pb(tmp_path):
         assert model == "vector_index"
         for name, arr in inputs.items():       # each tensor as the contract declares it
             assert arr.dtype == C.input(name).np_dtype and arr.ndim == len(C.input(name).dims), name
-        pb, request = FakePb, inputs
+        pb, request = FakePb(), inputs
         payload = ta.input_string(pb, request, C, "payload")
         result = index_ops.handle(store, ta.input_string(pb, request, C, "op"),
                                   ta.input_string(pb, request, C, "collection", "default"),

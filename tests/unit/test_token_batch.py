@@ -5,43 +5,13 @@ import numpy as np
 from ragstack import contracts
 from ragstack import triton_adapter as ta
 from ragstack.errors import InvalidInput, Unavailable
+from tests.unit.fake_pb import FakePb, Request
 
-
-class _Tensor:
-    def __init__(self, name, arr):
-        self.name, self.arr = name, arr
-
-    def as_numpy(self):
-        return self.arr
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None):
-        self.output_tensors, self.error = output_tensors, error
-
-
-class PB:
-    Tensor = _Tensor
-    InferenceResponse = _Response
-
-    class TritonError:
-        INVALID_ARG, UNAVAILABLE, INTERNAL = 3, 14, 13
-
-        def __init__(self, msg, code=13):
-            self.msg, self.code = msg, code
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return _Tensor(name, request[name]) if name in request else None
-
-
-class _Request(dict):
-    def parameters(self):
-        return "{}"
+PB = FakePb()
 
 
 def _texts(*texts):
-    return _Request(text=contracts.bytes_array([[t] for t in texts]))
+    return Request(text=contracts.bytes_array([[t] for t in texts]))
 
 
 def _read_words(pb, request, contract):
@@ -94,8 +64,8 @@ def test_with_isolation_the_bad_request_is_found_and_the_others_answered():
             raise InvalidInput("id out of range")
         return ids.sum(axis=1).astype(np.float32)
     good, bad = np.array([[1, 2]], np.int32), np.array([[9]], np.int32)
-    requests = [_Request(input_ids=good, attention_mask=np.ones_like(good)),
-                _Request(input_ids=bad, attention_mask=np.ones_like(bad))]
+    requests = [Request(input_ids=good, attention_mask=np.ones_like(good)),
+                Request(input_ids=bad, attention_mask=np.ones_like(bad))]
     out = ta.execute_token_batch(PB, requests, contracts.RERANK, engine, "left", "score")
     assert out[0].output_tensors[0].arr.tolist() == [[3.0]]
     assert out[1].error.code == PB.TritonError.INVALID_ARG
