@@ -199,11 +199,7 @@ def output_tensors(pb, contract: Contract, values: dict, requested: Optional[fro
     for name, value in values.items():
         if requested is not None and name not in requested:
             continue
-        spec = contract.output(name)
-        arr = np.asarray(value, dtype=spec.np_dtype) if spec.dtype != "TYPE_STRING" else \
-            np.asarray([v.encode("utf-8") if isinstance(v, str) else v for v in np.asarray(value).reshape(-1)],
-                       dtype=np.object_).reshape(np.asarray(value).shape)
-        tensors.append(pb.Tensor(name, arr))
+        tensors.append(pb.Tensor(name, contract.output(name).array(value)))
     return tensors
 
 
