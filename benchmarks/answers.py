@@ -46,7 +46,6 @@ import json
 import re
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,9 +57,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, machine_info, now_iso, write_json  # noqa: E402
+from in_process import TORCH_THREADS, InProcessPipeline  # noqa: E402
 
 EVAL = ROOT / "data" / "answer_eval.json"
-TORCH_THREADS = 2
 # name -> (task, quote-policy overrides, top_n override or None)
 MODES = {
     "answer_today": ("answer", None, None),
@@ -120,99 +119,6 @@ def is_gold(ctx, item: dict) -> bool:
     return ctx.doc_id == item["gold_doc"] and all(has_fact(ctx.text, f) for f in item["facts"])
 
 
-class Pipeline:
-    def __init__(self, models: Path, index_dir: Path):
-        import torch
-
-        from ragstack import triton_adapter as ta
-        from ragstack.chat import GeneratorTokenizer
-        from ragstack.engines import EmbeddingEngine, RerankEngine
-        from ragstack.generation import InflightBatchingEngine
-        from ragstack.index import FlatFileStore
-        from ragstack.policy import RuntimePolicy
-        from ragstack.text import EmbedTokenizer, RerankTokenizer
-
-        torch.set_num_threads(TORCH_THREADS)
-        self.embed_tok = EmbedTokenizer(models / "embed")
-        self.embed = EmbeddingEngine(models / "embed", num_threads=TORCH_THREADS)
-        self.rerank_tok = RerankTokenizer(models / "rerank")
-        self.rerank = RerankEngine(models / "rerank", num_threads=TORCH_THREADS)
-        self.gen_tok = GeneratorTokenizer(models / "generate")
-        self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
-        self.store = FlatFileStore(index_dir)
-        self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
-        # One Hugging Face fast tokenizer per model, shared by the request threads: its truncation settings are
-        # per-object state that concurrent calls overwrite (a 259-token pair reached the 256-token reranker in a
-        # run at concurrency 8), so the harness tokenizes one call at a time.
-        self.tok_lock = threading.Lock()
-
-    def ingest_corpus(self) -> dict:
-        """data/corpus chunked as the `ingest` model does (its default chunk size and overlap)."""
-        from ragstack.chunking import chunk_text
-        from ragstack.index_ops import handle
-        from ragstack.ingest import Document, ingest
-
-        max_tokens = min(256, self.embed_tok.spec.max_length)
-        overlap = min(32, max_tokens // 4)
-        docs = [Document(p.stem, p.read_text(encoding="utf-8"), {}) for p in sorted((ROOT / "data" / "corpus").glob("*.md"))]
-
-        def embed(texts):
-            ids, mask, _ = self.embed_tok.encode(texts, "document")
-            return np.concatenate([self.embed(ids[s:s + 32], mask[s:s + 32]) for s in range(0, len(ids), 32)])
-
-        def index(op, payload, vectors):
-            return handle(self.store, op, "default", vectors=vectors, payload=payload)
-
-        settings = {"chunk_tokens": max_tokens, "overlap_tokens": overlap, "embedder": self.embed_tok.spec.name,
-                    "dim": self.embed_tok.spec.dim}
-        report = ingest("upsert", "default", docs, embed=embed, index=index, settings=settings,
-                        chunk=lambda text: chunk_text(text, self.embed_tok, max_tokens, overlap))
-        return {"documents": len(docs), "chunks": sum(d["chunks"] for d in report["documents"])}
-
-    def engines(self):
-        from ragstack import rag
-        from ragstack.bls import RERANK_BATCH
-        from ragstack.generation import GenerationRequest
-        from ragstack.trtllm_io import finish_reason
-
-        def embed_query(query, timer):
-            with self.tok_lock:
-                ids, mask, lengths = self.embed_tok.encode([query], "query")
-            return self.embed(ids, mask)[0], int(lengths[0])
-
-        def search(collection, vector, top_k):
-            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
-                                metadata=h.get("metadata") or {})
-                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
-
-        def rerank(query, texts, timer):
-            with self.tok_lock:
-                ids, mask = self.rerank_tok.encode_pairs(query, texts)
-            return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
-                                   for s in range(0, len(ids), RERANK_BATCH)])
-
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
-            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
-            with self.tok_lock:
-                ids = self.gen_tok.prompt_ids(user, system)
-            self.gen_tok.check_budget(len(ids), max_tokens)
-            req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
-                                    pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
-                                    top_p=policy.top_p, guide_type=guide_type, guide=guide_text,
-                                    exclude_input_in_output=True, **policy.penalties())
-            res = self.generator.generate(req, timeout=900)
-            if res.finish_reason == "error":
-                raise RuntimeError(res.error)
-            return {"text": self.gen_tok.decode(res.output_ids), "num_input_tokens": res.num_input_tokens,
-                    "num_output_tokens": res.num_output_tokens,
-                    "finish_reason": finish_reason(res.num_output_tokens, max_tokens),
-                    "queue_delay_us": (res.first_scheduled_time_ns - res.arrival_time_ns) / 1000.0}
-
-        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
-                           count_texts=self.gen_tok.count_texts)
-
-
 def mode_policy(policy, mode: str, threshold):
     """(task, runtime policy, top_n override) of a mode: answer_today = main's answer task (neutral penalties, no
     abstention); the others as configured with the mode's quote settings, and the calibrated threshold when
@@ -247,7 +153,7 @@ def today_schema(original):
     return schema
 
 
-def best_scores(pipe: Pipeline, items: list, top_k: int, top_n: int) -> tuple:
+def best_scores(pipe: InProcessPipeline, items: list, top_k: int, top_n: int) -> tuple:
     """Per question: the reranker's best context score (what abstention uses) and, for comparison, the best
     quote-span score among the top_n contexts' spans."""
     from ragstack import rag
@@ -295,7 +201,7 @@ def calibrate(items: list, scores: list) -> dict:
             "per_question": {it["id"]: round(s, 4) for it, s in zip(items, scores)}}
 
 
-def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
+def run_mode(pipe: InProcessPipeline, items: list, mode: str, threshold, args) -> dict:
     from ragstack import rag
 
     task, policy, top_n = mode_policy(pipe.policy, mode, threshold)
@@ -306,7 +212,7 @@ def run_mode(pipe: Pipeline, items: list, mode: str, threshold, args) -> dict:
     def one(item):
         t0 = time.perf_counter()
         try:
-            req = rag.validate_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
+            req = rag.validate_rag_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
                                                       top_n=top_n, max_tokens=args.max_tokens))
             res = rag.run(req, engines, policy)
         except Exception as e:   # noqa: BLE001  an error is a result here (counted, shown)
@@ -433,7 +339,7 @@ def main() -> None:
         return out
 
     with tempfile.TemporaryDirectory(prefix="answers-index-") as index_dir:
-        pipe = Pipeline(args.models, Path(index_dir))
+        pipe = InProcessPipeline(args.models, Path(index_dir))
         try:
             progress(f"ingesting data/corpus: {pipe.ingest_corpus()}")
             threshold = None
@@ -459,7 +365,7 @@ def main() -> None:
     progress(f"wrote {args.out} in {out['wall_s']} s; best mode {out['best_mode']}")
 
 
-def run_calibration(pipe: Pipeline, items: list, args) -> dict:
+def run_calibration(pipe: InProcessPipeline, items: list, args) -> dict:
     context_best, span_best = best_scores(pipe, items, args.top_k, args.top_n)
     cal = calibrate(items, context_best)
     cal["best_span_score_for_comparison"] = calibrate(items, span_best)

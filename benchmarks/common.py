@@ -216,6 +216,37 @@ def operator_headers(attached: bool = False) -> dict:
     return {"x-api-key": admin_key(), **({INTERNAL_HEADER: secret} if secret else {})}
 
 
+def identity_headers(models: Path) -> dict:
+    """Spec 004's identity headers for the served generator, from its build manifest (as tools/rag_client.py);
+    lower case, as gRPC metadata must be."""
+    from ragstack.manifest import read_manifest
+
+    return {k.lower(): v for k, v in read_manifest(models / "generate").headers().items()}
+
+
+def ingest_corpus(http_url: str, collection: str = "default") -> dict:
+    """data/corpus through the `ingest` model, one document per request (as tools/rag_client.py sends it)."""
+    import tritonclient.http as httpclient
+
+    from ragstack import client_io
+
+    client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
+    paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))
+    t0 = time.perf_counter()
+    docs = []
+    try:
+        for path in paths:
+            values = {"doc_ids": [path.stem], "texts": [path.read_text(encoding="utf-8")], "collection": collection,
+                      "metadata": [json.dumps({"source": str(path.relative_to(ROOT)), "title": path.stem})]}
+            result = client.infer("ingest", client_io.infer_inputs(httpclient, "ingest", values), headers=key_headers())
+            doc = client_io.output_json(result, "report")["documents"][0]
+            docs.append({"doc_id": path.stem, "status": doc["status"], "chunks": doc["chunks"]})
+    finally:
+        client.close()
+    return {"collection": collection, "documents": len(docs), "chunks": sum(d["chunks"] for d in docs),
+            "seconds": round(time.perf_counter() - t0, 2), "per_document": docs}
+
+
 def model_stats(client, models) -> dict:
     """Cumulative per-model statistics from a tritonclient.http client: counts and ns totals."""
     out = {}
@@ -436,3 +467,28 @@ def paired_ratio(per: dict, a: str, b: str, work: str, max_other: float) -> dict
 
 def clean_pairs(per: dict, a: str, b: str, max_other: float) -> int:
     return sum(other_fraction(x) < max_other and other_fraction(y) < max_other for x, y in zip(per[a], per[b]))
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; None, said on stderr, when matplotlib is not installed (a
+    benchmark's numbers never depend on its plot)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (110 dpi) and close a figure of :func:`pyplot`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    progress(f"wrote {display_path(path)}")

@@ -33,15 +33,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_headers  # noqa: E402
+from common import admin_headers, pyplot, save_figure  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, corpus_paragraphs,  # noqa: E402
                     display_path, drop_dynamic_batching, latency_summary, machine_info, model_stats, now_iso,
                     paired_ratio, progress, run_perf_analyzer, stats_delta, target, wait_idle,
                     write_embed_text_data, write_json)
 
+from ragstack import client_io  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
 TORCH_THREADS = 2
@@ -95,10 +94,8 @@ class TritonEmbed:
         self.outputs = [grpcclient.InferRequestedOutput("embedding")]
 
     def submit(self, i, done):
-        arr = np.array([[self.texts[i % len(self.texts)].encode("utf-8")]], dtype=np.object_)
-        inp = self.mod.InferInput("text", [1, 1], "BYTES")
-        inp.set_data_from_numpy(arr)
-        self.client.async_infer("embed_text", [inp], outputs=self.outputs,
+        inputs = client_io.infer_inputs(self.mod, "embed_text", {"text": self.texts[i % len(self.texts)]})
+        self.client.async_infer("embed_text", inputs, outputs=self.outputs,
                                 callback=lambda result, error: done(error is None, error))
 
     def run(self, seconds: float, start: int) -> dict:
@@ -314,26 +311,16 @@ class StreamGenerate:
             return
         n_out = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
         n_in = int(result.as_numpy("num_input_tokens").reshape(-1)[0])
-        reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+        reason = client_io.output_string(result, "finish_reason")
         done(True, {"out": n_out, "in": n_in, "finish": reason})
 
     def submitter(self, guided: bool):
         def submit(i, done):
-            m = self.mod
-            arrays = {"prompt": np.array([self.prompts[i % len(self.prompts)].encode()], dtype=np.object_),
-                      "max_tokens": np.array([self.max_tokens], np.int32),
-                      "temperature": np.array([0.0], np.float32),
-                      "stream": np.array([False])}
+            values = {"prompt": self.prompts[i % len(self.prompts)], "max_tokens": self.max_tokens,
+                      "temperature": 0.0, "stream": False}
             if guided:
-                arrays["guide_type"] = np.array([b"json_schema"], dtype=np.object_)
-                arrays["guide"] = np.array([json.dumps(GUIDE_SCHEMA).encode()], dtype=np.object_)
-            inputs = []
-            for name, arr in arrays.items():
-                dtype = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}.get(
-                    arr.dtype, "BYTES")
-                t = m.InferInput(name, list(arr.shape), dtype)
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
+                values.update(guide_type="json_schema", guide=json.dumps(GUIDE_SCHEMA))
+            inputs = client_io.infer_inputs(self.mod, "generate_text", values)
             rid = f"r{i}"
             with self.lock:
                 self.pending[rid] = done
@@ -409,12 +396,8 @@ def bench_generate(server: TritonProcess, max_tokens: int, counts: dict) -> dict
 
 # ------------------------------------------------------------------------------------------------ plot
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        progress("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     t = result["targets"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -455,10 +438,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"Triton 2.51 reference profile on CPU ({result['machine']['nproc']} cores, shared machine; "
                  f"rounds where other processes used < {ROUNDS['max_other']:.0%} CPU), {result['date'][:10]}",
                  fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    progress(f"wrote {display_path(path)}")
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- main

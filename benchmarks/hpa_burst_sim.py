@@ -22,8 +22,8 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, pyplot, save_figure  # noqa: E402
 
 
 def erlang_c_wait(lam: float, c: int, mu: float) -> float:
@@ -114,9 +114,9 @@ def simulate(args, startup: float) -> dict:
 
 
 def plot(runs: dict, args, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     for (name, run), color in zip(runs.items(), ("#36a", "#c63")):
         h = run["history"]
@@ -140,8 +140,7 @@ def plot(runs: dict, args, path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=7, loc="upper right")
     axes[0].set_title(f"HPA on llm_queue_delay_us per request (target {args.target_us / 1000:g} ms): a 4x burst, simulated")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pyplot, save_figure  # noqa: E402
 from common import RESULTS, ROOT, latency_summary, machine_info, now_iso, progress, write_json  # noqa: E402
 
 from ragstack.index.flatfile import FlatFileStore  # noqa: E402
@@ -349,9 +350,9 @@ def exact_top10(queries: np.ndarray, base: np.ndarray, block: int = 16) -> np.nd
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     for kind in sorted({r["store"] for r in result["upserts"]}):
@@ -379,9 +380,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("pgvector HNSW: recall vs latency")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    progress(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

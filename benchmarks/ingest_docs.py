@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, ROOT, key_headers, machine_info, now_iso, progress, write_json  # noqa: E402
+from ragstack import client_io  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -47,9 +48,8 @@ def run(client, mod, paths, collection, batch) -> dict:
     t0 = time.monotonic()
     chunks = requests = 0
     for group in rag_client.batches(paths, batch, 32 * 1024 * 1024):
-        arrays = rag_client.ingest_request(group, collection)
-        report = json.loads(client.infer("ingest", rag_client._inputs(mod, arrays), headers=key_headers())
-                            .as_numpy("report")[0])
+        inputs = client_io.infer_inputs(mod, "ingest", rag_client.ingest_request(group, collection))
+        report = client_io.output_json(client.infer("ingest", inputs, headers=key_headers()), "report")
         chunks += sum(d["chunks"] for d in report["documents"])
         requests += 1
     dt = time.monotonic() - t0

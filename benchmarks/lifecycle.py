@@ -42,10 +42,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_key  # noqa: E402
+from common import admin_key, pyplot, save_figure  # noqa: E402
 from common import RESULTS, ROOT, eval_questions, machine_info, now_iso, progress, wait_idle, write_json  # noqa: E402
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
+from ragstack import client_io  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
@@ -80,15 +81,8 @@ class Rag:
         self.max_tokens = max_tokens
 
     def _inputs(self, query: str):
-        arrays = {"query": np.array([[query.encode()]], dtype=object), "top_k": np.array([[4]], np.int32),
-                  "top_n": np.array([[2]], np.int32), "max_tokens": np.array([[self.max_tokens]], np.int32),
-                  "collection": np.array([[b"corpus"]], dtype=object)}
-        out = []
-        for name, arr in arrays.items():
-            t = self.grpc.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else "INT32")
-            t.set_data_from_numpy(arr)
-            out.append(t)
-        return out
+        return client_io.infer_inputs(self.grpc, "rag", {"query": query, "top_k": 4, "top_n": 2,
+                                                         "max_tokens": self.max_tokens, "collection": "corpus"})
 
     def batch(self, queries: list, timeout_s: float) -> dict:
         done = threading.Event()
@@ -193,10 +187,9 @@ def measure(rag: Rag, mc, fp: dict, n: int, timeout_s: float) -> dict:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     batches = list(out["by_batch"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.8 / len(CASES)
@@ -219,9 +212,7 @@ def plot(out: dict, path: Path) -> None:
     ax2.set_title("1 - (wall - wall_resident) / load seconds")
     ax2.legend(fontsize=8)
     fig.suptitle(f"lifecycle through rag ({out['models']} models, {out['machine']['nproc']} cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    progress(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def report(args, started: str, machine: dict, fp: dict, loads_s: dict, by_batch: dict) -> dict:

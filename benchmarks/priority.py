@@ -37,8 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import pyplot, save_figure  # noqa: E402
 from benchmarks.common import (RESULTS, admin_key, display_path, eval_questions, key_headers,  # noqa: E402
                                latency_summary, machine_info, now_iso, progress, tree_cpu_seconds, write_json)
+from ragstack import client_io  # noqa: E402
 from ragstack.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
     parse_prometheus, value  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
@@ -54,12 +56,6 @@ CONFIGS = {
 }
 
 
-def _strings(values):
-    import numpy as np
-
-    return np.array([v.encode() for v in values], dtype=object)
-
-
 class Client:
     """gRPC (its client is thread-safe; tritonclient.http is gevent-based and must not be shared by threads)."""
 
@@ -70,27 +66,18 @@ class Client:
         self.client = grpcclient.InferenceServerClient(url)
         self.headers = {k.lower(): v for k, v in headers.items()}
 
-    def _inputs(self, arrays: dict):
-        out = []
-        for name, arr in arrays.items():
-            t = self.mod.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else "INT32")
-            t.set_data_from_numpy(arr)
-            out.append(t)
-        return out
-
     def query(self, question: str) -> dict:
-        import numpy as np
-
-        arrays = {"query": _strings([question]).reshape(1, 1), "collection": _strings(["corpus"]).reshape(1, 1),
-                  "top_k": np.array([[8]], np.int32), "top_n": np.array([[3]], np.int32)}
-        result = self.client.infer("rag", self._inputs(arrays), headers=dict(self.headers), client_timeout=600)
-        return json.loads(result.as_numpy("usage").reshape(-1)[0])
+        inputs = client_io.infer_inputs(self.mod, "rag", {"query": question, "collection": "corpus", "top_k": 8,
+                                                          "top_n": 3})
+        result = self.client.infer("rag", inputs, headers=dict(self.headers), client_timeout=600)
+        return client_io.output_json(result, "usage")
 
     def ingest(self, doc_ids, texts, collection: str) -> dict:
-        arrays = {"doc_ids": _strings(doc_ids), "texts": _strings(texts), "collection": _strings([collection])}
-        result = self.client.infer("ingest", self._inputs(arrays), client_timeout=1800,
+        inputs = client_io.infer_inputs(self.mod, "ingest", {"doc_ids": doc_ids, "texts": texts,
+                                                             "collection": collection})
+        result = self.client.infer("ingest", inputs, client_timeout=1800,
                                    headers={k.lower(): v for k, v in key_headers().items()})   # a writer operation
-        return json.loads(result.as_numpy("report").reshape(-1)[0])
+        return client_io.output_json(result, "report")
 
 
 def open_loop(client: Client, questions: list, interval: float, stop: callable, max_queries: int,
@@ -300,12 +287,8 @@ def batching_gain() -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        progress("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(result["configs"])
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1.3]})
@@ -328,8 +311,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("ingest chunks/s")
     ax2.set_title("ingest throughput")
     ax2.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -37,17 +37,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import key_headers  # noqa: E402
+from common import identity_headers, ingest_corpus  # noqa: E402
+from in_process import TORCH_THREADS, InProcessPipeline  # noqa: E402
 from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, display_path,  # noqa: E402
                     eval_questions, latency_summary, machine_info, model_stats, now_iso, paired_ratio, progress,
                     run_perf_analyzer, stats_delta, target, wait_idle, write_input_data, write_json)
 
+from ragstack import client_io  # noqa: E402
 from ragstack.server import TritonProcess  # noqa: E402
 
-TORCH_THREADS = 2
 CONCURRENCY = 8
 LOAD_MODELS = "rag ingest embed rerank generate vector_index"
 ENGINE_MODELS = ("embed", "rerank", "vector_index", "generate")
@@ -61,55 +60,13 @@ CLEAN_ROUNDS, MAX_OTHER, BUDGET_S = 2, 0.10, 1500.0
 
 
 # ---------------------------------------------------------------------------------------------- client
-def identity_headers(models: Path) -> dict:
-    """The engine identity headers for the served generator (the policy rejects requests without them), from
-    its build manifest, as tools/rag_client.py sends them."""
-    from ragstack.manifest import read_manifest
-
-    m = read_manifest(models / "generate")
-    return {"x-engine-hash": m.engine_hash, "x-quantisation": m.quantisation}
-
-
 def rag_inputs(mod, query: str, top_k: int, top_n: int, max_tokens=None) -> list:
-    arrays = {"query": np.array([[query.encode("utf-8")]], dtype=np.object_),
-              "top_k": np.array([[top_k]], np.int32), "top_n": np.array([[top_n]], np.int32)}
-    if max_tokens:
-        arrays["max_tokens"] = np.array([[max_tokens]], np.int32)
-    inputs = []
-    for name, arr in arrays.items():
-        t = mod.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    return inputs
+    return client_io.infer_inputs(mod, "rag", {"query": query, "top_k": top_k, "top_n": top_n,
+                                               "max_tokens": max_tokens or None})
 
 
 def parse_result(result) -> dict:
-    return {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
-
-
-def ingest_corpus(http_url: str) -> dict:
-    """data/corpus through the `ingest` model, one document per request, exactly as tools/rag_client.py does."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
-    paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))
-    t0 = time.perf_counter()
-    docs = []
-    for path in paths:
-        arrays = {"doc_ids": [path.stem], "texts": [path.read_text(encoding="utf-8")],
-                  "metadata": [json.dumps({"source": str(path.relative_to(ROOT)), "title": path.stem})],
-                  "collection": ["default"]}
-        inputs = []
-        for name, values in arrays.items():
-            arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-            t = httpclient.InferInput(name, list(arr.shape), "BYTES")
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        report = json.loads(client.infer("ingest", inputs, headers=key_headers()).as_numpy("report")[0])
-        doc = report["documents"][0]
-        docs.append({"doc_id": path.stem, "status": doc["status"], "chunks": doc["chunks"]})
-    return {"documents": len(docs), "chunks": sum(d["chunks"] for d in docs),
-            "seconds": round(time.perf_counter() - t0, 2), "per_document": docs}
+    return {name: client_io.output_json(result, name) for name in ("answer", "contexts", "usage")}
 
 
 # ------------------------------------------------------------------------------------ sequential overhead
@@ -193,89 +150,7 @@ def sequential_overhead(server: TritonProcess, headers: dict, questions: list, t
 
 
 # ------------------------------------------------------------------------------------------- in-process
-class InProcessRag:
-    """The same pipeline (ragstack.rag.run, under the same runtime policy and prices) with in-process engines,
-    wired like ragstack/orchestrator.py wires its BLS calls; one request at a time."""
-
-    def __init__(self, models: Path, index_dir: Path):
-        import torch
-
-        from ragstack import triton_adapter as ta
-        from ragstack.chat import GeneratorTokenizer
-        from ragstack.engines import EmbeddingEngine, RerankEngine
-        from ragstack.generation import InflightBatchingEngine
-        from ragstack.index import FlatFileStore
-        from ragstack.manifest import read_manifest
-        from ragstack.policy import RuntimePolicy
-        from ragstack.text import EmbedTokenizer, RerankTokenizer
-
-        torch.set_num_threads(TORCH_THREADS)
-        self.embed_tok = EmbedTokenizer(models / "embed")
-        self.embed = EmbeddingEngine(models / "embed", num_threads=TORCH_THREADS)
-        self.rerank_tok = RerankTokenizer(models / "rerank")
-        self.rerank = RerankEngine(models / "rerank", num_threads=TORCH_THREADS)
-        self.gen_tok = GeneratorTokenizer(models / "generate")
-        self.generator = InflightBatchingEngine(models / "generate", max_batch_size=8, num_threads=TORCH_THREADS)
-        self.store = FlatFileStore(index_dir)
-        self.policy = RuntimePolicy.load(ta.DEFAULT_POLICY_FILE)
-        manifest = read_manifest(models / "generate")
-        self.prices = getattr(manifest, "pricing", None)
-
-    def close(self):
-        self.generator.shutdown(10)
-
-    def engines(self):
-        from ragstack import rag
-        from ragstack.bls import RERANK_BATCH
-        from ragstack.generation import GenerationRequest
-        from ragstack.trtllm_io import finish_reason
-
-        def embed_query(query, timer):
-            with timer.stage("tokenize"):
-                ids, mask, lengths = self.embed_tok.encode([query], "query")
-            return self.embed(ids, mask)[0], int(lengths[0])
-
-        def search(collection, vector, top_k):
-            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
-                                metadata=h.get("metadata") or {})
-                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
-
-        def rerank(query, texts, timer):
-            with timer.stage("tokenize"):
-                ids, mask = self.rerank_tok.encode_pairs(query, texts)
-            return np.concatenate([self.rerank(ids[s:s + RERANK_BATCH], mask[s:s + RERANK_BATCH])
-                                   for s in range(0, len(ids), RERANK_BATCH)])
-
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
-            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))   # rag.Generate: quote's EBNF
-            with timer.stage("tokenize"):
-                ids = self.gen_tok.prompt_ids(user, system)
-            self.gen_tok.check_budget(len(ids), max_tokens)
-            req = GenerationRequest(input_ids=ids, max_new_tokens=max_tokens, end_id=self.gen_tok.end_id,
-                                    pad_id=self.gen_tok.pad_id, temperature=policy.temperature, top_k=0,
-                                    top_p=policy.top_p, guide_type=guide_type, guide=guide_text,
-                                    exclude_input_in_output=True, **policy.penalties())
-            res = self.generator.generate(req, timeout=900)
-            if res.finish_reason == "error":
-                raise RuntimeError(res.error)
-            return {"text": self.gen_tok.decode(res.output_ids), "num_input_tokens": res.num_input_tokens,
-                    "num_output_tokens": res.num_output_tokens,
-                    "finish_reason": finish_reason(res.num_output_tokens, max_tokens),
-                    "queue_delay_us": (res.first_scheduled_time_ns - res.arrival_time_ns) / 1000.0}
-
-        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
-                           count_texts=self.gen_tok.count_texts)
-
-    def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:
-        from ragstack import rag
-
-        req = rag.validate_request(rag.RagRequest(query=query, top_k=top_k, top_n=top_n, max_tokens=max_tokens))
-        result = rag.run(req, self.engines(), self.policy, prices=self.prices)
-        return {"answer": result.answer, "usage": result.usage}
-
-
-def overhead_breakdown(local: InProcessRag, questions: list, top_k: int, top_n: int, max_tokens) -> dict:
+def overhead_breakdown(local: InProcessPipeline, questions: list, top_k: int, top_n: int, max_tokens) -> dict:
     """Where the orchestration overhead goes, measured in-process on the same pipeline code: the orchestrator's
     own stage timings plus wall time of the pipeline steps that run outside every stage (answer schema, the
     JSON/schema check of the answer, the schema id)."""
@@ -321,7 +196,7 @@ def overhead_breakdown(local: InProcessRag, questions: list, top_k: int, top_n: 
 
 
 # ------------------------------------------------------------------------------------------- throughput
-def throughput(server: TritonProcess, headers: dict, local: InProcessRag, questions: list, rounds: int,
+def throughput(server: TritonProcess, headers: dict, local: InProcessPipeline, questions: list, rounds: int,
                per_round: int, top_k: int, top_n: int, max_tokens) -> dict:
     import tritonclient.grpc as grpcclient
 
@@ -505,7 +380,7 @@ def run_profile(name: str, models: Path, args, questions: list, do_throughput: b
         shutil.copytree(data_dir / "index", index_copy)
         if do_throughput:
             progress(f"[{name}] loading the in-process pipeline")
-            local = InProcessRag(models, index_copy)
+            local = InProcessPipeline(models, index_copy)
             local.ask(questions[0], args.top_k, args.top_n, args.max_tokens)   # warm-up (grammar compile)
             out["throughput"] = throughput(server, headers, local, questions, args.rounds, args.round_queries,
                                            args.top_k, args.top_n, args.max_tokens)
@@ -514,7 +389,7 @@ def run_profile(name: str, models: Path, args, questions: list, do_throughput: b
         else:
             # server idle from here on: the in-process breakdown of the overhead
             progress(f"[{name}] in-process breakdown of the orchestration overhead")
-            local = InProcessRag(models, index_copy)
+            local = InProcessPipeline(models, index_copy)
             out["overhead_breakdown_in_process"] = overhead_breakdown(local, questions[:n], args.top_k, args.top_n,
                                                                       args.max_tokens)
             progress(f"[{name}] {out['overhead_breakdown_in_process']}")

@@ -17,13 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import identity_headers  # noqa: E402
+from ragstack import client_io  # noqa: E402
 from ragstack.server import access_keys  # noqa: E402
-from ragstack.manifest import read_manifest  # noqa: E402
 from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
 from ragstack.server import TritonProcess, progress  # noqa: E402
 
@@ -31,37 +30,26 @@ TOP_K = 8
 MODELS = "embed rerank generate vector_index ingest rag_orchestrator rag"
 
 
-def _bytes(values):
-    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-
-
 def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
     import tritonclient.http as httpclient
 
-    m = read_manifest(models / "generate")
-    headers = {"x-engine-hash": m.engine_hash, "x-quantisation": m.quantisation}
+    headers = identity_headers(models)
     with tempfile.TemporaryDirectory() as data, \
             TritonProcess(models, load_models=MODELS, env={"RAG_DATA_PATH": data}) as server:
         client = httpclient.InferenceServerClient(server.http_url, network_timeout=600, connection_timeout=600)
 
-        def infer(model, arrays, hdrs=None):
-            inputs = []
-            for name, arr in arrays.items():
-                t = httpclient.InferInput(name, list(arr.shape), "INT32" if arr.dtype == np.int32 else "BYTES")
-                t.set_data_from_numpy(arr)
-                inputs.append(t)
-            return client.infer(model, inputs, headers={"x-api-key": access_keys().admin_key, **(hdrs or {})})
+        def infer(model, values, hdrs=None):
+            return client.infer(model, client_io.infer_inputs(httpclient, model, values),
+                                headers={"x-api-key": access_keys().admin_key, **(hdrs or {})})
 
         passages = eval_set["passages"]
         progress(f"ingesting {len(passages)} passages")
-        infer("ingest", {"doc_ids": _bytes([p["id"] for p in passages]), "texts": _bytes([p["text"] for p in passages]),
-                         "collection": _bytes(["eval"])})
+        infer("ingest", {"doc_ids": [p["id"] for p in passages], "texts": [p["text"] for p in passages],
+                         "collection": "eval"})
         embedding, final = [], []
         for i, q in enumerate(eval_set["questions"], 1):
-            arrays = {"query": _bytes([q["question"]]).reshape(1, 1), "collection": _bytes(["eval"]).reshape(1, 1),
-                      "top_k": np.array([[TOP_K]], np.int32), "top_n": np.array([[TOP_K]], np.int32),
-                      "max_tokens": np.array([[96]], np.int32)}
-            contexts = json.loads(infer("rag", arrays, headers).as_numpy("contexts").reshape(-1)[0])
+            values = {"query": q["question"], "collection": "eval", "top_k": TOP_K, "top_n": TOP_K, "max_tokens": 96}
+            contexts = client_io.output_json(infer("rag", values, headers), "contexts")
             final.append([c["doc_id"] for c in contexts])
             embedding.append([c["doc_id"] for c in sorted(contexts, key=lambda c: -c["score"])])
             progress(f"question {i}/{len(eval_set['questions'])}: gold rank "

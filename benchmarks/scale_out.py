@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
     RESULTS,
+    pyplot,
+    save_figure,
     latency_summary,
     machine_info,
     now_iso,
@@ -73,9 +75,9 @@ def drill(balancer, victim, clients, duration, kill_after, prefix, survivor_url)
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     names = list(result["throughput"])
     ax1.bar(names, [result["throughput"][n]["rps"] for n in names], color=["#888", "#69c", "#36a"])
@@ -100,9 +102,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("ingest latency, ms")
     ax2.legend(fontsize=7)
     ax2.set_title("ingest through haproxy while one replica is killed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    progress(f"wrote {path.relative_to(ROOT)}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

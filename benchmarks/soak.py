@@ -35,44 +35,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import admin_key, key_headers, operator_headers  # noqa: E402
+from common import admin_key, identity_headers, ingest_corpus, operator_headers, pyplot, save_figure  # noqa: E402
 from common import RESULTS, ROOT, display_path, machine_info, now_iso, progress, write_json  # noqa: E402
 
 from ragstack.server import TritonProcess  # noqa: E402
 from ragstack.soak import SoakConfig, run_soak  # noqa: E402
 
 MODEL_SETS = {"tiny": ROOT / "build" / "models" / "tiny", "demo": ROOT / "build" / "models" / "demo"}
-
-
-def identity_headers(models: Path) -> dict:
-    from ragstack.manifest import read_manifest
-
-    return read_manifest(models / "generate").headers()
-
-
-def ingest_corpus(http_url: str, collection: str = "corpus") -> dict:
-    """data/corpus through `ingest`, one document per request (as tools/rag_client.py does)."""
-    import json
-
-    import numpy as np
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
-    paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))
-    t0, chunks = time.perf_counter(), 0
-    for path in paths:
-        inputs = []
-        for name, values in {"doc_ids": [path.stem], "texts": [path.read_text(encoding="utf-8")],
-                             "collection": [collection]}.items():
-            arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
-            t = httpclient.InferInput(name, list(arr.shape), "BYTES")
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        report = json.loads(client.infer("ingest", inputs, headers=key_headers()).as_numpy("report")[0])
-        chunks += report["documents"][0]["chunks"]
-    client.close()
-    return {"collection": collection, "documents": len(paths), "chunks": chunks,
-            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def find_server_pid(http_port: str):
@@ -89,10 +58,9 @@ def find_server_pid(http_port: str):
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     samples = result["rss"]["samples"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
     if samples:
@@ -128,11 +96,7 @@ def plot(result: dict, path: Path) -> None:
     verdict = "PASS" if result["pass"] else "FAIL"
     fig.suptitle(f"soak {result.get('models', '')}: {result['config']['clients']} clients, "
                  f"{result['wall_s']:.0f} s, {result['requests']} requests: {verdict}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    progress(f"wrote {display_path(path)}")
+    save_figure(fig, path)
 
 
 def main() -> int:
@@ -188,7 +152,7 @@ def main() -> int:
                                 "ready_s": round(time.perf_counter() - t0, 1)}
         if not args.skip_ingest:
             progress("ingesting data/corpus into collection 'corpus'")
-            result["ingest"] = ingest_corpus(http_url)
+            result["ingest"] = ingest_corpus(http_url, "corpus")
             progress(f"ingested {result['ingest']['documents']} documents, {result['ingest']['chunks']} chunks "
                      f"in {result['ingest']['seconds']} s")
         cfg = SoakConfig(http_url=http_url, grpc_url=grpc_url, identity=identity_headers(models),

@@ -6,6 +6,7 @@ code drives the reference engines and the TensorRT / TensorRT-LLM ones.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from typing import Callable, Optional
 
@@ -86,6 +87,30 @@ def rerank_tokens(pb, ids: np.ndarray, mask: np.ndarray, hop: Optional[ta.Hop] =
                                     "attention_mask": mask[s:s + RERANK_BATCH].astype(np.int32)},
                      ["score"], hop, version)["score"].reshape(-1)
         for s in range(0, len(ids), RERANK_BATCH)]))
+
+
+def index_op(pb, op: str, collection: str, hop: Optional[ta.Hop] = None, *, query_vector=None,
+             top_k: Optional[int] = None, vectors=None, payload: Optional[dict] = None) -> dict:
+    """One op of the `vector_index` model, the store's one owner (not an engine: no lease): its JSON result."""
+    inputs = contracts.VECTOR_INDEX.input_arrays({
+        "op": op, "collection": collection, "query_vector": query_vector, "top_k": top_k, "vectors": vectors,
+        "payload": None if payload is None else json.dumps(payload)})
+    return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0])
+
+
+def search(pb, collection: str, vector, top_k: int, hop: Optional[ta.Hop] = None) -> list:
+    """The ``top_k`` nearest chunks of ``collection`` to ``vector``: vector_index's hits, best first."""
+    return index_op(pb, "search", collection, hop, query_vector=np.asarray(vector, dtype=np.float32),
+                    top_k=top_k)["hits"]
+
+
+def convert_document(pb, data: bytes, file_name: Optional[str], mime_type: Optional[str],
+                     hop: Optional[ta.Hop] = None) -> str:
+    """A file's bytes through the `docling` model: the DoclingDocument as JSON text."""
+    inputs = contracts.DOCLING.input_arrays({"data": [data], "file_name": file_name or "",
+                                             "mime_type": mime_type or ""})
+    converted = ta.bls_infer(pb, "docling", inputs, ["document"], hop)["document"].reshape(-1)[0]
+    return converted.decode("utf-8") if isinstance(converted, bytes) else converted
 
 
 def generate(pb, tokenizer: GeneratorTokenizer, prompt: str, *, system: Optional[str] = None, raw: bool = False,

@@ -61,6 +61,14 @@ class Tensor:
     def client_dtype(self) -> str:
         return CLIENT_DTYPES[self.dtype]
 
+    def array(self, value) -> np.ndarray:
+        """``value`` as this tensor's numpy array: BYTES as UTF-8 (bytes kept as they are), others cast to the
+        dtype. A numpy array keeps its shape; a plain value is one request's: a scalar becomes ``[1]``."""
+        if isinstance(value, np.ndarray):
+            return bytes_array(value) if self.dtype == "TYPE_STRING" else value.astype(self.np_dtype, copy=False)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return bytes_array(values) if self.dtype == "TYPE_STRING" else np.array(values, dtype=self.np_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class Contract:
@@ -79,12 +87,38 @@ class Contract:
     def output(self, name: str) -> Tensor:
         return _find(self.outputs, name, self.name, "output")
 
+    def input_arrays(self, values: dict) -> dict:
+        """{input name: numpy array} for a request to this model, from plain values or arrays (``Tensor.array``);
+        ``None`` values are left out (an absent optional input). A plain value is one request's: where the model
+        batches, it gets the batch dimension of 1 (``"q"`` -> ``[[b"q"]]``); an array is taken as shaped."""
+        out = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            arr = self.input(name).array(value)
+            out[name] = arr if isinstance(value, np.ndarray) or not self.max_batch_size else arr.reshape(1, -1)
+        return out
+
 
 def _find(tensors, name, model, what) -> Tensor:
     for t in tensors:
         if t.name == name:
             return t
     raise KeyError(f"{model} has no {what} named {name!r}")
+
+
+def bytes_array(values) -> np.ndarray:
+    """A BYTES tensor's array: each value UTF-8 encoded if it is a str, kept if it is bytes; the shape of
+    ``values`` (a list gives ``[n]``)."""
+    arr = np.asarray(values, dtype=np.object_)
+    out = np.empty(arr.shape, dtype=np.object_)
+    out.reshape(-1)[:] = [v.encode("utf-8") if isinstance(v, str) else v for v in arr.reshape(-1)]
+    return out
+
+
+def one_string(value) -> np.ndarray:
+    """A one-string BYTES tensor, ``[1]``: an op name, a collection, a JSON payload."""
+    return bytes_array([value])
 
 
 def scalar(name, dtype, optional=True, doc="") -> Tensor:

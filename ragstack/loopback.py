@@ -27,6 +27,7 @@ import queue
 import threading
 from typing import Iterator, Optional
 
+from ragstack import client_io
 from ragstack import priority as prio
 from ragstack.errors import InvalidInput, Unavailable
 from ragstack.settings import current
@@ -64,12 +65,6 @@ def _address() -> str:
     return f"{local_host()}:{current().grpc_port}"
 
 
-def _client_dtype(arr) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return np_to_triton_dtype(arr.dtype)
-
-
 def error(model: str, exc: Exception, level: Optional[int]) -> Exception:
     """The exception a parent raises for a failed loopback child, classed like a BLS child's error."""
     from ragstack.triton_adapter import child_error
@@ -86,30 +81,15 @@ def error(model: str, exc: Exception, level: Optional[int]) -> Exception:
     return child_error(model, msg)
 
 
-def _request(inputs: dict, outputs, parameters: dict) -> tuple:
-    """Client-side tensors, requested outputs and the child's parameters: what a BLS child would carry (the
-    parent's forwarded headers minus the client's key, and the server's internal proof)."""
-    import tritonclient.grpc as grpcclient
-
+def _request(model: str, inputs: dict, outputs, parameters: dict) -> tuple:
+    """Client-side tensors (by ``model``'s contract), requested outputs and the child's parameters: what a BLS
+    child would carry (the parent's forwarded headers minus the client's key, and the server's internal proof)."""
     from ragstack.access import child_parameters
 
-    tensors = []
-    for name, arr in inputs.items():
-        t = grpcclient.InferInput(name, list(arr.shape), _client_dtype(arr))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
-    requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
+    tensors = client_io.infer_inputs("grpc", model, inputs)
+    requested = client_io.requested_outputs("grpc", outputs)
     params = {k: v for k, v in child_parameters(parameters).items() if isinstance(v, (str, int, bool))}
     return tensors, requested, params or None
-
-
-def _arrays(result, outputs) -> dict:
-    out = {}
-    for name in outputs:
-        arr = result.as_numpy(name)
-        if arr is not None:
-            out[name] = arr
-    return out
 
 
 def _version(version: int) -> str:
@@ -120,13 +100,13 @@ def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, versi
     """One blocking call to ``model`` at Triton priority ``level``: {name: array} in, {name: array} out."""
     from tritonclient.utils import InferenceServerException
 
-    tensors, requested, params = _request(inputs, outputs, parameters)
+    tensors, requested, params = _request(model, inputs, outputs, parameters)
     try:
         result = _c().infer(model, tensors, model_version=_version(version), outputs=requested,
                             priority=int(level), parameters=params, client_timeout=CLIENT_TIMEOUT_S)
     except InferenceServerException as e:
         raise error(model, e, level) from None
-    return _arrays(result, outputs)
+    return client_io.outputs(result, outputs)
 
 
 def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[int] = None,
@@ -139,7 +119,7 @@ def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[
     stub can deadlock on that path (see README "When a Python stub dies")."""
     import tritonclient.grpc as grpcclient
 
-    tensors, requested, params = _request(inputs, outputs, parameters)
+    tensors, requested, params = _request(model, inputs, outputs, parameters)
     responses: "queue.SimpleQueue" = queue.SimpleQueue()
     client = grpcclient.InferenceServerClient(_address(), channel_args=_CHANNEL_ARGS)
     finished = False
@@ -154,7 +134,7 @@ def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[
                 raise Unavailable(f"model '{model}' sent nothing for {timeout_s:.0f} s; retry shortly") from None
             if err is not None:
                 raise error(model, err, level)
-            arrays = _arrays(result, outputs)
+            arrays = client_io.outputs(result, outputs)
             final = result.get_response().parameters["triton_final_response"].bool_param
             del result
             if arrays:

@@ -19,8 +19,6 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from ragstack import access, bls, contracts, rag
 from ragstack import settings as rs
 from ragstack import priority as prio
@@ -38,10 +36,6 @@ from ragstack.text import EmbedTokenizer, RerankTokenizer
 C = contracts.RAG_ORCHESTRATOR
 log = logging.getLogger(__name__)
 DEFAULTS = {"task": "answer", "top_k": 8, "top_n": 3, "collection": "default"}
-
-
-def _strings(value: str):
-    return np.array([value.encode("utf-8")], dtype=np.object_)
 
 
 class OrchestratorModel:
@@ -195,7 +189,7 @@ class OrchestratorModel:
         self.metrics.request(task, "ok")
 
     def _outputs(self, values: dict, requested=None) -> list:
-        return ta.output_tensors(self.pb, C, {k: _strings(v) for k, v in values.items()}, requested)
+        return ta.output_tensors(self.pb, C, {k: contracts.one_string(v) for k, v in values.items()}, requested)
 
     # ---------------------------------------------------------------------------------------- pipeline
     def _parse(self, request) -> rag.RagRequest:
@@ -210,10 +204,10 @@ class OrchestratorModel:
         documents = ta.input_strings(pb, request, C, "documents")
         req = rag.RagRequest(
             query=string("query"), task=string("task"), schema=rag.parse_schema(string("schema")),
-            documents=rag.parse_documents(documents) if documents else None,
+            documents=rag.parse_caller_documents(documents) if documents else None,
             top_k=integer("top_k"), top_n=integer("top_n"), max_tokens=integer("max_tokens"),
             collection=string("collection"))
-        return rag.validate_request(req)
+        return rag.validate_rag_request(req)
 
     def _engines(self, request, level: int = prio.URGENT) -> rag.Engines:
         pb = self.pb
@@ -221,32 +215,14 @@ class OrchestratorModel:
         # Every child carries the level: the engines see it, and a background one is queued at its level.
         hop.parameters = prio.with_level(hop.parameters, level)
 
-        def embed_query(query, timer):
-            with timer.stage("tokenize"):
-                ids, mask, lengths = self.embed_tok.encode([query], "query")
-            return bls.embed_tokens(pb, ids, mask, hop)[0], int(lengths[0])
-
-        def search(collection, vector, top_k):
-            inputs = {"op": _strings("search"), "collection": _strings(collection),
-                      "query_vector": np.asarray(vector, dtype=np.float32), "top_k": np.array([top_k], np.int32)}
-            out = ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0]
-            return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
-                                metadata=h.get("metadata") or {})
-                    for h in json.loads(out)["hits"]]
-
-        def rerank(query, texts, timer):
-            with timer.stage("tokenize"):
-                ids, mask = self.rerank_tok.encode_pairs(query, texts)
-            return bls.rerank_tokens(pb, ids, mask, hop)
-
-        def generate(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
-            # guide: (type, text) when rag.run builds its own (the quote task's EBNF); else the schema's
-            guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
+        def generate(system, user, guide_type, guide, policy, max_tokens, on_delta, timer):
             return bls.generate(pb, self.gen_tok, user, system=system, max_tokens=max_tokens,
                                 temperature=policy.temperature, top_p=policy.top_p, guide_type=guide_type,
-                                guide=guide_text, on_delta=on_delta, is_cancelled=request.is_cancelled,
+                                guide=guide, on_delta=on_delta, is_cancelled=request.is_cancelled,
                                 timer=timer, hop=hop, stream=True, penalties=policy.penalties())
 
-        return rag.Engines(embed_query=embed_query, search=search, rerank=rerank, generate=generate,
-                           count_tokens=self.gen_tok.count_prompt, prompt_limit=self.gen_tok.prompt_limit,
-                           count_texts=self.gen_tok.count_texts)
+        return rag.token_engines(
+            self.embed_tok, self.rerank_tok, self.gen_tok, generate=generate,
+            embed=lambda ids, mask: bls.embed_tokens(pb, ids, mask, hop),
+            search=lambda collection, vector, top_k: bls.search(pb, collection, vector, top_k, hop),
+            rerank=lambda ids, mask: bls.rerank_tokens(pb, ids, mask, hop))

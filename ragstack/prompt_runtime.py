@@ -43,7 +43,7 @@ class ManifestError(ValueError):
     """A prompt runtime manifest that cannot be read or lacks a required key."""
 
 
-def read_manifest(path: Union[str, Path]) -> dict:
+def read_prompt_manifest(path: Union[str, Path]) -> dict:
     """One prompt runtime manifest, checked for shape (not yet for alignment)."""
     path = Path(path)
     try:
@@ -131,7 +131,7 @@ class PromptRuntimeManager:
         for path in files:
             entry = {"name": path.stem, "path": str(path), "aligned": False, "mismatches": [], "errors": []}
             try:
-                data = read_manifest(path)
+                data = read_prompt_manifest(path)
             except ManifestError as e:
                 entry["errors"].append(str(e))
             else:

@@ -6,6 +6,7 @@ answer, how citations are checked, what is timed — is one piece of code whiche
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,6 +49,12 @@ class Context:
         d = dataclasses.asdict(self)
         return {"id": d.pop("id"), **d}
 
+    @classmethod
+    def of_hit(cls, hit: dict) -> "Context":
+        """A search hit of the vector store (``VectorStore.search``, vector_index's ``hits``)."""
+        return cls(text=hit["text"], doc_id=hit["doc_id"], chunk_id=hit["chunk_id"], score=float(hit["score"]),
+                   metadata=hit.get("metadata") or {})
+
 
 @dataclasses.dataclass
 class RagRequest:
@@ -61,7 +68,7 @@ class RagRequest:
     collection: str = "default"
 
 
-def parse_documents(values) -> list:
+def parse_caller_documents(values) -> list:
     """Caller documents: each a plain string, or a JSON object {"id", "text", "metadata"}."""
     if len(values) > MAX_DOCUMENTS:
         raise InvalidInput(f"at most {MAX_DOCUMENTS} documents per request, got {len(values)}")
@@ -117,7 +124,7 @@ def _validator(canonical_schema: str):
     return cls(schema)
 
 
-def validate_request(req: RagRequest) -> RagRequest:
+def validate_rag_request(req: RagRequest) -> RagRequest:
     """What the pipeline itself needs; sampling limits (max_tokens per task) are the policy's to check."""
     if not isinstance(req.query, str) or not req.query.strip():
         raise InvalidInput("query is empty")
@@ -739,3 +746,42 @@ def _abstain(req: RagRequest, contexts: list, best, threshold: float, n_query_to
              "citations": [], "citations_supported": False, "best_rerank_score": best,
              "abstain_below_rerank": threshold, "abstained": True}
     return RagResult(answer=answer, contexts=contexts, usage=usage)
+
+
+# ---- wiring: token-id engines behind the stage callables --------------------------------------------------------
+def token_engines(embed_tok, rerank_tok, gen_tok, *, embed: Callable, search: Callable, rerank: Callable,
+                  generate: Callable, tokenize_lock=None) -> Engines:
+    """:class:`Engines` over token-id engines, wired the same wherever they run (BLS calls in
+    ragstack/orchestrator.py, in-process engines in the benchmarks): the tokenizers (``ragstack.text``,
+    ``ragstack.chat``) turn text into ids here, timed as the ``tokenize`` stage.
+
+    ``embed(ids, mask) -> [B, dim]``; ``search(collection, vector, top_k) -> [hit dict]`` (``VectorStore.search``);
+    ``rerank(ids, mask) -> [B]`` scores; ``generate(system, user, guide_type, guide, policy, max_tokens, on_delta,
+    timer) -> dict`` (the generate stage's dict), where the guide is the answer schema's unless ``rag.run`` gives
+    its own (the quote task's grammar). ``tokenize_lock``: held around each tokenizer call (a Hugging Face fast
+    tokenizer's truncation settings are per-object state that concurrent calls overwrite)."""
+    lock = tokenize_lock if tokenize_lock is not None else contextlib.nullcontext()
+
+    def tokenizing(timer):
+        return timer.stage("tokenize") if timer is not None else contextlib.nullcontext()
+
+    def embed_query(query, timer):
+        with tokenizing(timer), lock:
+            ids, mask, lengths = embed_tok.encode([query], "query")
+        return embed(ids, mask)[0], int(lengths[0])
+
+    def search_contexts(collection, vector, top_k):
+        return [Context.of_hit(h) for h in search(collection, vector, top_k)]
+
+    def rerank_texts(query, texts, timer):
+        with tokenizing(timer), lock:
+            ids, mask = rerank_tok.encode_pairs(query, texts)
+        return rerank(ids, mask)
+
+    def generate_answer(system, user, schema, policy, max_tokens, on_delta, timer, guide=None):
+        guide_type, guide_text = guide or ("json_schema", json.dumps(schema))
+        return generate(system, user, guide_type, guide_text, policy, max_tokens, on_delta, timer)
+
+    return Engines(embed_query=embed_query, search=search_contexts, rerank=rerank_texts, generate=generate_answer,
+                   count_tokens=gen_tok.count_prompt, prompt_limit=gen_tok.prompt_limit,
+                   count_texts=gen_tok.count_texts)

@@ -33,8 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from ragstack import client_io
 from ragstack.server import ROOT, TritonProcess, access_keys
 
 # What a replica in the drill loads: the ingest path and a text-level query path (embed_text → vector_index).
@@ -194,44 +193,32 @@ def reap(proc: TritonProcess) -> None:
 
 
 # ------------------------------------------------------------------------------------------- client calls
-def _bytes(values):
-    return np.array([v.encode() for v in values], dtype=object)
-
-
-def _infer(client, model, arrays: dict, output: str, headers=None):
+def _infer(client, model, values: dict, output: str, headers=None):
     import tritonclient.http as httpclient
     if headers is None:
         headers = access_keys().headers()
-    inputs = []
-    for k, v in arrays.items():
-        t = httpclient.InferInput(k, list(v.shape), "BYTES" if v.dtype == object else
-                                  {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}[v.dtype])
-        t.set_data_from_numpy(v)
-        inputs.append(t)
-    result = client.infer(model, inputs, outputs=[httpclient.InferRequestedOutput(output)],
+    result = client.infer(model, client_io.infer_inputs(httpclient, model, values),
+                          outputs=client_io.requested_outputs(httpclient, [output]),
                           headers=dict(headers) if headers else None)
     return result.as_numpy(output)
 
 
 def ingest(client, doc_ids, texts, collection="scale", headers=None) -> dict:
-    out = _infer(client, "ingest", {"doc_ids": _bytes(doc_ids), "texts": _bytes(texts),
-                                    "collection": _bytes([collection]), "op": _bytes(["upsert"])}, "report", headers)
+    out = _infer(client, "ingest", {"doc_ids": doc_ids, "texts": texts, "collection": collection, "op": "upsert"},
+                 "report", headers)
     return json.loads(out.reshape(-1)[0])
 
 
 def index_op(client, op, collection="scale", payload=None, headers=None, **tensors) -> dict:
-    arrays = {"op": _bytes([op]), "collection": _bytes([collection]), **tensors}
-    if payload is not None:
-        arrays["payload"] = _bytes([json.dumps(payload)])
-    return json.loads(_infer(client, "vector_index", arrays, "result", headers).reshape(-1)[0])
+    values = {"op": op, "collection": collection, "payload": None if payload is None else json.dumps(payload),
+              **tensors}
+    return json.loads(_infer(client, "vector_index", values, "result", headers).reshape(-1)[0])
 
 
 def query(client, text, collection="scale", top_k=3, headers=None) -> list:
     """Retrieval through the replica: embed_text (query side) → vector_index search; the hits."""
-    vec = _infer(client, "embed_text", {"text": _bytes([text]).reshape(1, 1),
-                                        "input_type": _bytes(["query"]).reshape(1, 1)}, "embedding", headers)
-    return index_op(client, "search", collection, headers=headers, query_vector=vec.reshape(-1).astype(np.float32),
-                    top_k=np.array([top_k], np.int32))["hits"]
+    vec = _infer(client, "embed_text", {"text": text, "input_type": "query"}, "embedding", headers)
+    return index_op(client, "search", collection, headers=headers, query_vector=vec.reshape(-1), top_k=top_k)["hits"]
 
 
 def doc_text(doc_id: str) -> str:

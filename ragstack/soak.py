@@ -43,6 +43,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ragstack import client_io
+from ragstack.contracts import bytes_array
+
 TASKS = ("answer", "generate_json", "rank_candidates", "judge")
 OUTCOMES = ("ok", "client_error", "cancelled", "server_error", "hung", "transport", "frontend_500")
 # Triton 2.51's own HTTP frontend answers a body that is not a request document (not JSON: "failed to parse the
@@ -210,33 +213,18 @@ def classify_exception(exc: BaseException, expected: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the clients
-def _bytes(values) -> np.ndarray:
-    return np.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], dtype=np.object_)
-
-
 def _grpc_inputs(arrays: dict) -> list:
-    import tritonclient.grpc as grpcclient
-
-    out = []
-    for name, arr in arrays.items():
-        dtype = "BYTES" if arr.dtype == np.object_ else {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-                                                          np.dtype(np.int64): "INT64"}[arr.dtype]
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        out.append(t)
-    return out
+    """As given: the soak sends malformed requests on purpose."""
+    return client_io.inputs_as_given("grpc", arrays)
 
 
 def _json_inputs(arrays: dict) -> list:
     out = []
     for name, arr in arrays.items():
+        data = arr.reshape(-1).tolist()
         if arr.dtype == np.object_:
-            data = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in arr.reshape(-1).tolist()]
-            dtype = "BYTES"
-        else:
-            data = arr.reshape(-1).tolist()
-            dtype = {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[arr.dtype]
-        out.append({"name": name, "shape": list(arr.shape), "datatype": dtype, "data": data})
+            data = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in data]
+        out.append({"name": name, "shape": list(arr.shape), "datatype": client_io.datatype(arr), "data": data})
     return out
 
 
@@ -284,18 +272,18 @@ class Worker:
             conn.close()
 
     def rag_arrays(self, task: str, query: Optional[str] = None, documents=None, **extra) -> dict:
-        arrays = {"query": _bytes([query or self.rng.choice(QUESTIONS)]).reshape(1, 1),
-                  "task": _bytes([task]).reshape(1, 1),
-                  "collection": _bytes([self.cfg.query_collection]).reshape(1, 1),
+        arrays = {"query": bytes_array([query or self.rng.choice(QUESTIONS)]).reshape(1, 1),
+                  "task": bytes_array([task]).reshape(1, 1),
+                  "collection": bytes_array([self.cfg.query_collection]).reshape(1, 1),
                   "top_k": np.array([[6]], np.int32), "top_n": np.array([[2]], np.int32)}
         if self.cfg.max_tokens:
             arrays["max_tokens"] = np.array([[self.cfg.max_tokens]], np.int32)
         if task == "generate_json":
-            arrays["schema"] = _bytes([json.dumps(SMALL_SCHEMA)]).reshape(1, 1)
+            arrays["schema"] = bytes_array([json.dumps(SMALL_SCHEMA)]).reshape(1, 1)
         if documents is None and (task == "rank_candidates" or (task == "judge" and self.rng.random() < 0.5)):
             documents = self.rng.sample(CALLER_DOCS, 3)
         if documents is not None:
-            arrays["documents"] = _bytes(documents).reshape(1, -1)
+            arrays["documents"] = bytes_array(documents).reshape(1, -1)
         for k, v in extra.items():
             if v is None:
                 arrays.pop(k, None)
@@ -382,7 +370,7 @@ class Worker:
         result = self.grpc().infer("rag", _grpc_inputs(arrays or self.rag_arrays(task)),
                                    headers=self.identity(True) if headers is None else headers,
                                    client_timeout=timeout or self.cfg.timeout_s)
-        json.loads(result.as_numpy("answer").reshape(-1)[0])
+        client_io.output_json(result, "answer")
         return "ok", ""
 
     def _stream(self, arrays: dict, cancel_after: Optional[int], headers: Optional[dict] = None) -> tuple:
@@ -477,7 +465,7 @@ class Worker:
         if use_grpc:
             result = self.grpc().infer("ingest", _grpc_inputs(arrays), client_timeout=timeout or self.cfg.timeout_s,
                                        headers=self.key_headers())
-            return "ok", json.loads(result.as_numpy("report").reshape(-1)[0])
+            return "ok", client_io.output_json(result, "report")
         status, text = self.http_post("/v2/models/ingest/infer", {"inputs": _json_inputs(arrays)},
                                       headers=self.key_headers())
         outcome = classify_http(status, text, "ok")
@@ -494,9 +482,9 @@ class Worker:
             doc_id = f"soak-c{self.index}-d{self.n_docs}"
         words = self.rng.sample(self.soak.words, min(30, len(self.soak.words)))
         text = f"Soak document {doc_id} revision {self.rng.randrange(10**6)}. " + " ".join(words) + "."
-        arrays = {"doc_ids": _bytes([doc_id]), "texts": _bytes([text]),
-                  "metadata": _bytes([json.dumps({"source": "soak", "client": self.index})]),
-                  "collection": _bytes([self.cfg.ingest_collection])}
+        arrays = {"doc_ids": bytes_array([doc_id]), "texts": bytes_array([text]),
+                  "metadata": bytes_array([json.dumps({"source": "soak", "client": self.index})]),
+                  "collection": bytes_array([self.cfg.ingest_collection])}
         ledger.pending(doc_id)
         try:
             outcome, report = self._ingest(arrays, self.rng.random() < 0.5)
@@ -519,8 +507,8 @@ class Worker:
     def ingest_delete(self, expected: str) -> tuple:
         ledger = self.soak.ledger
         doc_id = self.rng.choice(sorted(self.live_docs))
-        arrays = {"doc_ids": _bytes([doc_id]), "op": _bytes(["delete"]),
-                  "collection": _bytes([self.cfg.ingest_collection])}
+        arrays = {"doc_ids": bytes_array([doc_id]), "op": bytes_array(["delete"]),
+                  "collection": bytes_array([self.cfg.ingest_collection])}
         del self.live_docs[doc_id]
         ledger.pending(doc_id)
         try:
@@ -562,21 +550,21 @@ class Worker:
         variants = [
             ("unknown task", self.rag_arrays("poem"), ident),
             ("empty query", self.rag_arrays("answer", query="   "), ident),
-            ("schema not JSON", self.rag_arrays("generate_json", schema=_bytes(["{oops"]).reshape(1, 1)), ident),
-            ("schema not a schema", self.rag_arrays("generate_json", schema=_bytes(['{"type": 12}']).reshape(1, 1)),
+            ("schema not JSON", self.rag_arrays("generate_json", schema=bytes_array(["{oops"]).reshape(1, 1)), ident),
+            ("schema not a schema", self.rag_arrays("generate_json", schema=bytes_array(['{"type": 12}']).reshape(1, 1)),
              ident),
             ("generate_json without schema", self.rag_arrays("generate_json", schema=None), ident),
             ("top_k 0", self.rag_arrays("answer", top_k=np.array([[0]], np.int32)), ident),
             ("top_n > top_k", self.rag_arrays("answer", top_k=np.array([[3]], np.int32),
                                               top_n=np.array([[5]], np.int32)), ident),
             ("max_tokens too large", self.rag_arrays("answer", max_tokens=np.array([[100000]], np.int32)), ident),
-            ("unknown collection", self.rag_arrays("answer", collection=_bytes(["no-such-coll"]).reshape(1, 1)),
+            ("unknown collection", self.rag_arrays("answer", collection=bytes_array(["no-such-coll"]).reshape(1, 1)),
              ident),
             ("document over the limit", self.rag_arrays("answer", documents=["x" * 30000]), ident),
             ("missing identity headers", self.rag_arrays("answer"), {}),
             ("wrong engine hash", self.rag_arrays("answer"), {**ident, hash_key: "0" * 64}),
             ("query missing", {k: v for k, v in self.rag_arrays("answer").items() if k != "query"}, ident),
-            ("top_k as BYTES", self.rag_arrays("answer", top_k=_bytes(["many"]).reshape(1, 1)), ident),
+            ("top_k as BYTES", self.rag_arrays("answer", top_k=bytes_array(["many"]).reshape(1, 1)), ident),
         ]
         if grpc:
             variants.append(("non-UTF-8 query", self.rag_arrays("answer", query=b"\xff\xfeq"), ident))
@@ -617,15 +605,15 @@ class Worker:
         return classify_http(status, text, expected), f"{label}: HTTP {status}: {text[:300]}"
 
     def bad_ingest(self, expected: str) -> tuple:
-        coll = _bytes([self.cfg.ingest_collection])
+        coll = bytes_array([self.cfg.ingest_collection])
         variants = [
-            ("upsert without texts", {"doc_ids": _bytes(["soak-bad"]), "collection": coll}),
-            ("unknown op", {"doc_ids": _bytes(["soak-bad"]), "op": _bytes(["frobnicate"]), "collection": coll}),
-            ("bad collection name", {"doc_ids": _bytes(["soak-bad"]), "texts": _bytes(["text"]),
-                                     "collection": _bytes(["no/such name"])}),
-            ("metadata not JSON", {"doc_ids": _bytes(["soak-bad"]), "texts": _bytes(["text"]),
-                                   "metadata": _bytes(["{oops"]), "collection": coll}),
-            ("texts/doc_ids mismatch", {"doc_ids": _bytes(["soak-bad1", "soak-bad2"]), "texts": _bytes(["one"]),
+            ("upsert without texts", {"doc_ids": bytes_array(["soak-bad"]), "collection": coll}),
+            ("unknown op", {"doc_ids": bytes_array(["soak-bad"]), "op": bytes_array(["frobnicate"]), "collection": coll}),
+            ("bad collection name", {"doc_ids": bytes_array(["soak-bad"]), "texts": bytes_array(["text"]),
+                                     "collection": bytes_array(["no/such name"])}),
+            ("metadata not JSON", {"doc_ids": bytes_array(["soak-bad"]), "texts": bytes_array(["text"]),
+                                   "metadata": bytes_array(["{oops"]), "collection": coll}),
+            ("texts/doc_ids mismatch", {"doc_ids": bytes_array(["soak-bad1", "soak-bad2"]), "texts": bytes_array(["one"]),
                                         "collection": coll}),
         ]
         label, arrays = self.rng.choice(variants)
@@ -677,11 +665,11 @@ class Ledger:
             for doc_id, st in sorted(state.items()):
                 if st not in ("present", "deleted"):
                     continue
-                arrays = {"op": _bytes(["get"]), "collection": _bytes([collection]),
-                          "payload": _bytes([json.dumps({"doc_id": doc_id})])}
+                arrays = {"op": bytes_array(["get"]), "collection": bytes_array([collection]),
+                          "payload": bytes_array([json.dumps({"doc_id": doc_id})])}
                 try:
                     res = client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60, headers=headers)
-                    doc = json.loads(res.as_numpy("result").reshape(-1)[0])["document"]
+                    doc = client_io.output_json(res, "result")["document"]
                 except Exception as e:  # noqa: BLE001
                     errors.append(f"{doc_id}: {e}"[:300])
                     continue
@@ -691,10 +679,9 @@ class Ledger:
                     resurrected.append(doc_id)
             stats = None
             try:
-                arrays = {"op": _bytes(["stats"]), "collection": _bytes([collection])}
-                stats = json.loads(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60,
-                                                headers=headers)
-                                   .as_numpy("result").reshape(-1)[0])
+                arrays = {"op": bytes_array(["stats"]), "collection": bytes_array([collection])}
+                stats = client_io.output_json(client.infer("vector_index", _grpc_inputs(arrays), client_timeout=60,
+                                                           headers=headers), "result")
             except Exception as e:  # noqa: BLE001
                 stats = {"error": str(e)[:300]}
         finally:
@@ -771,7 +758,7 @@ def process_table(server_pid: int) -> dict:
             continue
         try:
             rss = int((Path("/proc") / str(pid) / "statm").read_text().split()[1]) * page
-            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cmd = (Path("/proc") / str(pid) / "cmdline").readbytes_array().decode(errors="replace").split("\0")
         except (OSError, ValueError, IndexError):
             continue
         if pid == server_pid:
@@ -816,8 +803,8 @@ def manager_heals(grpc_url: str) -> Optional[dict]:
 
     try:
         with grpcclient.InferenceServerClient(grpc_url) as client:
-            res = client.infer("model_manager", _grpc_inputs({"op": _bytes(["status"])}), client_timeout=30)
-            status = json.loads(res.as_numpy("result").reshape(-1)[0])
+            res = client.infer("model_manager", _grpc_inputs({"op": bytes_array(["status"])}), client_timeout=30)
+            status = client_io.output_json(res, "result")
         out = {m: v.get("heals", 0) for m, v in status.get("models", {}).items()}            # budgeted engines
         out.update({m: v.get("heals", 0) for m, v in (status.get("watched") or {}).items()})  # other Python models
         return out

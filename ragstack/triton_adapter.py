@@ -96,9 +96,15 @@ def _under(value: str, base: Optional[Path], env: str, what: str) -> Path:
     return Path(base) / path
 
 
+def engine_dir_path(value: str) -> Path:
+    """Where an ``engine_dir`` parameter points: ``value`` if absolute, else under $ENGINE_PATH (RuntimeError when
+    that is not set). The one resolver of engine folders; it does not check that the folder exists."""
+    return _under(value, rs.current().engine_path, ENGINE_PATH_ENV, "engine_dir")
+
+
 def resolve_engine_dir(value: str) -> Path:
-    """An engine folder: absolute, or relative to $ENGINE_PATH; it must exist."""
-    path = _under(value, rs.current().engine_path, ENGINE_PATH_ENV, "engine_dir")
+    """An engine folder (:func:`engine_dir_path`) that must exist."""
+    path = engine_dir_path(value)
     if not path.is_dir():
         raise RuntimeError(f"engine folder {path} does not exist: build it (tools/build_models.py)")
     return path
@@ -189,11 +195,7 @@ def output_tensors(pb, contract: Contract, values: dict, requested: Optional[fro
     for name, value in values.items():
         if requested is not None and name not in requested:
             continue
-        spec = contract.output(name)
-        arr = np.asarray(value, dtype=spec.np_dtype) if spec.dtype != "TYPE_STRING" else \
-            np.asarray([v.encode("utf-8") if isinstance(v, str) else v for v in np.asarray(value).reshape(-1)],
-                       dtype=np.object_).reshape(np.asarray(value).shape)
-        tensors.append(pb.Tensor(name, arr))
+        tensors.append(pb.Tensor(name, contract.output(name).array(value)))
     return tensors
 
 
@@ -262,56 +264,73 @@ def pad_to(arr: np.ndarray, length: int, side: str) -> np.ndarray:
     return np.pad(arr, pad)
 
 
-def execute_token_batch(pb, requests, contract: Contract, engine, padding_side: str, output_name: str) -> list:
+def token_inputs(pb, request, contract: Contract) -> tuple:
+    """A token-id engine request's ``(input_ids, attention_mask, None)``, checked to have the same shape."""
+    ids = input_array(pb, request, contract, "input_ids")
+    mask = input_array(pb, request, contract, "attention_mask")
+    if ids.shape != mask.shape:
+        raise InvalidInput(f"{contract.name}: input_ids {list(ids.shape)} and attention_mask "
+                           f"{list(mask.shape)} must have the same shape")
+    return ids, mask, None
+
+
+def execute_token_batch(pb, requests, contract: Contract, engine, padding_side: str, output_name: str = "",
+                        *, read: Callable = token_inputs, outputs: Optional[Callable] = None,
+                        isolate: bool = True) -> list:
     """Run a token-id engine (embed, rerank) once over all the requests the dynamic batcher gave us.
 
-    Triton hands the Python backend a list of requests (each [b_i, L_i]); they are padded to one length on
-    the engine's padding side and run as a single forward pass, then split back. A request whose tensors are
-    malformed gets its own INVALID_ARG; the others still run.
+    Triton hands the Python backend a list of requests; ``read(pb, request, contract)`` gives each one's
+    ``(ids [b_i, L_i], mask, extra)`` (by default its ``input_ids`` and ``attention_mask``; a text model
+    tokenizes here). They are padded to one length on the engine's padding side and run as a single call,
+    ``engine(ids, mask)``, then split back: ``outputs(rows, extra)`` gives a request's {output: value} (by
+    default ``{output_name: rows}``). A request that cannot be read gets its own error; the others still run.
+    When the batch call fails, ``isolate`` runs each request alone to find the bad one (an engine's own input
+    checks); otherwise every request of the batch gets the error (an engine call that is UNAVAILABLE).
     """
     responses = [None] * len(requests)
     batch = []
     for i, request in enumerate(requests):
         try:
             require_internal(request.parameters(), contract.name)
-            ids = input_array(pb, request, contract, "input_ids")
-            mask = input_array(pb, request, contract, "attention_mask")
-            if ids.shape != mask.shape:
-                raise InvalidInput(f"{contract.name}: input_ids {list(ids.shape)} and attention_mask "
-                                   f"{list(mask.shape)} must have the same shape")
-            batch.append((i, ids, mask))
+            ids, mask, extra = read(pb, request, contract)
+            batch.append((i, ids, mask, extra))
         except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
             responses[i] = error_response(pb, e)
-    if batch:
-        length = max(ids.shape[1] for _, ids, _ in batch)
-        ids = np.concatenate([pad_to(x, length, padding_side) for _, x, _ in batch])
-        mask = np.concatenate([pad_to(m, length, padding_side) for _, _, m in batch])
-        try:
-            values = engine(ids, mask)
-        except Exception as e:  # noqa: BLE001
-            if len(batch) == 1:
-                responses[batch[0][0]] = error_response(pb, e)
-                return responses
-            # Find out which request is bad rather than failing all of them.
-            for i, x, m in batch:
-                try:
-                    responses[i] = _ok(pb, contract, output_name, engine(x, m))
-                except Exception as e1:  # noqa: BLE001
-                    responses[i] = error_response(pb, e1)
+    if not batch:
+        return responses
+
+    def respond(i, rows, extra):
+        values = outputs(rows, extra) if outputs is not None else {output_name: _rows(rows)}
+        return pb.InferenceResponse(output_tensors=output_tensors(pb, contract, values,
+                                                                  requested_outputs(requests[i])))
+    length = max(ids.shape[1] for _, ids, _, _ in batch)
+    ids = np.concatenate([pad_to(x, length, padding_side) for _, x, _, _ in batch])
+    mask = np.concatenate([pad_to(m, length, padding_side) for _, _, m, _ in batch])
+    try:
+        values = engine(ids, mask)
+    except Exception as e:  # noqa: BLE001
+        if len(batch) == 1 or not isolate:
+            for i, *_ in batch:
+                responses[i] = error_response(pb, e)
             return responses
-        start = 0
-        for i, x, _ in batch:
-            rows = values[start:start + x.shape[0]]
-            start += x.shape[0]
-            responses[i] = _ok(pb, contract, output_name, rows)
+        # Find out which request is bad rather than failing all of them.
+        for i, x, m, extra in batch:
+            try:
+                responses[i] = respond(i, engine(x, m), extra)
+            except Exception as e1:  # noqa: BLE001
+                responses[i] = error_response(pb, e1)
+        return responses
+    start = 0
+    for i, x, _, extra in batch:
+        rows = values[start:start + x.shape[0]]
+        start += x.shape[0]
+        responses[i] = respond(i, rows, extra)
     return responses
 
 
-def _ok(pb, contract: Contract, output_name: str, rows):
+def _rows(rows) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float32)
-    if rows.ndim == 1:
-        rows = rows.reshape(-1, 1)
-    return pb.InferenceResponse(output_tensors=output_tensors(pb, contract, {output_name: rows}))
+    return rows.reshape(-1, 1) if rows.ndim == 1 else rows
 
 
 class Hop:

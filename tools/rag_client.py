@@ -13,13 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bytes(values):
-    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+sys.path.insert(0, str(ROOT))
+from ragstack import client_io  # noqa: E402
 
 
 def _identity(args) -> dict:
@@ -28,7 +24,6 @@ def _identity(args) -> dict:
     if args.engine_hash and args.quantisation:
         values = {"x-engine-hash": args.engine_hash, "x-quantisation": args.quantisation}
     else:
-        sys.path.insert(0, str(ROOT))
         from ragstack.manifest import read_manifest
 
         m = read_manifest(Path(args.engine_path) / "generate")
@@ -41,7 +36,6 @@ def _key(args) -> dict:
     admin key for ingest/delete; a reader key where the server requires one for rag)."""
     if args.api_key:
         return {"x-api-key": args.api_key}
-    sys.path.insert(0, str(ROOT))
     from ragstack.lifecycle.client import env_key
 
     key = env_key("RAG_API_KEY")
@@ -54,16 +48,6 @@ def _client(args):
         return mod, mod.InferenceServerClient(args.grpc_url)
     import tritonclient.http as mod
     return mod, mod.InferenceServerClient(args.url, network_timeout=600, connection_timeout=600)
-
-
-def _inputs(mod, arrays: dict):
-    out = []
-    for name, arr in arrays.items():
-        dtype = {np.dtype(np.int32): "INT32"}.get(arr.dtype, "BYTES")
-        t = mod.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        out.append(t)
-    return out
 
 
 SUFFIXES = (".md", ".markdown", ".txt", ".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm")
@@ -95,15 +79,14 @@ def batches(paths, max_docs: int, max_bytes: int):
 def ingest_request(paths, collection: str) -> dict:
     """One ingest request for these files: plain text/Markdown as texts when the whole batch is text, otherwise
     every file as bytes with its name (the server converts non-text files through `docling`)."""
-    ids = [p.stem for p in paths]
-    meta = [json.dumps({"source": str(p), "title": p.stem}) for p in paths]
-    arrays = {"doc_ids": _bytes(ids), "metadata": _bytes(meta), "collection": _bytes([collection])}
+    values = {"doc_ids": [p.stem for p in paths], "collection": collection,
+              "metadata": [json.dumps({"source": str(p), "title": p.stem}) for p in paths]}
     if all(p.suffix.lower() in TEXT_SUFFIXES for p in paths):
-        arrays["texts"] = _bytes([p.read_text(encoding="utf-8") for p in paths])
+        values["texts"] = [p.read_text(encoding="utf-8") for p in paths]
     else:
-        arrays["files"] = np.array([p.read_bytes() for p in paths], dtype=np.object_)
-        arrays["file_names"] = _bytes([p.name for p in paths])
-    return arrays
+        values["files"] = [p.read_bytes() for p in paths]
+        values["file_names"] = [p.name for p in paths]
+    return values
 
 
 def ingest(args) -> int:
@@ -120,14 +103,14 @@ def ingest(args) -> int:
     total, done, failed, t0 = 0, 0, 0, time.monotonic()
     for batch in batches(paths, args.batch_size, args.batch_bytes):
         try:
-            result = client.infer("ingest", _inputs(mod, ingest_request(batch, args.collection)),
-                                  headers=_key(args))
+            inputs = client_io.infer_inputs(mod, "ingest", ingest_request(batch, args.collection))
+            result = client.infer("ingest", inputs, headers=_key(args))
         except Exception as e:  # noqa: BLE001 - a refused batch names its files and the reason; the rest go on
             failed += len(batch)
             done += len(batch)
             print(f"[ingest {done}/{len(paths)}] FAILED {', '.join(p.name for p in batch)}: {e}", file=sys.stderr)
             continue
-        report = json.loads(result.as_numpy("report")[0])
+        report = client_io.output_json(result, "report")
         for path, doc in zip(batch, report["documents"]):
             done += 1
             total += doc["chunks"]
@@ -142,32 +125,26 @@ def ingest(args) -> int:
 
 def delete(args) -> int:
     mod, client = _client(args)
-    arrays = {"doc_ids": _bytes(args.doc_ids), "op": _bytes(["delete"]), "collection": _bytes([args.collection])}
-    print(client.infer("ingest", _inputs(mod, arrays), headers=_key(args)).as_numpy("report")[0].decode())
+    values = {"doc_ids": args.doc_ids, "op": "delete", "collection": args.collection}
+    print(client_io.output_string(client.infer("ingest", client_io.infer_inputs(mod, "ingest", values),
+                                               headers=_key(args)), "report"))
     return 0
 
 
 def ask(args) -> int:
     mod, client = _client(args)
-    arrays = {"query": _bytes([args.question]), "task": _bytes([args.task]), "collection": _bytes([args.collection]),
-              "top_k": np.array([args.top_k], np.int32), "top_n": np.array([args.top_n], np.int32)}
-    if args.schema:
-        arrays["schema"] = _bytes([Path(args.schema).read_text()])
-    if args.max_tokens:
-        arrays["max_tokens"] = np.array([args.max_tokens], np.int32)
-    # rag batches requests: every input gets a leading batch dimension of 1.
-    arrays = {k: v.reshape(1, -1) for k, v in arrays.items()}
-    if args.document:
-        arrays["documents"] = _bytes(args.document).reshape(1, -1)
+    values = {"query": args.question, "task": args.task, "collection": args.collection, "top_k": args.top_k,
+              "top_n": args.top_n, "schema": Path(args.schema).read_text() if args.schema else None,
+              "max_tokens": args.max_tokens or None, "documents": args.document or None}
     if args.stream:
-        return _ask_stream(args, arrays)
-    result = client.infer("rag", _inputs(mod, arrays), headers=_identity(args))
-    out = {name: json.loads(result.as_numpy(name).reshape(-1)[0]) for name in ("answer", "contexts", "usage")}
+        return _ask_stream(args, values)
+    result = client.infer("rag", client_io.infer_inputs(mod, "rag", values), headers=_identity(args))
+    out = {name: client_io.output_json(result, name) for name in ("answer", "contexts", "usage")}
     print(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
 
 
-def _ask_stream(args, arrays) -> int:
+def _ask_stream(args, values) -> int:
     import queue
 
     import tritonclient.grpc as grpcclient
@@ -175,19 +152,18 @@ def _ask_stream(args, arrays) -> int:
     client = grpcclient.InferenceServerClient(args.grpc_url)
     responses = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=_identity(args))
-    client.async_stream_infer("rag_stream", _inputs(grpcclient, arrays))
+    client.async_stream_infer("rag_stream", client_io.infer_inputs(grpcclient, "rag_stream", values))
     try:
         while True:
             result, error = responses.get(timeout=600)
             if error is not None:
                 print(f"\nerror: {error}", file=sys.stderr)
                 return 1
-            usage = result.as_numpy("usage")
-            if usage is None:
-                sys.stdout.write(result.as_numpy("answer").reshape(-1)[0].decode())
+            if result.as_numpy("usage") is None:
+                sys.stdout.write(client_io.output_string(result, "answer"))
                 sys.stdout.flush()
                 continue
-            out = {n: json.loads(result.as_numpy(n).reshape(-1)[0]) for n in ("answer", "contexts", "usage")}
+            out = {n: client_io.output_json(result, n) for n in ("answer", "contexts", "usage")}
             print("\n" + json.dumps(out, indent=2, ensure_ascii=False))
             return 0
     finally:

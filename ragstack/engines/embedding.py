@@ -7,8 +7,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ragstack.engines import (check_token_batch, embed, load_engine_spec, place_model, resolve_device,
-                              resolve_dtype, vocab_size)
+from ragstack.engines.common import (check_token_batch, embed, load_engine_spec, place_model, resolve_device,
+                                     resolve_dtype, vocab_size)
 
 
 class EmbeddingEngine:

@@ -16,9 +16,8 @@ import logging
 import threading
 import time
 
-import numpy as np
-
 from ragstack import triton_adapter as ta
+from ragstack.contracts import MODEL_MANAGER
 from ragstack.errors import InvalidInput
 from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable, acquire_lease, holding, release_lease
 from ragstack.lifecycle.manager import DEAD_STUB_MARKERS
@@ -54,10 +53,7 @@ def _mark_unavailable(manager: str) -> None:
 
 def manager_call(pb):
     def call(op, model, payload):
-        inputs = {"op": np.array([op.encode()], dtype=np.object_),
-                  "payload": np.array([json.dumps(payload).encode()], dtype=np.object_)}
-        if model:
-            inputs["model"] = np.array([model.encode()], dtype=np.object_)
+        inputs = MODEL_MANAGER.input_arrays({"op": op, "payload": json.dumps(payload), "model": model or None})
         out = ta.bls_infer(pb, "model_manager", inputs, ["result"])
         return json.loads(out["result"].reshape(-1)[0])
     return call

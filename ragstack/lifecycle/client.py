@@ -6,8 +6,7 @@ import json
 import time
 from typing import Optional
 
-import numpy as np
-
+from ragstack import client_io
 from ragstack.lifecycle.leasing import EngineLease, acquire_lease, holding, release_lease
 
 MANAGER = "model_manager"
@@ -42,17 +41,10 @@ class ManagerClient:
                                                                  connection_timeout=timeout_s)
 
     def call(self, op: str, model: Optional[str] = None, payload: Optional[dict] = None) -> dict:
-        values = {"op": op, "payload": json.dumps(payload or {})}
-        if model:
-            values["model"] = model
-        inputs = []
-        for name, value in values.items():
-            t = self._http.InferInput(name, [1], "BYTES")
-            t.set_data_from_numpy(np.array([value.encode()], dtype=object))
-            inputs.append(t)
+        values = {"op": op, "payload": json.dumps(payload or {}), "model": model or None}
+        inputs = client_io.infer_inputs(self._http, MANAGER, values)   # the manager's contract
         headers = {"x-api-key": self.api_key} if self.api_key else None
-        result = self.client.infer(self.manager, inputs, headers=headers)
-        return json.loads(result.as_numpy("result")[0])
+        return client_io.output_json(self.client.infer(self.manager, inputs, headers=headers), "result")
 
     def close(self) -> None:
         self.client.close()

@@ -109,12 +109,10 @@ def engine_dir_of(model: str, repos: Iterable) -> Optional[Path]:
     value = cfg.parameters.get("engine_dir")
     if value is None or not value.string_value:
         return None
-    path = Path(value.string_value)
-    if not path.is_absolute():
-        base = rs.current().engine_path
-        if base is None:
-            return None
-        path = base / path
+    try:
+        path = ta.engine_dir_path(value.string_value)
+    except RuntimeError:              # relative, and no ENGINE_PATH
+        return None
     return path if path.is_dir() else None
 
 
@@ -420,9 +418,8 @@ class HelperLoader(_LoaderBase):
 
     def _call(self, op: str, model: str, payload: Optional[dict] = None) -> dict:
         out = ta.bls_infer(self.pb, "model_manager_loader", {
-            "op": np.array([op.encode()], dtype=np.object_),
-            "model": np.array([model.encode()], dtype=np.object_),
-            "payload": np.array([json.dumps(payload or {}).encode()], dtype=np.object_)}, ["result"])
+            "op": contracts.one_string(op), "model": contracts.one_string(model),
+            "payload": contracts.one_string(json.dumps(payload or {}))}, ["result"])
         return json.loads(out["result"].reshape(-1)[0])
 
     def _load(self, model: str, versions, fresh: bool = False) -> None:
@@ -580,10 +577,10 @@ def build_manager(pb, args: dict):
         parallel_loads=p.parallel_loads if loader.concurrent_loads else 1)
 
     def resolve(model, value):
-        path = Path(value)
-        if not path.is_absolute() and settings.engine_path is not None:
-            path = settings.engine_path / path
-        return path
+        try:
+            return ta.engine_dir_path(value)
+        except RuntimeError:          # relative, and no ENGINE_PATH: as given
+            return Path(value)
 
     # Every other Python model of the server is watched for dead stubs and reloaded (never budgeted).
     watched = [m for m in (p.watched_models or DEFAULT_WATCHED) if m not in models]

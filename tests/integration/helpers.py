@@ -1,30 +1,21 @@
 """Small client-side helpers shared by the integration tests (both protocols)."""
-import numpy as np
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+from ragstack import client_io
+from ragstack.contracts import bytes_array as strings  # noqa: F401 - the tests' BYTES arrays
 
 
 def make_input(protocol, name, array, dtype=None):
-    array = np.asarray(array)
-    if dtype is None:
-        dtype = "BYTES" if array.dtype == object else {
-            np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL",
-            np.dtype(np.uint64): "UINT64", np.dtype(np.int64): "INT64"}[array.dtype]
-    mod = httpclient if protocol == "http" else grpcclient
-    tensor = mod.InferInput(name, list(array.shape), dtype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+    """An input as given: no contract applies (the tests send wrong shapes and dtypes on purpose)."""
+    return client_io.infer_input(protocol, name, array, dtype)
 
 
 def infer(client_pair, model, inputs: dict, outputs=None, headers=None, auth=True):
     """inputs: {name: numpy array}; returns {output name: numpy array}."""
     protocol, client = client_pair
-    result = client.infer(model, [make_input(protocol, k, v) for k, v in inputs.items()],
-                          headers=wire_headers(protocol, headers, auth))
-    names = outputs or [o["name"] for o in (result.get_response()["outputs"] if protocol == "http"
-                                              else [{"name": o.name} for o in result.get_response().outputs])]
-    return {n: result.as_numpy(n) for n in names}
+    result = client.infer(model, client_io.inputs_as_given(protocol, inputs), headers=wire_headers(protocol, headers, auth))
+    return client_io.outputs(result, outputs)
 
 
 def auth_headers() -> dict:
@@ -51,10 +42,6 @@ def wire_headers(protocol, headers, auth=True):
     return {k.lower(): v for k, v in headers.items()} if protocol == "grpc" else dict(headers)
 
 
-def strings(values):
-    return np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=object)
-
-
 def is_invalid_arg(exc: InferenceServerException) -> bool:
     """HTTP 400 or gRPC INVALID_ARGUMENT: Triton's INVALID_ARG class."""
     status = str(exc.status() or "")
@@ -71,7 +58,7 @@ def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, head
     client.start_stream(callback=lambda result, error: responses.put((result, error)),
                         headers=wire_headers("grpc", headers, auth))
     try:
-        client.async_stream_infer(model, [make_input("grpc", k, v) for k, v in inputs.items()],
+        client.async_stream_infer(model, client_io.inputs_as_given("grpc", inputs),
                                   enable_empty_final_response=True)
         out = []
         while True:
@@ -79,7 +66,7 @@ def stream(grpc_url, model, inputs: dict, timeout=120.0, cancel_after=None, head
             if error is not None:
                 raise error
             response = result.get_response()
-            arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+            arrays = client_io.outputs(result)
             if arrays:
                 out.append(arrays)
             if response.parameters["triton_final_response"].bool_param:

@@ -5,7 +5,6 @@ Its own server on its own repository (a copy of the reference engines, with vers
 of embed, and a test-only BLS model ``lease_probe`` that calls an engine inside
 ``ragstack.lifecycle.bls_client.engine_lease``), so the budget and the canary can be driven freely.
 """
-import json
 import os
 import shutil
 import signal
@@ -13,9 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from ragstack import client_io
+from ragstack.contracts import bytes_array
 from ragstack.events import OBSERVABILITY_ALERT, ROLLBACK_COMPLETED, read_events
 from ragstack.lifecycle.client import ManagerClient
 from ragstack.lifecycle.procmem import stub_processes
@@ -143,9 +143,8 @@ def probe(server, model: str) -> dict:
     import tritonclient.http as httpclient
 
     with httpclient.InferenceServerClient(server.http_url, network_timeout=600, connection_timeout=600) as c:
-        t = httpclient.InferInput("model", [1], "BYTES")
-        t.set_data_from_numpy(np.array([model.encode()], dtype=object))
-        return json.loads(c.infer("lease_probe", [t]).as_numpy("result")[0])
+        result = c.infer("lease_probe", client_io.inputs_as_given(httpclient, {"model": bytes_array([model])}))
+        return client_io.output_json(result, "result")
 
 
 def metric_values(server) -> dict:

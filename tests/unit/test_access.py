@@ -78,7 +78,7 @@ def test_denial_is_a_client_error():
 # client, so this list must name every Python-backend model folder. (module or model file, what it must call)
 CHECKS = {
     "bls_models/docling": ("bls_models/docling/1/model.py", "access.require_internal("),
-    "bls_models/embed_text": ("bls_models/embed_text/1/model.py", "access.require_internal("),
+    "bls_models/embed_text": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
     "bls_models/rerank_text": ("bls_models/rerank_text/1/model.py", "access.require_internal("),
     "bls_models/generate_text": ("bls_models/generate_text/1/model.py", "access.require_internal("),
     "bls_models/vector_index": ("bls_models/vector_index/1/model.py", "access.require_internal("),
@@ -96,6 +96,7 @@ CHECKS = {
 }
 # The models that reach their check through shared code, and the call that leads there.
 VIA = {"bls_models/rag_orchestrator": "OrchestratorModel", "bls_models/rag_stream_orchestrator": "OrchestratorModel",
+       "bls_models/embed_text": "ta.execute_token_batch(",
        "model_repository/reference/embed": "ta.execute_token_batch(", "model_repository/reference/rerank":
        "ta.execute_token_batch(", "model_repository/trtllm/embed": "TritonPlanModel(",
        "model_repository/trtllm/rerank": "TritonPlanModel("}

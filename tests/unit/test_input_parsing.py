@@ -65,7 +65,7 @@ def test_rag_schema_and_documents_bound_the_nesting():
     with pytest.raises(InvalidInput, match="schema must be a JSON object, got a JSON array"):
         rag.parse_schema("[1]")
     with pytest.raises(InvalidInput, match=r"documents\[0\].*nests JSON deeper"):
-        rag.parse_documents(['{"a": ' * DEEP + "1" + "}" * DEEP])
+        rag.parse_caller_documents(['{"a": ' * DEEP + "1" + "}" * DEEP])
 
 
 def test_ingest_request_size_limits(monkeypatch):
@@ -250,3 +250,16 @@ def test_output_tokens_of_a_streamed_final_response_without_a_new_token():
 
     assert output_tokens(generate_outputs([], num_input_tokens=3, num_output_tokens=5)) == []
     assert output_tokens(generate_outputs([7, 8], num_input_tokens=3, num_output_tokens=2)) == [7, 8]
+
+
+def test_engine_folders_resolve_under_engine_path_and_must_exist_where_a_model_loads_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(ta.ENGINE_PATH_ENV, raising=False)
+    assert ta.engine_dir_path(str(tmp_path / "embed")) == tmp_path / "embed"      # absolute: as given
+    with pytest.raises(RuntimeError, match="ENGINE_PATH is not set"):
+        ta.engine_dir_path("embed")
+    monkeypatch.setenv(ta.ENGINE_PATH_ENV, str(tmp_path))
+    assert ta.engine_dir_path("embed") == tmp_path / "embed"
+    with pytest.raises(RuntimeError, match="does not exist"):
+        ta.resolve_engine_dir("embed")
+    (tmp_path / "embed").mkdir()
+    assert ta.resolve_engine_dir("embed") == tmp_path / "embed"

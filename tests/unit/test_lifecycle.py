@@ -933,6 +933,8 @@ def test_version_config_override_and_footprint_seed(tmp_path, monkeypatch):
     (engines / "embed").mkdir(parents=True)
     (engines / "embed" / "model.safetensors").write_bytes(b"\0" * 4096)
     (engines / "embed" / "tokenizer.json").write_text("{}")
+    monkeypatch.delenv("ENGINE_PATH", raising=False)
+    assert engine_dir_of("embed", [repo]) is None            # relative, and no ENGINE_PATH to put it under
     monkeypatch.setenv("ENGINE_PATH", str(engines))
     engine_dir = engine_dir_of("embed", [repo])
     assert engine_dir == engines / "embed"

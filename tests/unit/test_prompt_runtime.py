@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ragstack.policy import RuntimePolicy
-from ragstack.prompt_runtime import ManifestError, PromptRuntimeManager, format_summary, read_manifest
+from ragstack.prompt_runtime import ManifestError, PromptRuntimeManager, format_summary, read_prompt_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "config" / "runtime_policy.json"
@@ -97,7 +97,7 @@ def test_thresholds_follow_the_policy_not_hard_coded_numbers(tmp_path):
 def test_malformed_manifests_are_reported_not_raised(tmp_path, policy, content, error):
     path = write(tmp_path, "broken.json", content)
     with pytest.raises(ManifestError, match=error.replace("(", r"\(").replace(")", r"\)")):
-        read_manifest(path)
+        read_prompt_manifest(path)
     s = PromptRuntimeManager(ENGINE, policy, tmp_path).summary()
     assert s["aligned"] is False
     assert s["manifests"] == [{"name": "broken", "path": str(path), "aligned": False, "mismatches": [],

@@ -80,7 +80,7 @@ def test_equal_rerank_scores_keep_retrieval_order():
 
 def test_caller_documents_bypass_the_index():
     engines, calls = fake_engines([], [0.2, 0.8], json.dumps({"answer": "x", "citations": ["ctx-1"]}))
-    docs = rag.parse_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
+    docs = rag.parse_caller_documents(['{"id": "a", "text": "first"}', '{"id": "b", "text": "second"}'])
     result = rag.run(rag.RagRequest(query="q", documents=docs, top_n=1), engines, POLICY)
     assert "search" not in calls and [c.doc_id for c in result.contexts] == ["b"]
 
@@ -99,7 +99,7 @@ def test_truncated_json_at_token_cap_is_reported_as_such():
 @pytest.mark.parametrize("task, policy", [("generate_json", (0.0, 1.0)), ("rank_candidates", (0.0, 1.0)),
                                           ("judge", (0.1, 0.9)), ("answer", (0.0, 1.0))])
 def test_task_policies_reach_the_generator(task, policy):
-    docs = rag.parse_documents(["one", "two"])
+    docs = rag.parse_caller_documents(["one", "two"])
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
 
     def reply(s):
@@ -108,7 +108,7 @@ def test_task_policies_reach_the_generator(task, policy):
                            "answer": {"answer": "a", "citations": ["ctx-1"]}}[task])
     engines, calls = fake_engines([], [0.3, 0.6], reply)
     req = rag.RagRequest(query="q", task=task, documents=docs, schema=schema if task == "generate_json" else None)
-    rag.run(rag.validate_request(req), engines, POLICY)
+    rag.run(rag.validate_rag_request(req), engines, POLICY)
     p = calls["generate"]["policy"]
     assert (p.temperature, p.top_p) == policy
     if task == "rank_candidates":                     # every candidate is ranked, not only top_n
@@ -127,7 +127,7 @@ def test_task_policies_reach_the_generator(task, policy):
 ])
 def test_bad_requests(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
-        rag.validate_request(rag.RagRequest(**kwargs))
+        rag.validate_rag_request(rag.RagRequest(**kwargs))
 
 
 @pytest.mark.parametrize("text, message", [
@@ -148,7 +148,7 @@ def test_bad_schemas(text, message):
 ])
 def test_bad_documents(docs, message):
     with pytest.raises(InvalidInput, match=message):
-        rag.parse_documents(docs)
+        rag.parse_caller_documents(docs)
 
 
 def test_max_tokens_is_capped_by_the_task_policy():
@@ -242,3 +242,46 @@ def test_an_engine_that_cannot_take_its_protocols_arguments_is_named():
         rag.check_engines(dataclasses.replace(engines, search=None))
     with pytest.raises(TypeError, match="engine rerank does not take"):
         rag.check_engines(dataclasses.replace(engines, rerank=lambda query, texts: []))
+
+
+class _Tokenizers:
+    """Stands in for EmbedTokenizer, RerankTokenizer and GeneratorTokenizer: one id per word."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, texts, kind):
+        self.seen.append(("embed", kind))
+        return [[1] * len(texts[0].split())], [[1] * len(texts[0].split())], [len(texts[0].split())]
+
+    def encode_pairs(self, query, texts):
+        self.seen.append(("rerank", len(texts)))
+        return [[i] for i in range(len(texts))], [[1]] * len(texts)
+
+    def count_prompt(self, system, user):
+        return len((system + user).split())
+
+    def prompt_limit(self, max_tokens):
+        return 10_000
+
+    def count_texts(self, texts):
+        return [len(t.split()) for t in texts]
+
+
+def test_token_engines_tokenize_once_per_stage_and_give_the_generator_the_answer_schema_as_its_guide():
+    tok = _Tokenizers()
+    got = {}
+
+    def generate(system, user, guide_type, guide, policy, max_tokens, on_delta, timer):
+        got["guide"] = (guide_type, json.loads(guide))
+        return {"text": json.dumps({"answer": "b", "citations": ["ctx-1"]}), "finish_reason": "stop",
+                "num_input_tokens": 3, "num_output_tokens": 2}
+    hits = [{"text": t, "doc_id": f"d{i}", "chunk_id": f"d{i}#0", "score": s} for i, (t, s) in enumerate(HITS)]
+    engines = rag.token_engines(tok, tok, tok, embed=lambda ids, mask: [[0.5] * len(ids[0])],
+                                search=lambda collection, vector, top_k: hits[:top_k],
+                                rerank=lambda ids, mask: [0.1, 0.9, 0.5][:len(ids)], generate=generate)
+    result = rag.run(rag.RagRequest(query="two words", top_k=3, top_n=1), engines, POLICY)
+    assert tok.seen == [("embed", "query"), ("rerank", 3)]
+    assert [c.text for c in result.contexts] == ["beta"] and result.usage["query_tokens"] == 2
+    assert got["guide"][0] == "json_schema" and got["guide"][1]["properties"]["citations"]["items"]["enum"] == ["ctx-1"]
+    assert result.usage["timings_ms"]["tokenize"] >= 0.0

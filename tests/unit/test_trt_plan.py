@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from ragstack import contracts
-from ragstack.access import child_parameters
 from ragstack.errors import InvalidInput
 from ragstack.trt_plan import HostDevice, PlanError, PlanRunner, TritonPlanModel, check_tensorrt_version
+from tests.unit.fake_pb import FakePb, Request
 
 DIM = 6
 
@@ -264,41 +264,6 @@ def test_a_plan_from_another_tensorrt_release_is_named(built, runtime, ok):
 
 
 # ------------------------------------------------------------------------------------ the Triton model
-class _Tensor:
-    def __init__(self, name, arr):
-        self.name, self.arr = name, arr
-
-    def as_numpy(self):
-        return self.arr
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None):
-        self.output_tensors, self.error = output_tensors, error
-
-
-class _PB:
-    Tensor = _Tensor
-    InferenceResponse = _Response
-
-    class TritonError:
-        INVALID_ARG, INTERNAL = 3, 13
-
-        def __init__(self, msg, code=13):
-            self.msg, self.code = msg, code
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return request.get(name)
-
-
-class _Request(dict):
-    """A request from a BLS parent of this server: its tensors, and the parameters with the internal proof."""
-
-    def parameters(self):
-        return json.dumps(child_parameters())
-
-
 def test_the_triton_model_pads_batches_of_requests_on_the_engines_side(tmp_path, monkeypatch):
     engine_dir = tmp_path / "embed"
     engine_dir.mkdir()
@@ -312,9 +277,8 @@ def test_the_triton_model_pads_batches_of_requests_on_the_engines_side(tmp_path,
     model = TritonPlanModel(args, contracts.EMBED, "embedding", trt=trt, device=HostDevice())
     a = np.array([[5, 6, 7]], np.int32)
     b = np.array([[9, 9]], np.int32)
-    requests = [_Request(input_ids=_Tensor("input_ids", a), attention_mask=_Tensor("attention_mask", np.ones_like(a))),
-                _Request(input_ids=_Tensor("input_ids", b), attention_mask=_Tensor("attention_mask", np.ones_like(b)))]
-    responses = model.execute(_PB, requests)
+    requests = [Request(input_ids=a, attention_mask=np.ones_like(a)), Request(input_ids=b, attention_mask=np.ones_like(b))]
+    responses = model.execute(FakePb(), requests)
     assert trt.executions == [2]                                   # one plan execution for both requests
     first, second = (r.output_tensors[0].arr for r in responses)
     assert first[0, :3].tolist() == [18, 3, 5] and second[0, :3].tolist() == [18, 2, 0]   # left padding

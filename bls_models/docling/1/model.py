@@ -4,7 +4,6 @@ Offline backends only (no model hub): DOCX, PPTX, XLSX, HTML, Markdown; PDF thro
 own text with page numbers, a font-height heading rule; no layout, table-structure or OCR model). Bad input (empty,
 unknown type, over 50 MB, encrypted or corrupt PDF) is INVALID_ARG; the stub stays up. See ragstack/documents.py.
 """
-import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, contracts, documents
@@ -41,6 +40,6 @@ class TritonPythonModel:
         if fmt == "txt":
             fmt = "md"                    # plain text converts as Markdown without markup
         doc = self.converter.convert(raw, fmt, name or f"document.{fmt}")
-        out = {"document": np.array([documents.to_json(doc)], dtype=np.object_),
-               "markdown": np.array([doc.export_to_markdown()], dtype=np.object_)}
+        out = {"document": contracts.one_string(documents.to_json(doc)),
+               "markdown": contracts.one_string(doc.export_to_markdown())}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out, ta.requested_outputs(request)))

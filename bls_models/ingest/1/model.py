@@ -78,19 +78,13 @@ class TritonPythonModel:
                                    for s in range(0, len(ids), bls.EMBED_BATCH)])
 
         def index(op, payload, vectors):
-            inputs = {"op": _str(op), "collection": _str(collection), "payload": _str(json.dumps(payload))}
-            if vectors is not None:
-                inputs["vectors"] = np.asarray(vectors, dtype=np.float32)
-            out = prio.retry_when_queue_full(lambda: ta.bls_infer(pb, "vector_index", inputs, ["result"], hop))
-            return json.loads(out["result"].reshape(-1)[0])
+            return prio.retry_when_queue_full(lambda: bls.index_op(pb, op, collection, hop, vectors=vectors,
+                                                                   payload=payload))
 
         def chunk_file(doc):
             # Docling runs in its own model (BLS): its import and memory stay out of this stub.
-            inputs = {"data": np.array([doc.file], dtype=np.object_), "file_name": _str(doc.file_name or ""),
-                      "mime_type": _str(doc.mime_type or "")}
-            converted = ta.bls_infer(pb, "docling", inputs, ["document"], hop)["document"].reshape(-1)[0]
-            return structured_chunks(from_json(converted.decode("utf-8") if isinstance(converted, bytes)
-                                               else converted), self.tokenizer, max_tokens, overlap)
+            converted = bls.convert_document(pb, doc.file, doc.file_name, doc.mime_type, hop)
+            return structured_chunks(from_json(converted), self.tokenizer, max_tokens, overlap)
 
         settings = {"chunk_tokens": max_tokens, "overlap_tokens": overlap, "embedder": self.tokenizer.spec.name,
                     "dim": self.tokenizer.spec.dim}
@@ -101,9 +95,5 @@ class TritonPythonModel:
         report["priority"] = prio.name(level)
         report["yielded_s"] = round(yielded[0], 3)
         report["embed_calls"] = yielded[1]
-        out = {"report": np.array([json.dumps(report)], dtype=np.object_)}
+        out = {"report": contracts.one_string(json.dumps(report))}
         return pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out))
-
-
-def _str(value):
-    return np.array([value.encode("utf-8")], dtype=np.object_)

@@ -6,7 +6,6 @@ leases and the canary counters live in this one process.
 """
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, contracts, json_input
@@ -32,7 +31,7 @@ class TritonPythonModel:
                 payload = json_input.loads(payload, "model_manager: payload", expect=dict) if payload else {}
                 result = self.service.handle(op,
                                              ta.input_string(pb, request, C, "model"), payload)
-                out = {"result": np.array([json.dumps(result, default=str)], dtype=np.object_)}
+                out = {"result": contracts.one_string(json.dumps(result, default=str))}
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))
             except Exception as e:  # noqa: BLE001 - every failure is this request's error response
                 responses.append(ta.error_response(pb, e))

@@ -1,7 +1,6 @@
 """vector_index: the single process that owns the vector store (reads and writes never disagree)."""
 import json
 
-import numpy as np
 import triton_python_backend_utils as pb
 
 from ragstack import access, contracts, index_ops, json_input
@@ -31,7 +30,7 @@ class TritonPythonModel:
                     vectors=ta.input_array(pb, request, C, "vectors"),
                     payload=None if payload is None else
                     json_input.loads(payload, "vector_index: payload", expect=dict))
-                out = {"result": np.array([json.dumps(result)], dtype=np.object_)}
+                out = {"result": contracts.one_string(json.dumps(result))}
                 responses.append(pb.InferenceResponse(output_tensors=ta.output_tensors(pb, C, out)))
             except Exception as e:  # noqa: BLE001
                 responses.append(ta.error_response(pb, e))
