@@ -217,7 +217,7 @@ def operator_headers(attached: bool = False) -> dict:
 
 
 def identity_headers(models: Path) -> dict:
-    """Spec 004's identity headers for the served generator, from its build manifest (as tools/rag_client.py);
+    """The engine identity headers (the policy rejects a request without them) for the served generator, from its build manifest (as tools/rag_client.py);
     lower case, as gRPC metadata must be."""
     from ragstack.manifest import read_manifest
 
