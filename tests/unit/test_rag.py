@@ -227,7 +227,8 @@ def test_the_fakes_and_the_orchestrators_engines_take_the_protocols_arguments():
                           prompt_limit=GeneratorTokenizer.prompt_limit.__get__(object()),
                           count_texts=GeneratorTokenizer.count_texts.__get__(object()))
     request = SimpleNamespace(parameters=lambda: "{}", trace=lambda: None, is_cancelled=lambda: False)
-    engines = OrchestratorModel._engines(SimpleNamespace(pb=None, gen_tok=tok), request)  # type: ignore[arg-type]
+    model = SimpleNamespace(pb=None, gen_tok=tok, embed_tok=SimpleNamespace(), rerank_tok=SimpleNamespace())
+    engines = OrchestratorModel._engines(model, request)  # type: ignore[arg-type]
     rag.check_engines(engines)
 
 
