@@ -8,7 +8,7 @@ from typing import Optional
 
 from ragstack.engine_spec import EngineSpec
 from ragstack.errors import InvalidInput
-from ragstack.fast_tokenizer import FastTokenizer
+from ragstack.fast_tokenizer import shared_tokenizer
 
 
 class GeneratorTokenizer:
@@ -16,7 +16,7 @@ class GeneratorTokenizer:
 
     def __init__(self, engine_dir: Path, tokenizer_dir: Optional[Path] = None):
         self.spec = EngineSpec.read(engine_dir)
-        self.tokenizer = FastTokenizer(tokenizer_dir or engine_dir)
+        self.tokenizer = shared_tokenizer(tokenizer_dir or engine_dir)
         self.end_id = self.spec.end_id
         self.pad_id = self.spec.pad_id if self.spec.pad_id is not None else self.spec.end_id
 

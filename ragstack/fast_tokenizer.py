@@ -11,13 +11,21 @@ results: ``tests/unit/test_lean_tokenizer.py`` compares it with transformers on 
 
 Differences, on purpose: a folder without ``tokenizer.json`` (a slow-only, sentencepiece tokenizer) is refused
 rather than converted; no tensors, padding or overflow in ``__call__`` (the callers pad themselves); truncation
-settings live in one backend per (max_length, strategy), never changed on a shared one, so threads sharing a
+is done per call on the encodings (the backend's own truncation setting is never changed), so threads sharing a
 tokenizer cannot overwrite each other's settings (transformers' fast tokenizers can).
+
+Memory: :func:`shared_tokenizer` gives one instance per distinct set of tokenizer files in a process (the
+orchestrators hold the embed, rerank and generate tokenizers; the demo's embed and rerank folders share
+all-MiniLM's, the tiny set's three are one), and returns the heap the JSON parse of ``tokenizer.json`` left free
+to the OS (glibc ``malloc_trim``; ~16 MB after SmolLM2's 49k-token BPE).
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import threading
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -159,30 +167,63 @@ class FastTokenizer:
         return self._tokenizer.num_special_tokens_to_add(pair)
 
     # ----------------------------------------------------------------------------------- encoding
-    def _backend(self, truncation, max_length: Optional[int], pair: bool):
-        """The backend to encode with: the shared one, or one with fixed truncation settings."""
+    def _strategy(self, truncation, max_length: Optional[int]) -> Optional[str]:
         if truncation in (False, None, "do_not_truncate") or max_length is None:
-            return self._tokenizer
+            return None
         strategy = TRUNCATION_STRATEGIES.get(truncation)
         if strategy is None:
             raise ValueError(f"truncation must be True, False or one of {sorted(set(TRUNCATION_STRATEGIES.values()))}"
                              f", got {truncation!r}")
-        if pair is False and strategy == "only_second":
-            strategy = "longest_first"      # one sequence: only_second has nothing to cut (as in transformers)
-        key = (int(max_length), strategy)
-        backend = self._truncating.get(key)
+        return strategy
+
+    def _pair_backend(self, max_length: int):
+        """A backend with fixed longest_first truncation, for pairs only (the project never truncates a pair that
+        way; kept so the API is complete). One per max_length, never changed after it is made."""
+        backend = self._truncating.get(max_length)
         if backend is None:
             from tokenizers import Tokenizer
 
             with self._lock:
-                backend = self._truncating.get(key)
+                backend = self._truncating.get(max_length)
                 if backend is None:
-                    backend = Tokenizer.from_str(self._tokenizer.to_str())
-                    backend.enable_truncation(int(max_length), stride=0, strategy=strategy,
+                    backend = Tokenizer.from_str(self._tokenizer.to_str())     # with the registered tokens
+                    backend.enable_truncation(max_length, stride=0, strategy="longest_first",
                                               direction=self.truncation_side)
                     backend.no_padding()
-                    self._truncating[key] = backend
+                    self._truncating[max_length] = backend
         return backend
+
+    def _truncated(self, inputs: list, pair: bool, add_special_tokens: bool, strategy: str, max_length: int):
+        """Encode without special tokens, cut as the library's truncation would (the room left after the special
+        tokens; a single sequence from its end, a pair's only_first/only_second sequence alone), then add the
+        special tokens: the same ids, offsets and masks, with no truncation state shared between calls."""
+        if pair and strategy == "longest_first":
+            backend = self._pair_backend(max_length)
+            return backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        if not pair and strategy == "only_second":
+            raise ValueError("truncation='only_second' needs a second sequence (text_pair)")
+        room = max_length - (self._tokenizer.num_special_tokens_to_add(pair) if add_special_tokens else 0)
+        if room < 0:
+            raise ValueError(f"max_length {max_length} leaves no room beside the special tokens")
+        out = []
+        if pair:
+            firsts = self._tokenizer.encode_batch([a for a, _ in inputs], add_special_tokens=False)
+            seconds = self._tokenizer.encode_batch([b for _, b in inputs], add_special_tokens=False)
+            for first, second in zip(firsts, seconds):
+                cut = second if strategy == "only_second" else first
+                excess = len(first) + len(second) - room
+                if excess > 0:
+                    if len(cut) <= excess:
+                        raise ValueError("the sequence to truncate is too short to respect max_length "
+                                         f"{max_length}")
+                    cut.truncate(len(cut) - excess, stride=0, direction=self.truncation_side)
+                out.append(self._tokenizer.post_process(first, second, add_special_tokens=add_special_tokens))
+        else:
+            for encoding in self._tokenizer.encode_batch(inputs, add_special_tokens=False):
+                if len(encoding) > room:
+                    encoding.truncate(room, stride=0, direction=self.truncation_side)
+                out.append(self._tokenizer.post_process(encoding, None, add_special_tokens=add_special_tokens))
+        return out
 
     def __call__(self, text, text_pair=None, add_special_tokens: bool = True, truncation=False,
                  max_length: Optional[int] = None, return_offsets_mapping: bool = False,
@@ -191,18 +232,20 @@ class FastTokenizer:
         strings (lists of lists), with ``text_pair`` the second sequence(s). No padding, no tensors."""
         batched = isinstance(text, (list, tuple))
         texts = list(text) if batched else [text]
+        pairs = None
         if text_pair is not None:
             pairs = list(text_pair) if batched else [text_pair]
             if len(pairs) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(pairs)} text pairs")
-            inputs = list(zip(texts, pairs))
-        else:
-            inputs = texts
-        for item in texts + (list(pairs) if text_pair is not None else []):
+        for item in texts + (pairs or []):
             if not isinstance(item, str):
                 raise TypeError(f"text input must be a string, got {type(item).__name__}")
-        backend = self._backend(truncation, max_length, text_pair is not None)
-        encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        inputs = list(zip(texts, pairs)) if pairs is not None else texts
+        strategy = self._strategy(truncation, max_length)
+        if strategy is None:
+            encodings = self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        else:
+            encodings = self._truncated(inputs, pairs is not None, add_special_tokens, strategy, int(max_length))
         out = {"input_ids": [e.ids for e in encodings]}
         if return_attention_mask:
             out["attention_mask"] = [e.attention_mask for e in encodings]
@@ -250,3 +293,45 @@ class FastTokenizer:
                                     add_generation_prompt=add_generation_prompt, special_tokens=self.special_tokens_map,
                                     tools=tools, documents=documents, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_SHARED: "weakref.WeakValueDictionary[str, FastTokenizer]" = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+_KEY_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, chat_template.CHAT_TEMPLATE_FILE,
+              chat_template.CHAT_TEMPLATE_JSON)
+
+
+def _files_key(folder: Path) -> str:
+    """What makes two folders' tokenizers the same: the contents of every file FastTokenizer reads."""
+    digest = hashlib.sha256()
+    paths = [folder / name for name in _KEY_FILES]
+    paths += sorted((folder / chat_template.CHAT_TEMPLATE_DIR).glob("*.jinja"))
+    for path in paths:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"\1absent")
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def release_free_memory() -> None:
+    """Give the heap freed after loading back to the OS (glibc only; elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def shared_tokenizer(folder: Union[str, Path]) -> FastTokenizer:
+    """The folder's :class:`FastTokenizer`, shared with every other folder of this process whose tokenizer files
+    are identical (kept while someone holds it). A FastTokenizer has no per-call state, so sharing is safe."""
+    folder = Path(folder)
+    if not (folder / TOKENIZER_FILE).is_file():
+        return FastTokenizer(folder)                    # raises the clear error
+    key = _files_key(folder)
+    with _SHARED_LOCK:
+        tokenizer = _SHARED.get(key)
+        if tokenizer is None:
+            tokenizer = FastTokenizer(folder)
+            _SHARED[key] = tokenizer
+            release_free_memory()
+    return tokenizer

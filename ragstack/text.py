@@ -16,7 +16,7 @@ import numpy as np
 
 from ragstack.engine_spec import EngineSpec
 from ragstack.errors import InvalidInput
-from ragstack.fast_tokenizer import FastTokenizer
+from ragstack.fast_tokenizer import shared_tokenizer
 
 INPUT_TYPES = ("query", "document")
 
@@ -44,7 +44,7 @@ def load_tokenizer(engine_dir: Path, kind: str):
     """The engine folder's spec and tokenizer (:class:`ragstack.fast_tokenizer.FastTokenizer`: the `tokenizers`
     library, no transformers or torch in the BLS stubs)."""
     spec = read_spec(engine_dir, kind)
-    tokenizer = FastTokenizer(engine_dir)
+    tokenizer = shared_tokenizer(engine_dir)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{engine_dir}: the tokenizer has no pad token")
     return spec, tokenizer

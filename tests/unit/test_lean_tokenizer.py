@@ -13,7 +13,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from ragstack import chat as chat_module  # noqa: E402
 from ragstack import chat_template  # noqa: E402
 from ragstack import text as text_module  # noqa: E402
-from ragstack.fast_tokenizer import FastTokenizer  # noqa: E402
+from ragstack.fast_tokenizer import FastTokenizer, shared_tokenizer  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[2] / "build" / "models"
 FOLDERS = [f"{s}/{k}" for s in ("tiny", "demo") for k in ("embed", "rerank", "generate")]
@@ -96,6 +96,15 @@ def test_truncation_matches(pair):
         docs = [STRINGS[-1], STRINGS[7]]
         assert lean(queries, docs, truncation="only_second", max_length=max_length + 16)["input_ids"] == \
             hf(queries, docs, truncation="only_second", max_length=max_length + 16)["input_ids"]
+        for strategy in (True, "only_first"):                         # pairs cut both ways, or the first
+            long_pairs = [(STRINGS[-1], "a short second")] + ([(STRINGS[-2], STRINGS[-1])] if strategy is True else [])
+            for a, b in long_pairs:
+                assert lean(a, b, truncation=strategy, max_length=max_length + 8)["input_ids"] == \
+                    hf(a, b, truncation=strategy, max_length=max_length + 8)["input_ids"], (name, strategy)
+        assert lean(STRINGS[-1], truncation="only_first", max_length=max_length)["input_ids"] == \
+            hf(STRINGS[-1], truncation="only_first", max_length=max_length)["input_ids"]
+    with pytest.raises(ValueError):                                    # transformers raises too
+        lean(STRINGS[-1], truncation="only_second", max_length=16)
     assert lean.num_special_tokens_to_add(pair=True) == hf.num_special_tokens_to_add(pair=True)
     assert lean.num_special_tokens_to_add() == hf.num_special_tokens_to_add()
 
@@ -210,13 +219,27 @@ def test_truncation_settings_in_tokenizer_json_are_not_applied(tmp_path):
     assert len(lean("hi")["input_ids"]) == 3                      # [CLS] hi [SEP], no padding to 128
 
 
+def test_identical_tokenizer_folders_share_one_instance(tmp_path):
+    """The orchestrators hold three tokenizers; folders with the same tokenizer files share one in memory."""
+    import shutil
+
+    folder = _folder("demo/embed")
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert shared_tokenizer(folder) is shared_tokenizer(copy)
+    (copy / "special_tokens_map.json").write_text('{"pad_token": "[UNK]"}')       # any difference: its own
+    changed = shared_tokenizer(copy)
+    assert changed is not shared_tokenizer(folder) and changed.pad_token == "[UNK]"
+    assert shared_tokenizer(folder).pad_token == "[PAD]"
+
+
 # --------------------------------------------------------------------- the BLS classes: same ids as with transformers
 def _with_transformers(monkeypatch):
     """Build the BLS tokenizer classes on transformers' AutoTokenizer, as they were before (the reference)."""
     def hf(folder):
         return AutoTokenizer.from_pretrained(str(folder))
-    monkeypatch.setattr(text_module, "FastTokenizer", hf)
-    monkeypatch.setattr(chat_module, "FastTokenizer", hf)
+    monkeypatch.setattr(text_module, "shared_tokenizer", hf)
+    monkeypatch.setattr(chat_module, "shared_tokenizer", hf)
 
 
 @pytest.mark.parametrize("model_set", ["tiny", "demo"])
