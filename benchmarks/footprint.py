@@ -14,7 +14,9 @@ every model loaded, a fresh data folder), then:
   process, and PSS sum, which does not);
 * times ``--repeats`` loads of each BLS/orchestration model: unload through the repository API, wait until it
   is gone, then ``POST /v2/repository/models/<m>/load``, which returns when the model is ready (a new stub has
-  started, imported model.py and run initialize). One model at a time, so loads do not compete with each other.
+  started, imported model.py and run initialize). One model at a time, so loads do not compete with each other;
+  a model's instances start in parallel. On a shared machine the wall time depends on everyone's load, so the
+  CPU seconds each new stub spent getting ready (/proc/<pid>/stat) are recorded too.
 
 Targets (issue 17): each BLS/orchestration stub <= 80 MB RSS, a BLS model loads in <= 1 s, the demo server's
 total RSS at most half of before. Each is reported as met or not, per model and overall. Progress goes to stderr.
@@ -218,7 +220,16 @@ def time_load(server: TritonProcess, server_pid: int, model: str, timeout: float
     elapsed = time.perf_counter() - t0
     if status != 200:
         raise RuntimeError(f"load {model}: HTTP {status} {body[:300]}")
-    return {"load_s": round(elapsed, 3), "load_avg": round(os.getloadavg()[0], 2)}
+    # CPU the new stubs spent getting ready (start, imports, initialize): what a load costs whatever else runs
+    cpu = [_cpu_s(s["pid"]) for s in stubs(server_pid) if s["model"] == model]
+    return {"load_s": round(elapsed, 3), "load_avg": round(os.getloadavg()[0], 2),
+            "stub_cpu_s": [round(c, 2) for c in cpu], "stub_cpu_s_max": round(max(cpu), 2) if cpu else None}
+
+
+def _cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (and its reaped children) from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------------------------- one server
@@ -228,8 +239,8 @@ def measure(variant: str, root: Path, models: Path, set_name: str, args) -> dict
     server = VariantServer(root, models, log_path=log, env={"RAG_DATA_PATH": str(data)})
     progress(f"[{set_name}/{variant}] starting tritonserver from {root} (log {display_path(log)})")
     t0 = time.perf_counter()
-    server.start(timeout=args.start_timeout)
     try:
+        server.start(timeout=args.start_timeout)
         ready_s = time.perf_counter() - t0
         pid = _server_pid(server)
         progress(f"[{set_name}/{variant}] ready in {ready_s:.1f} s; settling {args.settle:.0f} s")
@@ -248,8 +259,9 @@ def measure(variant: str, root: Path, models: Path, set_name: str, args) -> dict
             for _ in range(args.repeats):
                 runs.append(time_load(server, pid, model))
             loads[model] = {"runs": runs, "median_s": round(statistics.median(r["load_s"] for r in runs), 3)}
+            loads[model]["median_stub_cpu_s"] = round(statistics.median(r["stub_cpu_s_max"] or 0 for r in runs), 2)
             progress(f"[{set_name}/{variant}] load {model}: " + ", ".join(f"{r['load_s']:.2f} s" for r in runs)
-                     + f" (load average {runs[-1]['load_avg']})")
+                     + f" (stub CPU {loads[model]['median_stub_cpu_s']:.2f} s; load average {runs[-1]['load_avg']})")
         after_loads = memory_snapshot(pid) if loads else None
         return {"root": str(root), "commit": git("rev-parse", "HEAD", cwd=root), "dirty": bool(
                     git("status", "--porcelain", "--untracked-files=no", cwd=root)),
@@ -296,6 +308,9 @@ def verdicts(runs: dict) -> dict:
                 for m, v in sorted(after["memory"]["per_model"].items())}
             entry["load_s"] = {m: {"before": before["loads"].get(m, {}).get("median_s"), "after": v}
                                for m, v in sorted(loads.items())}
+            entry["load_stub_cpu_s"] = {m: {"before": before["loads"].get(m, {}).get("median_stub_cpu_s"),
+                                            "after": after["loads"][m].get("median_stub_cpu_s")}
+                                        for m in sorted(loads)}
             if set_name == "demo":
                 ratio = entry["total_rss_mib"]["ratio"]
                 entry["demo_total_at_most_half"] = {"value": ratio, "target": f"<= {TARGET_DEMO_TOTAL_RATIO}",
