@@ -283,3 +283,32 @@ def test_generator_prompts_and_decode_match(model_set, monkeypatch):
     for token in ids:
         whole += detok.push([token])
     assert whole + detok.flush() == hf.decode(ids)
+
+
+def test_config_tokens_and_template_are_read_as_transformers_reads_them(tmp_path):
+    """What the two model sets do not exercise: special and added tokens that only tokenizer_config.json names
+    (transformers adds them to the backend at load), and a chat template kept in the config, not in a file."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gen"
+    shutil.copytree(_folder("tiny/generate"), folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = list(config.get("extra_special_tokens") or []) + ["<|custom|>"]
+    config["added_tokens_decoder"] = {"605": {"content": "<tool_call>", "special": False, "lstrip": False,
+                                              "rstrip": False, "normalized": False, "single_word": False}}
+    config["chat_template"] = "{{ bos_token or '' }}[custom]" + template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    hf, lean = AutoTokenizer.from_pretrained(str(folder)), FastTokenizer(folder)
+    texts = ["a <|custom|> b <tool_call> c", "<tool_call><|custom|><|im_end|>", "plain text"]
+    for s in texts:
+        ids = hf(s)["input_ids"]
+        assert lean(s)["input_ids"] == ids, s
+        for skip in (True, False):
+            assert lean.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert len(lean) == len(hf) and sorted(lean.all_special_ids) == sorted(hf.all_special_ids)
+    for messages in CONVERSATIONS[:2]:
+        assert lean.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
