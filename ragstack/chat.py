@@ -1,4 +1,5 @@
-"""Prompt building and detokenization for the generate engine (runs inside the BLS models, no torch)."""
+"""Prompt building and detokenization for the generate engine (runs inside the BLS models: the `tokenizers`
+library and jinja2 for the chat template, no transformers, no torch)."""
 from __future__ import annotations
 
 import functools
@@ -7,16 +8,15 @@ from typing import Optional
 
 from ragstack.engine_spec import EngineSpec
 from ragstack.errors import InvalidInput
+from ragstack.fast_tokenizer import shared_tokenizer
 
 
 class GeneratorTokenizer:
     """The generator's tokenizer and chat template, with the engine's end/pad ids and length limits."""
 
     def __init__(self, engine_dir: Path, tokenizer_dir: Optional[Path] = None):
-        from transformers import AutoTokenizer
-
         self.spec = EngineSpec.read(engine_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or engine_dir))
+        self.tokenizer = shared_tokenizer(tokenizer_dir or engine_dir)
         self.end_id = self.spec.end_id
         self.pad_id = self.spec.pad_id if self.spec.pad_id is not None else self.spec.end_id
 

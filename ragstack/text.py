@@ -4,7 +4,8 @@ The engines take token ids only (``input_ids`` and ``attention_mask``, int32 ``[
 TensorRT plans will, so everything that turns text into ids lives here: the Qwen3-Embedding instruct prefix and
 appended end-of-text, the Qwen3-Reranker yes/no prompt, BERT's ``[CLS] ... [SEP]`` for the demo models. The
 facts come from the engine folder's ``engine.json`` (:mod:`ragstack.engine_spec`) and tokenizer, so the BLS side
-and the engine cannot disagree. Pure Python plus transformers tokenizers: no torch model is loaded.
+and the engine cannot disagree. Pure Python plus the Rust `tokenizers` library: neither torch nor transformers
+is imported (tests/unit/test_lean_imports.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ragstack.engine_spec import EngineSpec
 from ragstack.errors import InvalidInput
+from ragstack.fast_tokenizer import shared_tokenizer
 
 INPUT_TYPES = ("query", "document")
 
@@ -39,11 +41,10 @@ def read_spec(engine_dir: Path, kind: str) -> EngineSpec:
 
 
 def load_tokenizer(engine_dir: Path, kind: str):
-    """The engine folder's spec and tokenizer."""
-    from transformers import AutoTokenizer
-
+    """The engine folder's spec and tokenizer (:class:`ragstack.fast_tokenizer.FastTokenizer`: the `tokenizers`
+    library, no transformers or torch in the BLS stubs)."""
     spec = read_spec(engine_dir, kind)
-    tokenizer = AutoTokenizer.from_pretrained(str(engine_dir))
+    tokenizer = shared_tokenizer(engine_dir)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{engine_dir}: the tokenizer has no pad token")
     return spec, tokenizer

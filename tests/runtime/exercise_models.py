@@ -43,7 +43,7 @@ assert len(ids) == 1
 pairs = RerankTokenizer(MODELS / "rerank").encode_pairs("what serves?", ["Triton.", "Bananas."])
 assert len(pairs[0]) == 2
 
-# 3. generate_text / orchestrators: the chat template (transformers renders it with jinja2) and detokenizing
+# 3. generate_text / orchestrators: the chat template (rendered with jinja2) and detokenizing
 from ragstack.chat import GeneratorTokenizer  # noqa: E402
 
 gen = GeneratorTokenizer(MODELS / "generate")
@@ -52,6 +52,8 @@ assert prompt and isinstance(gen.decode(prompt), str)
 detok = gen.detokenizer()
 detok.push(prompt[:3])
 detok.flush()
+# the lean BLS tier (issue 17): tokenizing and prompting load neither transformers nor torch
+assert not {"torch", "transformers"} & set(sys.modules), sorted({"torch", "transformers"} & set(sys.modules))
 
 # 4. rag: JSON Schema validation of answers
 from ragstack import rag  # noqa: E402
