@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A batch of N queries through `rag` under four lifecycle configurations (issue 12).
 
-What a user of the stack sees: the batch is N `rag` requests sent at once (gRPC, asynchronous) to one
+What a user of the stack sees: the batch is N `rag` requests sent at once (gRPC, asynchronous; at most --window
+outstanding, as `rag`'s queue policy refuses more than 64 waiting urgent requests) to one
 tritonserver (the reference engines, `rag`, `ingest`, `vector_index`, `model_manager`). Every engine call of the
 pipeline runs under a lease from `model_manager`, so the manager loads, pre-warms and retires the engines the
 requests ask for. Measured for each batch size N (default 8, 64, 256), one case after the other:
@@ -84,18 +85,23 @@ class Rag:
         return client_io.infer_inputs(self.grpc, "rag", {"query": query, "top_k": 4, "top_n": 2,
                                                          "max_tokens": self.max_tokens, "collection": "corpus"})
 
-    def batch(self, queries: list, timeout_s: float) -> dict:
+    def batch(self, queries: list, timeout_s: float, window: int) -> dict:
+        """Send ``queries`` with at most ``window`` outstanding (the rest follow as answers come back)."""
         done = threading.Event()
         lock = threading.Lock()
+        slots = threading.Semaphore(window)
         results = []
         t0 = time.perf_counter()
 
         def callback(result, error):
+            slots.release()
             with lock:
                 results.append((time.perf_counter() - t0, error))
                 if len(results) == len(queries):
                     done.set()
         for q in queries:
+            if not slots.acquire(timeout=timeout_s):
+                raise TimeoutError(f"no answer came back within {timeout_s}s with {window} outstanding")
             self.client.async_infer("rag", self._inputs(q), callback, headers=dict(self.headers),
                                     client_timeout=timeout_s)
         if not done.wait(timeout_s + 30):
@@ -157,14 +163,14 @@ def lifecycle_during(transitions: list, t0: float, t1: float) -> dict:
             "unloads": sum(t0 <= x["t"] <= t1 + 0.5 and x["action"] == "unload" for x in transitions)}
 
 
-def measure(rag: Rag, mc, fp: dict, n: int, timeout_s: float) -> dict:
+def measure(rag: Rag, mc, fp: dict, n: int, timeout_s: float, window: int) -> dict:
     queries = queries_for(n)
     by_case = {}
     for case in CASES:
         run_idle = wait_idle(0.35, 10)
         prepare(mc, case, fp)
         t0 = mc.status()["clock_s"]
-        run = rag.batch(queries, timeout_s)
+        run = rag.batch(queries, timeout_s, window)
         t1 = mc.status()["clock_s"]
         # the log holds the last 100 transitions: enough for a batch's (about 2 per load) at these sizes
         run.update(lifecycle_during(mc.status()["transitions"], t0, t1))
@@ -222,7 +228,7 @@ def report(args, started: str, machine: dict, fp: dict, loads_s: dict, by_batch:
         "machine": machine,
         "models": args.models,
         "setup": {"batches": args.batches, "generate_max_tokens": args.max_tokens, "top_k": 4, "top_n": 2,
-                  "protocol": "N rag requests sent at once over one gRPC client (async_infer)",
+                  "protocol": f"N rag requests over one gRPC client (async_infer), at most {args.window} outstanding: all at once up to N = {args.window}, then one more as each answer comes back",
                   "rag_orchestrator": "3 instances x max batch 8: at most 24 requests in the pipeline at once",
                   "abstention": "off (every request runs embed, rerank and generate)",
                   "budgets": {"sequential_one": budget_for(fp, 1), "sequential_two": budget_for(fp, 2),
@@ -252,6 +258,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a batch may take")
+    ap.add_argument("--window", type=int, default=64,
+                    help="requests outstanding at most (rag queues 64 urgent requests beyond the 24 it runs; more at once are refused UNAVAILABLE by its queue policy)")
     ap.add_argument("--out", type=Path, default=RESULTS / "lifecycle.json")
     args = ap.parse_args()
 
@@ -279,10 +287,10 @@ def main() -> int:
             ingest(("http", h), [p.stem for p in CORPUS], [p.read_text() for p in CORPUS])
         fp = footprints(mc)
         rag = Rag(server.grpc_url, read_manifest(models / "generate").headers(), args.max_tokens)
-        rag.batch(queries_for(4), args.timeout)                      # warm the CPU side (tokenizers, index)
+        rag.batch(queries_for(4), args.timeout, args.window)                      # warm the CPU side (tokenizers, index)
         by_batch = {}
         for n in args.batches:
-            by_batch[str(n)] = measure(rag, mc, fp, n, args.timeout)
+            by_batch[str(n)] = measure(rag, mc, fp, n, args.timeout, args.window)
             # written after each batch size: a run stopped later keeps what it measured
             partial = report(args, started, machine, fp, {}, by_batch)
             write_json(args.out, partial)
