@@ -235,10 +235,11 @@ class InProcessRag:
                 ids, mask, lengths = self.embed_tok.encode([query], "query")
             return self.embed(ids, mask)[0], int(lengths[0])
 
-        def search(collection, vector, top_k):
+        def search(collection, vector, top_k, query=None, search=None):
             return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
                                 metadata=h.get("metadata") or {})
-                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))]
+                    for h in self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k),
+                                               query_text=query, search=search)]
 
         def rerank(query, texts, timer):
             with timer.stage("tokenize"):

@@ -227,9 +227,11 @@ class OrchestratorModel:
                 ids, mask, lengths = self.embed_tok.encode([query], "query")
             return bls.embed_tokens(pb, ids, mask, hop)[0], int(lengths[0])
 
-        def search(collection, vector, top_k):
+        def search(collection, vector, top_k, query=None, search=None):
             inputs = {"op": _strings("search"), "collection": _strings(collection),
                       "query_vector": np.asarray(vector, dtype=np.float32), "top_k": np.array([top_k], np.int32)}
+            if search is not None and search.mode != "dense":      # the task's lexical/hybrid search needs the text
+                inputs["payload"] = _strings(json.dumps({"query_text": query, "search": search.as_dict()}))
             out = ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0]
             return [rag.Context(text=h["text"], doc_id=h["doc_id"], chunk_id=h["chunk_id"], score=float(h["score"]),
                                 metadata=h.get("metadata") or {})

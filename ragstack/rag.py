@@ -446,7 +446,7 @@ def check_answer(text: str, schema: dict, finish_reason: str, context_ids: list)
 class Engines:
     """The stage callables. Each takes plain values and returns plain values."""
     embed_query: Callable          # (query, timer) -> (vector, n_tokens)
-    search: Callable               # (collection, vector, top_k) -> [Context]
+    search: Callable               # (collection, vector, top_k, query=, search=SearchSpec) -> [Context]
     rerank: Callable               # (query, [text], timer) -> [score]
     generate: Callable             # (system, user, schema, policy, max_tokens, on_delta, timer) -> dict
     count_tokens: Callable         # (system, user) -> prompt tokens as the generator will see them
@@ -542,7 +542,7 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         with timer.stage("embed"):
             vector, n_query_tokens = engines.embed_query(req.query, timer)
         with timer.stage("search"):
-            contexts = engines.search(req.collection, vector, req.top_k)
+            contexts = engines.search(req.collection, vector, req.top_k, query=req.query, search=task_policy.search)
     if contexts:
         with timer.stage("rerank"):
             scores = engines.rerank(req.query, [c.text for c in contexts], timer)
@@ -559,8 +559,10 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     threshold = task_policy.abstain_below_rerank
     # quote with abstain_on "span": the threshold applies to the best quotable span's score, further down
     by_span = req.task == "quote" and req.schema is None and task_policy.abstain_on == "span"
+    # How the contexts were found: the task's search mode (ragstack/index/lexical.py), or the caller's documents.
+    search_mode = "documents" if req.documents else task_policy.search.mode
     if req.task in GROUNDED_TASKS and threshold is not None and (best is None or (best < threshold and not by_span)):
-        return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta)
+        return _searched(_abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta), search_mode)
     with timer.stage("tokenize"):
         contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
     if prices:
@@ -576,8 +578,8 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         candidates = quote_candidates(req.query, contexts, engines, timer, task_policy.quote_candidates)
         if not candidates or (by_span and threshold is not None and candidates[0].rerank_score < threshold):
             # no quotable span, or none relevant enough: say so
-            return _abstain(req, contexts, candidates[0].rerank_score if by_span and candidates else best,
-                            threshold, n_query_tokens, timer, t0, on_delta)
+            return _searched(_abstain(req, contexts, candidates[0].rerank_score if by_span and candidates else best,
+                                      threshold, n_query_tokens, timer, t0, on_delta), search_mode)
         answer, gen = _quote(req.query, candidates, contexts, schema, engines, task_policy, max_tokens, on_delta,
                              timer)
     else:
@@ -597,6 +599,7 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
                      if prices else None),
         "queue_delay_us": gen.get("queue_delay_us"),
         "contexts": len(contexts),
+        "search": search_mode,
     }
     if req.task in GROUNDED_TASKS and req.schema is None:
         support = citation_support(answer["answer"], answer["citations"], contexts)
@@ -609,6 +612,11 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
             usage["quote_candidates"] = len(candidates)
             usage["quote_select"] = task_policy.quote_select
     return RagResult(answer=answer, contexts=contexts, usage=usage)
+
+
+def _searched(result: RagResult, mode: str) -> RagResult:
+    result.usage["search"] = mode
+    return result
 
 
 def _quote(query: str, candidates: list, contexts: list, schema: dict, engines: Engines, task_policy,
