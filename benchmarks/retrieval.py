@@ -2,7 +2,8 @@
 """Retrieval quality on the labelled set (data/retrieval_eval.json) with the demo models → results/retrieval.json.
 
 Two measurements of the same thing, side by side:
-* in-process: the embed and rerank engines called directly (ragstack.retrieval_eval.rank_in_process);
+* in-process: the embed and rerank engines called directly (ragstack.retrieval_eval.rank_in_process), for the
+  dense search and for the hybrid one (--hybrid: BM25 over the passages fused with the embedding order);
 * the endpoint: the passages ingested through `ingest`, each question asked of `rag` on a real tritonserver;
   the embedding order is the contexts sorted by retrieval score, the final order is what `rag` returns
   (reranked). The endpoint's final order must not be worse than the embedding order.
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from ragstack.server import access_keys  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
+from ragstack.index.lexical import SearchSpec  # noqa: E402
 from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
 from ragstack.server import TritonProcess, progress  # noqa: E402
 
@@ -56,17 +58,19 @@ def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
         progress(f"ingesting {len(passages)} passages")
         infer("ingest", {"doc_ids": _bytes([p["id"] for p in passages]), "texts": _bytes([p["text"] for p in passages]),
                          "collection": _bytes(["eval"])})
-        embedding, final = [], []
+        embedding, final, modes = [], [], set()
         for i, q in enumerate(eval_set["questions"], 1):
             arrays = {"query": _bytes([q["question"]]).reshape(1, 1), "collection": _bytes(["eval"]).reshape(1, 1),
                       "top_k": np.array([[TOP_K]], np.int32), "top_n": np.array([[TOP_K]], np.int32),
                       "max_tokens": np.array([[96]], np.int32)}
-            contexts = json.loads(infer("rag", arrays, headers).as_numpy("contexts").reshape(-1)[0])
+            response = infer("rag", arrays, headers)
+            contexts = json.loads(response.as_numpy("contexts").reshape(-1)[0])
+            modes.add(json.loads(response.as_numpy("usage").reshape(-1)[0]).get("search"))
             final.append([c["doc_id"] for c in contexts])
             embedding.append([c["doc_id"] for c in sorted(contexts, key=lambda c: -c["score"])])
             progress(f"question {i}/{len(eval_set['questions'])}: gold rank "
                      f"{final[-1].index(q['answer_id']) + 1 if q['answer_id'] in final[-1] else '>' + str(TOP_K)}")
-        return embedding, final
+        return embedding, final, sorted(map(str, modes))
 
 
 def main() -> int:
@@ -74,23 +78,32 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval.json")
     ap.add_argument("--skip-endpoint", action="store_true")
+    ap.add_argument("--hybrid", default='{"mode": "hybrid"}', help="the in-process hybrid search (JSON SearchSpec)")
     args = ap.parse_args()
     eval_set = load_eval()
     gold = [q["answer_id"] for q in eval_set["questions"]]
     t0 = time.time()
     progress("in-process ranking")
-    ranked = rank_in_process(eval_set, args.models / "embed", args.models / "rerank", top_k=TOP_K)
+    hybrid = SearchSpec.parse(json.loads(args.hybrid))
+    ranked = rank_in_process(eval_set, args.models / "embed", args.models / "rerank", top_k=TOP_K,
+                             searches={"hybrid": hybrid})
     report = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "models": str(args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models),
         "questions": len(gold), "passages": len(eval_set["passages"]), "top_k": TOP_K,
         "in_process": {"embedding": evaluate(ranked["embedding"], gold),
                        "reranked": evaluate(ranked["reranked"], gold),
-                       "misses_at_1": misses(ranked["reranked"], eval_set)},
+                       "misses_at_1": misses(ranked["reranked"], eval_set),
+                       # hybrid search (ragstack/index/lexical.py: BM25 over the passages fused with the
+                       # embedding order), before and after the reranker re-sorts its first TOP_K
+                       "hybrid_search": hybrid.as_dict(),
+                       "hybrid": evaluate(ranked["hybrid"], gold),
+                       "hybrid_reranked": evaluate(ranked["hybrid_reranked"], gold),
+                       "hybrid_misses_at_1": misses(ranked["hybrid_reranked"], eval_set)},
     }
     if not args.skip_endpoint:
-        embedding, final = endpoint_rankings(eval_set, args.models)
-        report["endpoint"] = {"embedding": evaluate(embedding, gold), "final": evaluate(final, gold)}
+        embedding, final, modes = endpoint_rankings(eval_set, args.models)
+        report["endpoint"] = {"search": modes, "embedding": evaluate(embedding, gold), "final": evaluate(final, gold)}
         e, f = report["endpoint"]["embedding"], report["endpoint"]["final"]
         report["endpoint"]["final_not_worse"] = f["mrr"] >= e["mrr"] and f["recall@5"] >= e["recall@5"]
     report["seconds"] = round(time.time() - t0, 1)
