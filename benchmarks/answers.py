@@ -22,7 +22,8 @@ Modes, side by side on data/answer_eval.json in one run (MODES below; --modes pi
   abstention figures are fitted, not held out);
 * hybrid_*: the `quote` task as rerank_q2_top5_span, its contexts found by hybrid search (BM25 over the chunk
   texts fused with the dense ranking by reciprocal rank, ragstack/index/lexical.py) instead of the dense search
-  alone; _k6n6: top_k 6 candidates, all 6 kept (top_n 6). Every mode not named hybrid searches densely (as
+  alone; _kKnN: top_k K candidates, top_n N kept; _lw2: the lexical list weighs twice the dense one in RRF;
+  _weighted: fused by a weighted sum of min-max-normalised scores (cosine + BM25) instead of RRF. Every mode not named hybrid searches densely (as
   before hybrid search existed), except answer and quote, which search as the policy says.
 
 Metrics over the answerable questions: fact_in_answer (every gold fact string in the answer, whole words,
@@ -99,6 +100,16 @@ MODES = {
                                       "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}}, 5),
     "hybrid_q2_k6n6_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
                                       "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}, "top_k": 6}, 6),
+    "hybrid_q2_k5n5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}, "top_k": 5}, 5),
+    "hybrid_q2_k8n8_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}}, 8),
+    "hybrid_lw2_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                          "abstain_below_rerank": 0.7188,
+                                          "search": {"mode": "hybrid", "lexical_weight": 2.0}}, 5),
+    "hybrid_weighted_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                               "abstain_below_rerank": 0.7188,
+                                               "search": {"mode": "hybrid", "fusion": "weighted"}}, 5),
 }
 
 

@@ -3,7 +3,8 @@
 
 Two measurements of the same thing, side by side:
 * in-process: the embed and rerank engines called directly (ragstack.retrieval_eval.rank_in_process), for the
-  dense search and for the hybrid one (--hybrid: BM25 over the passages fused with the embedding order);
+  dense search and for the hybrid one (BM25 over the passages fused with the embedding order: the configured
+  quote task's search, or --hybrid; plain equal-weight RRF beside it when that differs);
 * the endpoint: the passages ingested through `ingest`, each question asked of `rag` on a real tritonserver;
   the embedding order is the contexts sorted by retrieval score, the final order is what `rag` returns
   (reranked). The endpoint's final order must not be worse than the embedding order.
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from ragstack.server import access_keys  # noqa: E402
 from ragstack.manifest import read_manifest  # noqa: E402
 from ragstack.index.lexical import SearchSpec  # noqa: E402
+from ragstack.policy import RuntimePolicy  # noqa: E402
 from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
 from ragstack.server import TritonProcess, progress  # noqa: E402
 
@@ -78,15 +80,20 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval.json")
     ap.add_argument("--skip-endpoint", action="store_true")
-    ap.add_argument("--hybrid", default='{"mode": "hybrid"}', help="the in-process hybrid search (JSON SearchSpec)")
+    ap.add_argument("--hybrid", help="the in-process hybrid search (JSON SearchSpec) [the configured quote task's; "
+                    "plain RRF is measured beside it when it differs]")
     args = ap.parse_args()
     eval_set = load_eval()
     gold = [q["answer_id"] for q in eval_set["questions"]]
     t0 = time.time()
     progress("in-process ranking")
-    hybrid = SearchSpec.parse(json.loads(args.hybrid))
+    # the configured quote task's search, and plain RRF (equal weights) when that differs
+    configured = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json").task("quote").search
+    searches = {"hybrid": SearchSpec.parse(json.loads(args.hybrid)) if args.hybrid else configured}
+    if searches["hybrid"] != SearchSpec(mode="hybrid"):
+        searches["hybrid_rrf"] = SearchSpec(mode="hybrid")
     ranked = rank_in_process(eval_set, args.models / "embed", args.models / "rerank", top_k=TOP_K,
-                             searches={"hybrid": hybrid})
+                             searches=searches)
     report = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "models": str(args.models.relative_to(ROOT) if args.models.is_relative_to(ROOT) else args.models),
@@ -94,13 +101,14 @@ def main() -> int:
         "in_process": {"embedding": evaluate(ranked["embedding"], gold),
                        "reranked": evaluate(ranked["reranked"], gold),
                        "misses_at_1": misses(ranked["reranked"], eval_set),
-                       # hybrid search (ragstack/index/lexical.py: BM25 over the passages fused with the
-                       # embedding order), before and after the reranker re-sorts its first TOP_K
-                       "hybrid_search": hybrid.as_dict(),
-                       "hybrid": evaluate(ranked["hybrid"], gold),
-                       "hybrid_reranked": evaluate(ranked["hybrid_reranked"], gold),
-                       "hybrid_misses_at_1": misses(ranked["hybrid_reranked"], eval_set)},
+                       },
     }
+    for name, spec in searches.items():
+        # hybrid search (ragstack/index/lexical.py: BM25 over the passages fused with the embedding order),
+        # before and after the reranker re-sorts its first TOP_K
+        report["in_process"].update({f"{name}_search": spec.as_dict(), name: evaluate(ranked[name], gold),
+                                     f"{name}_reranked": evaluate(ranked[f"{name}_reranked"], gold),
+                                     f"{name}_misses_at_1": misses(ranked[f"{name}_reranked"], eval_set)})
     if not args.skip_endpoint:
         embedding, final, modes = endpoint_rankings(eval_set, args.models)
         report["endpoint"] = {"search": modes, "embedding": evaluate(embedding, gold), "final": evaluate(final, gold)}
