@@ -5,7 +5,8 @@ Layout, in one schema (``ragstack`` unless told otherwise)::
 
     collections(name, dim, tbl, coltype)              one row per collection
     documents(collection, doc_id, content_hash, metadata jsonb, chunks)
-    <tbl>(chunk_id PK, doc_id, pos, record jsonb, embedding vector(dim))   one table per collection
+    <tbl>(chunk_id PK, doc_id, pos, record jsonb, embedding vector(dim),
+          tsv tsvector GENERATED from record->>'text')                     one table per collection
 
 Why a table per collection rather than a ``collection`` column: an HNSW index needs one fixed dimension per
 column, and collections have their own dims (an embedding model change makes a new collection); a table each
@@ -21,6 +22,11 @@ order), so ties among them are broken by chunk id as the contract asks. ``exact=
 this store's searches (a full scan: exact, O(rows)); otherwise sequential scans are off for the search, since the
 planner underprices them for wide (TOASTed) vectors. Searches filtered by ``doc_ids`` use the ``doc_id`` index
 when the filter is selective (exact), otherwise pgvector's iterative index scan.
+
+Lexical and hybrid search (:mod:`ragstack.index.lexical`): ``tsv`` (``to_tsvector('english', text)``, a GIN
+index) is matched by the query's terms OR-ed and ranked by ``ts_rank_cd``; a hybrid search fuses that list with
+the dense one in Python, as the flat store does. Opening the store adds the column and index to tables made
+before they existed (one table rewrite each).
 
 Every mutation is one transaction, committed with ``synchronous_commit=on`` (durable once the method returns).
 Several processes (Triton servers) may share the database: an upsert or delete of a document takes a
