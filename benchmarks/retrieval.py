@@ -39,7 +39,7 @@ def _bytes(values):
     return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
 
 
-def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
+def endpoint_rankings(eval_set: dict, models: Path, task: str = "answer") -> tuple:
     import tritonclient.http as httpclient
 
     m = read_manifest(models / "generate")
@@ -64,7 +64,7 @@ def endpoint_rankings(eval_set: dict, models: Path) -> tuple:
         for i, q in enumerate(eval_set["questions"], 1):
             arrays = {"query": _bytes([q["question"]]).reshape(1, 1), "collection": _bytes(["eval"]).reshape(1, 1),
                       "top_k": np.array([[TOP_K]], np.int32), "top_n": np.array([[TOP_K]], np.int32),
-                      "max_tokens": np.array([[96]], np.int32)}
+                      "max_tokens": np.array([[96]], np.int32), "task": _bytes([task]).reshape(1, 1)}
             response = infer("rag", arrays, headers)
             contexts = json.loads(response.as_numpy("contexts").reshape(-1)[0])
             modes.add(json.loads(response.as_numpy("usage").reshape(-1)[0]).get("search"))
@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "retrieval.json")
     ap.add_argument("--skip-endpoint", action="store_true")
+    ap.add_argument("--task", default="answer", help="the rag task asked at the endpoint (its policy's search: "
+                    "quote searches hybrid)")
     ap.add_argument("--hybrid", help="the in-process hybrid search (JSON SearchSpec) [the configured quote task's; "
                     "plain RRF is measured beside it when it differs]")
     args = ap.parse_args()
@@ -110,8 +112,9 @@ def main() -> int:
                                      f"{name}_reranked": evaluate(ranked[f"{name}_reranked"], gold),
                                      f"{name}_misses_at_1": misses(ranked[f"{name}_reranked"], eval_set)})
     if not args.skip_endpoint:
-        embedding, final, modes = endpoint_rankings(eval_set, args.models)
-        report["endpoint"] = {"search": modes, "embedding": evaluate(embedding, gold), "final": evaluate(final, gold)}
+        embedding, final, modes = endpoint_rankings(eval_set, args.models, args.task)
+        report["endpoint"] = {"task": args.task, "search": modes, "embedding": evaluate(embedding, gold),
+                              "final": evaluate(final, gold)}
         e, f = report["endpoint"]["embedding"], report["endpoint"]["final"]
         report["endpoint"]["final_not_worse"] = f["mrr"] >= e["mrr"] and f["recall@5"] >= e["recall@5"]
     report["seconds"] = round(time.time() - t0, 1)
