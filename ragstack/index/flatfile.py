@@ -27,7 +27,10 @@ loading removes. Every file goes through :func:`~ragstack.index.atomic.write_ato
 
 In memory a collection is an append-only float32 buffer (doubling capacity), row-aligned chunk records, an
 ``alive`` mask and a row list per document; replacing a document marks its old rows dead and appends new ones.
-Dead rows are dropped at compaction, which lays rows out exactly as a reload of the new snapshot does.
+Dead rows are dropped at compaction, which lays rows out exactly as a reload of the new snapshot does. Lexical
+and hybrid search (:mod:`ragstack.index.lexical`) use a BM25 index over the live rows' texts, built in memory on
+a collection's first lexical search (and again after a compaction or a reload) and updated row by row by every
+upsert and delete; it is read and written under the short lock.
 
 Concurrency: the store is owned by one process (the Triton model instance that holds it). Mutations are
 serialised by a lock that covers their disk I/O; their in-memory effect is applied under a second, short lock,
