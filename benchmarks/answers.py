@@ -19,7 +19,12 @@ Modes, side by side on data/answer_eval.json in one run (MODES below; --modes pi
   generator naming their number (index) or by the reranker alone, no generation (rerank); _top5: top_n 5
   contexts instead of the run's --top-n; _span: abstain when the best *span* scores below 0.7188 (abstain_on
   "span"; 0.7188 is where --calibrate put the span-score threshold on this same labelled set, so these modes'
-  abstention figures are fitted, not held out).
+  abstention figures are fitted, not held out);
+* hybrid_*: the `quote` task as rerank_q2_top5_span, its contexts found by hybrid search (BM25 over the chunk
+  texts fused with the dense ranking by reciprocal rank, ragstack/index/lexical.py) instead of the dense search
+  alone; _kKnN: top_k K candidates, top_n N kept; _lw2: the lexical list weighs twice the dense one in RRF;
+  _weighted: fused by a weighted sum of min-max-normalised scores (cosine + BM25) instead of RRF. Every mode not named hybrid searches densely (as
+  before hybrid search existed), except answer and quote, which search as the policy says.
 
 Metrics over the answerable questions: fact_in_answer (every gold fact string in the answer, whole words,
 case-insensitive; an abstention is a miss), gold_citation (a cited context comes from the gold document and
@@ -59,7 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_info, now_iso, write_json  # noqa: E402
 from in_process import TORCH_THREADS, InProcessPipeline  # noqa: E402
 
+from ragstack.index.lexical import SearchSpec  # noqa: E402
+
 EVAL = ROOT / "data" / "answer_eval.json"
+# Mode overrides that are the harness's, not TaskPolicy fields: the span splitter, the request's top_k.
+HARNESS_KEYS = ("spans", "top_k")
+CONFIGURED_MODES = ("answer", "quote")
 # name -> (task, quote-policy overrides, top_n override or None)
 MODES = {
     "answer_today": ("answer", None, None),
@@ -83,6 +93,22 @@ MODES = {
     "rerank_q1_span": ("quote", {"quote_select": "rerank", "max_quotes": 1, "abstain_on": "span",
                                  "abstain_below_rerank": 0.7188}, None),
     "rerank_q2_top5": ("quote", {"quote_select": "rerank", "max_quotes": 2}, 5),
+    # hybrid search (ragstack/index/lexical.py: BM25 fused with the dense list by RRF, k 60, 50 deep each) under
+    # the configured quote settings (rerank_q2_top5_span): top_k 8 -> reranked -> top_n 5, or top_k = top_n 6
+    "hybrid_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}}, 5),
+    "hybrid_q2_k6n6_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}, "top_k": 6}, 6),
+    "hybrid_q2_k5n5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}, "top_k": 5}, 5),
+    "hybrid_q2_k8n8_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                      "abstain_below_rerank": 0.7188, "search": {"mode": "hybrid"}}, 8),
+    "hybrid_lw2_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                          "abstain_below_rerank": 0.7188,
+                                          "search": {"mode": "hybrid", "lexical_weight": 2.0}}, 5),
+    "hybrid_weighted_q2_top5_span": ("quote", {"quote_select": "rerank", "max_quotes": 2, "abstain_on": "span",
+                                               "abstain_below_rerank": 0.7188,
+                                               "search": {"mode": "hybrid", "fusion": "weighted"}}, 5),
 }
 
 
@@ -127,9 +153,14 @@ def mode_policy(policy, mode: str, threshold):
     base = policy.task(task_name)
     if mode == "answer_today":
         t = dataclasses.replace(base, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                                min_tokens=0, len_penalty=0.0, abstain_below_rerank=None)
+                                min_tokens=0, len_penalty=0.0, abstain_below_rerank=None, search=SearchSpec())
     else:
-        t = dataclasses.replace(base, **{k: v for k, v in (overrides or {}).items() if k != "spans"})
+        # The configured modes search as the policy says; the others densely (as measured before hybrid
+        # search existed) unless they name a search.
+        changes = {} if mode in CONFIGURED_MODES else {"search": SearchSpec()}
+        changes.update({k: SearchSpec.parse(v) if k == "search" else v
+                        for k, v in (overrides or {}).items() if k not in HARNESS_KEYS})
+        t = dataclasses.replace(base, **changes)
         if threshold is not None:
             t = dataclasses.replace(t, abstain_below_rerank=threshold)
 
@@ -206,13 +237,14 @@ def run_mode(pipe: InProcessPipeline, items: list, mode: str, threshold, args) -
 
     task, policy, top_n = mode_policy(pipe.policy, mode, threshold)
     top_n = top_n or args.top_n
+    top_k = (MODES[mode][1] or {}).get("top_k") or args.top_k
     task_policy = policy.task(task)
     engines = pipe.engines()
 
     def one(item):
         t0 = time.perf_counter()
         try:
-            req = rag.validate_rag_request(rag.RagRequest(query=item["question"], task=task, top_k=args.top_k,
+            req = rag.validate_rag_request(rag.RagRequest(query=item["question"], task=task, top_k=top_k,
                                                       top_n=top_n, max_tokens=args.max_tokens))
             res = rag.run(req, engines, policy)
         except Exception as e:   # noqa: BLE001  an error is a result here (counted, shown)
@@ -260,7 +292,8 @@ def run_mode(pipe: InProcessPipeline, items: list, mode: str, threshold, args) -
     def rate(rs, key):
         return round(sum(bool(r.get(key)) for r in rs) / len(rs), 3) if rs else None
     out = {
-        "task": task, "top_n": top_n, "questions": len(records), "errors": len(records) - len(ok),
+        "task": task, "top_k": top_k, "top_n": top_n, "search": task_policy.search.as_dict(),
+        "questions": len(records), "errors": len(records) - len(ok),
         "wall_s": round(wall, 1),
         "fact_in_answer": rate(answerable, "fact_in_answer"),
         "gold_citation": rate(answerable, "gold_cited"),

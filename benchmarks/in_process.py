@@ -81,8 +81,9 @@ class InProcessPipeline:
         from ragstack.generation import GenerationRequest
         from ragstack.trtllm_io import finish_reason
 
-        def search(collection, vector, top_k):
-            return self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k))
+        def search(collection, vector, top_k, query=None, search=None):
+            return self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k),
+                                     query_text=query, search=search)
 
         def generate(system, user, guide_type, guide, policy, max_tokens, on_delta, timer):
             with (timer.stage("tokenize") if timer is not None else contextlib.nullcontext()), self.tok_lock:

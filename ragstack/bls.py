@@ -98,10 +98,16 @@ def index_op(pb, op: str, collection: str, hop: Optional[ta.Hop] = None, *, quer
     return json.loads(ta.bls_infer(pb, "vector_index", inputs, ["result"], hop)["result"].reshape(-1)[0])
 
 
-def search(pb, collection: str, vector, top_k: int, hop: Optional[ta.Hop] = None) -> list:
-    """The ``top_k`` nearest chunks of ``collection`` to ``vector``: vector_index's hits, best first."""
+def search(pb, collection: str, vector, top_k: int, hop: Optional[ta.Hop] = None, *, query: Optional[str] = None,
+           search=None) -> list:
+    """The ``top_k`` best chunks of ``collection``: vector_index's hits, best first. Nearest to ``vector``, unless
+    ``search`` (a :class:`~ragstack.index.lexical.SearchSpec`) asks for a lexical or hybrid search: then the query's
+    text and the spec go along in the payload."""
+    payload = None
+    if search is not None and search.mode != "dense":
+        payload = {"query_text": query, "search": search.as_dict()}
     return index_op(pb, "search", collection, hop, query_vector=np.asarray(vector, dtype=np.float32),
-                    top_k=top_k)["hits"]
+                    top_k=top_k, payload=payload)["hits"]
 
 
 def convert_document(pb, data: bytes, file_name: Optional[str], mime_type: Optional[str],

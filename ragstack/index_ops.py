@@ -24,6 +24,10 @@ def handle(store, op: str, collection: str, *, query_vector: Optional[np.ndarray
     if op == "search":
         if query_vector is None or top_k is None:
             raise InvalidInput("search needs query_vector and top_k")
+        if payload and ("search" in payload or "query_text" in payload):
+            # lexical / hybrid search (ragstack/index/lexical.py): the query's text and the search spec
+            return {"hits": store.search(collection, query_vector, int(top_k), query_text=payload.get("query_text"),
+                                         search=payload.get("search"))}
         return {"hits": store.search(collection, query_vector, int(top_k))}
     if op == "upsert":
         if vectors is None:

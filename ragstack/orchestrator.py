@@ -224,5 +224,6 @@ class OrchestratorModel:
         return rag.token_engines(
             self.embed_tok, self.rerank_tok, self.gen_tok, generate=generate,
             embed=lambda ids, mask: bls.embed_tokens(pb, ids, mask, hop),
-            search=lambda collection, vector, top_k: bls.search(pb, collection, vector, top_k, hop),
+            search=lambda collection, vector, top_k, query=None, search=None: bls.search(
+                pb, collection, vector, top_k, hop, query=query, search=search),
             rerank=lambda ids, mask: bls.rerank_tokens(pb, ids, mask, hop))

@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from ragstack import priority as prio
 from ragstack.errors import InvalidInput
+from ragstack.index.lexical import SearchSpec
 
 POLICY_VERSION = 1
 TOKEN_BUDGET_FLAG = "token_budget_overrun"
@@ -37,7 +38,7 @@ _QUOTE_KEYS = ("quote_candidates", "max_quotes", "quote_select", "abstain_on")
 ABSTAIN_ON = ("context", "span")
 QUOTE_SELECT = ("generate", "index", "rerank")
 _TASK_KEYS = {"description", "temperature", "top_p", "top_k", "max_tokens", "abstain_below_rerank", "priority",
-              *_PENALTY_KEYS, *_QUOTE_KEYS}
+              "search", *_PENALTY_KEYS, *_QUOTE_KEYS}
 _THRESHOLD_KEYS = {"max_queue_delay_us", "max_tokens", "max_prompt_tokens", "max_cost_usd", "cost_breach_action"}
 _EVENT_KEYS = {"log_path", "webhook_url", "webhook_timeout_s"}
 _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -85,6 +86,9 @@ class TaskPolicy:
     abstain_on: str = "context"
     # Triton priority level of the task's requests (ragstack/priority.py): queries are urgent by default.
     priority: int = prio.URGENT
+    # How the index is searched for the task's contexts (ragstack/index/lexical.py): dense (cosine), lexical or
+    # hybrid (both, fused); measured by benchmarks/answers.py and benchmarks/retrieval.py.
+    search: SearchSpec = SearchSpec()
 
     def penalties(self) -> dict:
         """The task's penalty inputs, by their tensorrt_llm names."""
@@ -408,7 +412,15 @@ def _task(v: _Validator, name: str, data, thresholds: Thresholds) -> TaskPolicy:
         quote_select=_choice(v, d.get("quote_select", "generate"), f"{field}.quote_select", QUOTE_SELECT),
         abstain_on=_choice(v, d.get("abstain_on", "context"), f"{field}.abstain_on", ABSTAIN_ON),
         priority=_level(v, d.get("priority", prio.name(prio.URGENT)), f"{field}.priority"),
+        search=_search(v, d.get("search"), f"{field}.search"),
     )
+
+
+def _search(v: _Validator, value, field: str) -> SearchSpec:
+    try:
+        return SearchSpec.parse(value)
+    except InvalidInput as e:
+        v.fail(field, str(e))
 
 
 def _choice(v: _Validator, value, field: str, allowed: tuple) -> str:

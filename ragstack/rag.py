@@ -458,8 +458,10 @@ class EmbedQuery(Protocol):
 
 
 class Search(Protocol):
-    def __call__(self, collection: str, vector: Sequence[float], top_k: int) -> List[Context]:
-        """The ``top_k`` nearest chunks of ``collection``, best first."""
+    def __call__(self, collection: str, vector: Sequence[float], top_k: int, query: Optional[str] = None,
+                 search: Any = None) -> List[Context]:
+        """The ``top_k`` best chunks of ``collection``, best first: nearest to ``vector``, or, when ``search`` (the
+        task's :class:`~ragstack.index.lexical.SearchSpec`) is lexical or hybrid, ranked with ``query``'s terms."""
 
 
 class Rerank(Protocol):
@@ -628,7 +630,7 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         with timer.stage("embed"):
             vector, n_query_tokens = engines.embed_query(req.query, timer)
         with timer.stage("search"):
-            contexts = engines.search(req.collection, vector, req.top_k)
+            contexts = engines.search(req.collection, vector, req.top_k, query=req.query, search=task_policy.search)
     if contexts:
         with timer.stage("rerank"):
             scores = engines.rerank(req.query, [c.text for c in contexts], timer)
@@ -645,8 +647,10 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
     threshold = task_policy.abstain_below_rerank
     # quote with abstain_on "span": the threshold applies to the best quotable span's score, further down
     by_span = req.task == "quote" and req.schema is None and task_policy.abstain_on == "span"
+    # How the contexts were found: the task's search mode (ragstack/index/lexical.py), or the caller's documents.
+    search_mode = "documents" if req.documents else task_policy.search.mode
     if req.task in GROUNDED_TASKS and threshold is not None and (best is None or (best < threshold and not by_span)):
-        return _abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta)
+        return _searched(_abstain(req, contexts, best, threshold, n_query_tokens, timer, t0, on_delta), search_mode)
     with timer.stage("tokenize"):
         contexts, prompt_tokens = fit_contexts(req.task, req.query, contexts, engines, policy, max_tokens)
     if prices:
@@ -662,8 +666,8 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
         candidates = quote_candidates(req.query, contexts, engines, timer, task_policy.quote_candidates)
         if not candidates or (by_span and threshold is not None and candidates[0].rerank_score < threshold):
             # no quotable span, or none relevant enough: say so
-            return _abstain(req, contexts, candidates[0].rerank_score if by_span and candidates else best,
-                            threshold, n_query_tokens, timer, t0, on_delta)
+            return _searched(_abstain(req, contexts, candidates[0].rerank_score if by_span and candidates else best,
+                                      threshold, n_query_tokens, timer, t0, on_delta), search_mode)
         answer, gen = _quote(req.query, candidates, contexts, schema, engines, task_policy, max_tokens, on_delta,
                              timer)
     else:
@@ -683,6 +687,7 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
                      if prices else None),
         "queue_delay_us": gen.get("queue_delay_us"),
         "contexts": len(contexts),
+        "search": search_mode,
     }
     if req.task in GROUNDED_TASKS and req.schema is None:
         support = citation_support(answer["answer"], answer["citations"], contexts)
@@ -695,6 +700,11 @@ def run(req: RagRequest, engines: Engines, policy, on_delta=None, prices: Option
             usage["quote_candidates"] = len(candidates)
             usage["quote_select"] = task_policy.quote_select
     return RagResult(answer=answer, contexts=contexts, usage=usage)
+
+
+def _searched(result: RagResult, mode: str) -> RagResult:
+    result.usage["search"] = mode
+    return result
 
 
 def _quote(query: str, candidates: list, contexts: list, schema: dict, engines: Engines, task_policy,
@@ -755,7 +765,8 @@ def token_engines(embed_tok, rerank_tok, gen_tok, *, embed: Callable, search: Ca
     ragstack/orchestrator.py, in-process engines in the benchmarks): the tokenizers (``ragstack.text``,
     ``ragstack.chat``) turn text into ids here, timed as the ``tokenize`` stage.
 
-    ``embed(ids, mask) -> [B, dim]``; ``search(collection, vector, top_k) -> [hit dict]`` (``VectorStore.search``);
+    ``embed(ids, mask) -> [B, dim]``; ``search(collection, vector, top_k, query=, search=) -> [hit dict]``
+    (``VectorStore.search``; ``query`` and ``search`` matter only for a lexical or hybrid search);
     ``rerank(ids, mask) -> [B]`` scores; ``generate(system, user, guide_type, guide, policy, max_tokens, on_delta,
     timer) -> dict`` (the generate stage's dict), where the guide is the answer schema's unless ``rag.run`` gives
     its own (the quote task's grammar). ``tokenize_lock``: held around each tokenizer call (a Hugging Face fast
@@ -770,8 +781,10 @@ def token_engines(embed_tok, rerank_tok, gen_tok, *, embed: Callable, search: Ca
             ids, mask, lengths = embed_tok.encode([query], "query")
         return embed(ids, mask)[0], int(lengths[0])
 
-    def search_contexts(collection, vector, top_k):
-        return [Context.of_hit(h) for h in search(collection, vector, top_k)]
+    search_hits = search
+
+    def search_contexts(collection, vector, top_k, query=None, search=None):
+        return [Context.of_hit(h) for h in search_hits(collection, vector, top_k, query=query, search=search)]
 
     def rerank_texts(query, texts, timer):
         with tokenizing(timer), lock:

@@ -135,9 +135,32 @@ def rank_by_scores(scores: np.ndarray, ids: Sequence[str]) -> list[str]:
     return [ids[i] for i in np.argsort(-np.asarray(scores), kind="stable")]
 
 
+def hybrid_order(question: str, embedding_order: Sequence[str], passage_text: dict, spec) -> list[str]:
+    """All passage ids in the order of a hybrid search (:mod:`ragstack.index.lexical`): the embedding order and
+    the BM25 order over the passages, each ``spec.depth`` deep, fused by reciprocal rank (``spec.fusion``
+    "rrf"; the embedding order stands in for the cosine scores, so "weighted" is not offered here); passages
+    in neither list follow in their embedding order."""
+    from ragstack.index.lexical import Bm25Index, rank, rrf
+
+    if spec.fusion != "rrf":
+        raise ValueError("the in-process hybrid ranking fuses by rrf only")
+    ids = list(embedding_order)
+    index = Bm25Index()
+    for i, pid in enumerate(ids):
+        index.add(i, passage_text[pid])
+    lexical = [ids[i] for i in rank(index.scores(question), key=lambda i: ids[i], limit=spec.depth)]
+    if spec.mode == "lexical":
+        head = lexical
+    else:
+        fused = rrf([ids[:spec.depth], lexical], spec.rrf_k, [1.0, spec.lexical_weight])
+        head = rank(fused, key=ids.index)
+    seen = set(head)
+    return head + [pid for pid in ids if pid not in seen]
+
+
 def rank_in_process(eval_set: Union[dict, str, Path], embed_dir: Union[str, Path],
                     rerank_dir: Union[str, Path, None] = None, top_k: int = 8,
-                    batch_size: int = 32, num_threads: Optional[int] = None) -> dict:
+                    batch_size: int = 32, num_threads: Optional[int] = None, searches=None) -> dict:
     """Rank every passage of ``eval_set`` (a dict, or a path for :func:`load_eval`) for every question.
 
     Passages are embedded as documents and questions as queries by the engine in ``embed_dir``; passages are
@@ -147,7 +170,8 @@ def rank_in_process(eval_set: Union[dict, str, Path], embed_dir: Union[str, Path
 
     Returns ``{"question_ids", "gold", "embedding", "reranked"}``: ``embedding`` and ``reranked`` hold one list of
     all passage ids per question, best first (``reranked`` is None without ``rerank_dir``), ready for
-    :func:`evaluate` with ``gold``.
+    :func:`evaluate` with ``gold``. ``searches`` (``{name: SearchSpec}``) adds, per name, the first-stage order of
+    that search (:func:`hybrid_order`) as ``name`` and its reranked order as ``name + "_reranked"``.
     """
     from ragstack.engines import EmbeddingEngine, RerankEngine
     from ragstack.text import EmbedTokenizer, RerankTokenizer
@@ -177,8 +201,21 @@ def rank_in_process(eval_set: Union[dict, str, Path], embed_dir: Union[str, Path
             input_ids, attention_mask = rerank_tok.encode_pairs(question["question"], [passage_text[i] for i in head])
             reranked.append(rank_by_scores(reranker(input_ids, attention_mask), head) + order[top_k:])
 
-    return {"question_ids": [q["id"] for q in questions], "gold": [q["answer_id"] for q in questions],
-            "embedding": embedding_order, "reranked": reranked}
+    out = {"question_ids": [q["id"] for q in questions], "gold": [q["answer_id"] for q in questions],
+           "embedding": embedding_order, "reranked": reranked}
+    for name, spec in (searches or {}).items():
+        first = [hybrid_order(q["question"], order, passage_text, spec)
+                 for q, order in zip(questions, embedding_order)]
+        out[name] = first
+        if rerank_dir is not None:
+            out[name + "_reranked"] = []
+            for question, order in zip(questions, first):
+                head = order[:top_k]
+                input_ids, attention_mask = rerank_tok.encode_pairs(question["question"],
+                                                                    [passage_text[i] for i in head])
+                out[name + "_reranked"].append(rank_by_scores(reranker(input_ids, attention_mask), head)
+                                               + order[top_k:])
+    return out
 
 
 def misses(ranked: Sequence[Sequence[str]], eval_set: dict, k: int = 1) -> list[dict]:

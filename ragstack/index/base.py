@@ -83,9 +83,14 @@ class VectorStore(ABC):
 
     @abstractmethod
     def search(self, collection: str, query_vector: np.ndarray, top_k: int,
-               doc_ids: Optional[Sequence[str]] = None) -> list[dict]:
+               doc_ids: Optional[Sequence[str]] = None, *, query_text: Optional[str] = None,
+               search=None) -> list[dict]:
         """The ``top_k`` chunks most similar to ``query_vector`` (``[dim]``), optionally only from ``doc_ids``:
-        dicts with ``chunk_id``, ``doc_id``, ``text``, ``score``, ``metadata`` and the chunk's other fields."""
+        dicts with ``chunk_id``, ``doc_id``, ``text``, ``score``, ``metadata`` and the chunk's other fields.
+
+        ``search`` (a :class:`~ragstack.index.lexical.SearchSpec`, its dict or a mode name; None: dense) with
+        mode ``lexical`` ranks by the lexical match of ``query_text`` instead, and ``hybrid`` fuses both
+        rankings; such hits keep ``score`` = the cosine and add ``lexical_score`` (and ``fused_score``)."""
 
 
 def check_collection_name(name) -> str:

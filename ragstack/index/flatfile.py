@@ -27,7 +27,10 @@ loading removes. Every file goes through :func:`~ragstack.index.atomic.write_ato
 
 In memory a collection is an append-only float32 buffer (doubling capacity), row-aligned chunk records, an
 ``alive`` mask and a row list per document; replacing a document marks its old rows dead and appends new ones.
-Dead rows are dropped at compaction, which lays rows out exactly as a reload of the new snapshot does.
+Dead rows are dropped at compaction, which lays rows out exactly as a reload of the new snapshot does. Lexical
+and hybrid search (:mod:`ragstack.index.lexical`) use a BM25 index over the live rows' texts, built in memory on
+a collection's first lexical search (and again after a compaction or a reload) and updated row by row by every
+upsert and delete; it is read and written under the short lock.
 
 Concurrency: the store is owned by one process (the Triton model instance that holds it). Mutations are
 serialised by a lock that covers their disk I/O; their in-memory effect is applied under a second, short lock,
@@ -37,6 +40,7 @@ processes opening the same ``root_dir`` are not supported: there is no cross-pro
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -55,6 +59,7 @@ from ragstack.index.base import (COLLECTION_NAME, VectorStore, check_collection_
                                  check_dim, check_doc_id, check_doc_ids, check_doc_metadata, check_top_k,
                                  chunk_records, json_copy, normalized_query, normalized_rows, top_hits,
                                  unknown_collection)
+from ragstack.index.lexical import Bm25Index, SearchSpec, fuse, rank
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,16 @@ class _Collection:
         self.snapshot_bytes = 0                   # size of the snapshot files on disk
         self.log_bytes = 0                        # size of log.<generation>.bin
         self.must_snapshot = False                # set when a snapshot write failed: the next mutation retries it
+        self._bm25: Optional[Bm25Index] = None   # built on the first lexical search, then kept current
+
+    def bm25(self) -> Bm25Index:
+        """The live rows' lexical index (under the state lock): built once, then updated by add/remove."""
+        if self._bm25 is None:
+            index = Bm25Index()
+            for i in self.live_rows():
+                index.add(int(i), self.records[i]["text"])
+            self._bm25 = index
+        return self._bm25
 
     def stats(self) -> dict:
         return {"collection": self.name, "dim": self.dim, "docs": len(self.docs), "chunks": self.live}
@@ -94,6 +109,9 @@ class _Collection:
         if rows:
             self.alive[rows] = False
             self.live -= len(rows)
+            if self._bm25 is not None:
+                for i in rows:
+                    self._bm25.remove(i, self.records[i]["text"])
 
     def add(self, doc_id: str, records: list, vectors: np.ndarray, info: dict) -> None:
         """Replace ``doc_id`` by ``records``: old rows die, new ones are appended."""
@@ -111,6 +129,9 @@ class _Collection:
         self.records.extend(records)
         self.doc_rows[doc_id] = list(range(self.n, self.n + k))
         self.docs[doc_id] = info
+        if self._bm25 is not None:
+            for i, record in enumerate(records, self.n):
+                self._bm25.add(i, record["text"])
         self.n += k
         self.live += k
 
@@ -166,7 +187,11 @@ class FlatFileStore(VectorStore):
         return json_copy(doc, "document")
 
     def search(self, collection: str, query_vector: np.ndarray, top_k: int,
-               doc_ids: Optional[Sequence[str]] = None) -> list[dict]:
+               doc_ids: Optional[Sequence[str]] = None, *, query_text: Optional[str] = None,
+               search=None) -> list[dict]:
+        spec = SearchSpec.parse(search)
+        if spec.mode != "dense" and not (isinstance(query_text, str) and query_text.strip()):
+            raise InvalidInput(f"a {spec.mode} search needs the query text")
         with self._state_lock:
             coll = self._coll(collection)
             top_k = check_top_k(top_k)
@@ -177,13 +202,18 @@ class FlatFileStore(VectorStore):
             else:
                 rows = np.array(sorted(i for d in wanted for i in coll.doc_rows.get(d, ())), dtype=np.int64)
             buf, n, records = coll.buf, coll.n, coll.records
+            # BM25 under the lock: its postings change in place with every upsert and delete.
+            lexical = (coll.bm25().scores(query_text, None if wanted is None else rows.tolist())
+                       if spec.mode != "dense" and len(rows) else {})
         if not len(rows):
             return []
         if wanted is None or len(rows) * 4 > n:
             scores = (buf[:n] @ query)[rows]       # one pass over contiguous rows beats a gather of most of them
         else:
             scores = buf[rows] @ query
-        return top_hits(scores, records, rows, top_k)
+        if spec.mode == "dense":
+            return top_hits(scores, records, rows, top_k)
+        return _fused_hits(spec, scores, rows, lexical, records, top_k)
 
     # ---- mutations: under the lock, append to the log (or compact), then apply in memory
 
@@ -291,6 +321,38 @@ class FlatFileStore(VectorStore):
         coll.log_bytes = 0
         with self._state_lock:
             self._colls = {**self._colls, coll.name: coll}
+
+
+def _fused_hits(spec: SearchSpec, scores: np.ndarray, rows: np.ndarray, lexical: dict, records: list,
+                top_k: int) -> list[dict]:
+    """A lexical or hybrid search's hits: ``scores`` the cosine of each of ``rows``, ``lexical`` their BM25
+    (rows without a query term absent). Each hit keeps ``score`` = its cosine, and adds ``lexical_score`` and
+    (hybrid) ``fused_score``; the order is the fused one (lexical: BM25), ties by chunk id."""
+    cosine = dict(zip(rows.tolist(), scores.tolist()))
+    chunk_id = lambda i: records[i]["chunk_id"]          # noqa: E731
+    depth = max(spec.depth, top_k)
+    lex = {i: lexical[i] for i in rank(lexical, chunk_id, depth)}
+    if spec.mode == "lexical":
+        picked = [(i, lex[i]) for i in list(lex)[:top_k]]
+    else:
+        dense = {i: cosine[i] for i in _top_rows(scores, rows, records, depth)}
+        picked = fuse(dense, lex, spec, top_k, chunk_id)
+    hits = []
+    for i, fused in picked:
+        hit = {**copy.deepcopy(records[i]), "score": float(cosine[i]), "lexical_score": float(lexical.get(i, 0.0))}
+        if spec.mode == "hybrid":
+            hit["fused_score"] = float(fused)
+        hits.append(hit)
+    return hits
+
+
+def _top_rows(scores: np.ndarray, rows: np.ndarray, records: list, k: int) -> list[int]:
+    """The ``k`` best of ``rows`` by cosine, ties by chunk id (as :func:`top_hits` orders them)."""
+    if len(rows) > k:
+        keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
+        rows, scores = rows[keep], scores[keep]
+    order = sorted(range(len(rows)), key=lambda j: (-float(scores[j]), records[rows[j]]["chunk_id"]))
+    return [int(rows[j]) for j in order[:k]]
 
 
 def coll_log_path(folder: Path, generation: int) -> Path:

@@ -5,7 +5,8 @@ Layout, in one schema (``ragstack`` unless told otherwise)::
 
     collections(name, dim, tbl, coltype)              one row per collection
     documents(collection, doc_id, content_hash, metadata jsonb, chunks)
-    <tbl>(chunk_id PK, doc_id, pos, record jsonb, embedding vector(dim))   one table per collection
+    <tbl>(chunk_id PK, doc_id, pos, record jsonb, embedding vector(dim),
+          tsv tsvector GENERATED from record->>'text')                     one table per collection
 
 Why a table per collection rather than a ``collection`` column: an HNSW index needs one fixed dimension per
 column, and collections have their own dims (an embedding model change makes a new collection); a table each
@@ -21,6 +22,11 @@ order), so ties among them are broken by chunk id as the contract asks. ``exact=
 this store's searches (a full scan: exact, O(rows)); otherwise sequential scans are off for the search, since the
 planner underprices them for wide (TOASTed) vectors. Searches filtered by ``doc_ids`` use the ``doc_id`` index
 when the filter is selective (exact), otherwise pgvector's iterative index scan.
+
+Lexical and hybrid search (:mod:`ragstack.index.lexical`): ``tsv`` (``to_tsvector('english', text)``, a GIN
+index) is matched by the query's terms OR-ed and ranked by ``ts_rank_cd``; a hybrid search fuses that list with
+the dense one in Python, as the flat store does. Opening the store adds the column and index to tables made
+before they existed (one table rewrite each).
 
 Every mutation is one transaction, committed with ``synchronous_commit=on`` (durable once the method returns).
 Several processes (Triton servers) may share the database: an upsert or delete of a document takes a
@@ -42,10 +48,17 @@ from ragstack.errors import InvalidInput
 from ragstack.index.base import (VectorStore, check_collection_name, check_content_hash, check_dim, check_doc_id,
                                  check_doc_ids, check_doc_metadata, check_top_k, chunk_records, normalized_query,
                                  normalized_rows, unknown_collection)
+from ragstack.index.lexical import SearchSpec, fuse
 
 MAX_VECTOR_HNSW_DIM = 2000
 MAX_HALFVEC_HNSW_DIM = 4000
 CANDIDATE_SLACK = 32
+# Lexical search: a generated tsvector of each chunk's text (Postgres' English configuration: stemmed, stop
+# words dropped) with a GIN index; a query matches a chunk holding any of its terms, ranked by ts_rank_cd.
+TSV_COLUMN = "tsv"
+TSV_CONFIG = "english"
+_TSV_DDL = (f"ADD COLUMN {TSV_COLUMN} tsvector GENERATED ALWAYS AS "
+            f"(to_tsvector('{TSV_CONFIG}'::regconfig, coalesce(record->>'text', ''))) STORED")
 
 
 def _lock_key(*parts: str) -> int:
@@ -140,6 +153,20 @@ class PgVectorStore(VectorStore):
             conn.execute(f"CREATE TABLE IF NOT EXISTS {s}.documents (collection text COLLATE \"C\" NOT NULL, "
                          f"doc_id text COLLATE \"C\" NOT NULL, content_hash text NOT NULL, metadata jsonb NOT NULL, "
                          f"chunks integer NOT NULL, PRIMARY KEY (collection, doc_id))")
+            # Migration: chunk tables made before lexical search lack the tsvector column and its index.
+            for (tbl,) in conn.execute(f"SELECT tbl FROM {s}.collections").fetchall():
+                self._add_lexical(conn, tbl)
+
+    def _add_lexical(self, conn, tbl: str) -> None:
+        """Inside the caller's DDL-locked transaction: the tsvector column and GIN index on ``tbl`` if missing
+        (adding the column rewrites the table once, filling it from the stored chunk texts)."""
+        t = self._table(tbl)
+        has = conn.execute("SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s "
+                           "AND NOT attisdropped", [t, TSV_COLUMN]).fetchone()
+        if not has:
+            conn.execute(f"ALTER TABLE {t} {_TSV_DDL}")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote_ident(tbl + '_' + TSV_COLUMN)} ON {t} "
+                     f"USING gin ({TSV_COLUMN})")
 
     # ---- collections
 
@@ -174,6 +201,7 @@ class PgVectorStore(VectorStore):
             conn.execute(f"CREATE TABLE {t} (chunk_id text COLLATE \"C\" PRIMARY KEY, doc_id text COLLATE \"C\" "
                          f"NOT NULL, pos integer NOT NULL, record jsonb NOT NULL, embedding {coltype}({dim}) NOT NULL)")
             conn.execute(f"CREATE INDEX ON {t} (doc_id)")
+            self._add_lexical(conn, tbl)
             if dim <= MAX_HALFVEC_HNSW_DIM:
                 conn.execute(f"CREATE INDEX ON {t} USING hnsw (embedding {coltype}_ip_ops) "
                              f"WITH (m = {self.hnsw_m}, ef_construction = {self.ef_construction})")
@@ -282,7 +310,15 @@ class PgVectorStore(VectorStore):
         return {"doc_id": doc_id, "content_hash": doc[0], "metadata": doc[1], "chunks": [r[0] for r in rows]}
 
     def search(self, collection: str, query_vector: np.ndarray, top_k: int,
-               doc_ids: Optional[Sequence[str]] = None) -> list[dict]:
+               doc_ids: Optional[Sequence[str]] = None, *, query_text: Optional[str] = None,
+               search=None) -> list[dict]:
+        """Dense (HNSW, see the module docstring), lexical (full-text: the chunks holding any of the query's
+        terms, by ``ts_rank_cd``) or hybrid (both lists, ``spec.depth`` deep, fused in Python as the flat store
+        fuses them). Lexical and hybrid hits keep ``score`` = the cosine and add ``lexical_score`` (ts_rank_cd;
+        hybrid: and ``fused_score``)."""
+        spec = SearchSpec.parse(search)
+        if spec.mode != "dense" and not (isinstance(query_text, str) and query_text.strip()):
+            raise InvalidInput(f"a {spec.mode} search needs the query text")
         with self._conn() as conn:
             dim, tbl, coltype = self._require(conn, collection)
             top_k = check_top_k(top_k)
@@ -294,10 +330,11 @@ class PgVectorStore(VectorStore):
             where, params = "", [query]
             if wanted is not None:
                 where, params = "WHERE doc_id = ANY(%s)", [query, sorted(wanted)]
-            candidates = top_k + CANDIDATE_SLACK
+            depth = top_k if spec.mode == "dense" else max(spec.depth, top_k)
+            candidates = depth + CANDIDATE_SLACK
             sql = (f"SELECT chunk_id, record, -dist FROM (SELECT chunk_id, record, embedding <#> %s{cast} AS dist "
                    f"FROM {self._table(tbl)} {where} ORDER BY dist LIMIT {candidates}) c "
-                   f"ORDER BY dist, chunk_id LIMIT {top_k}")
+                   f"ORDER BY dist, chunk_id LIMIT {depth}")
             with conn.transaction():
                 if self.exact:
                     conn.execute("SET LOCAL enable_indexscan TO off")
@@ -309,5 +346,37 @@ class PgVectorStore(VectorStore):
                     # per query instead of milliseconds). The doc_id index stays a choice for a filtered search.
                     conn.execute("SET LOCAL enable_seqscan TO off")
                 # prepare=False: a cached plan would ignore a later enable_indexscan change.
-                rows = conn.execute(sql, params, prepare=False).fetchall()
-        return [{**record, "score": float(score)} for _, record, score in rows]
+                rows = [] if spec.mode == "lexical" else conn.execute(sql, params, prepare=False).fetchall()
+            if spec.mode == "dense":
+                return [{**record, "score": float(score)} for _, record, score in rows]
+            lexical = self._lexical(conn, tbl, cast, query, query_text, wanted, depth)
+        records = {cid: record for cid, record, _ in rows}
+        cosine = {cid: float(score) for cid, _, score in rows}
+        for cid, record, cos, _ in lexical:
+            records.setdefault(cid, record)
+            cosine.setdefault(cid, float(cos))
+        lex = {cid: float(r) for cid, _, _, r in lexical}
+        if spec.mode == "lexical":
+            picked = [(cid, lex[cid]) for cid, _, _, _ in lexical[:top_k]]
+        else:
+            picked = fuse({cid: cosine[cid] for cid, _, _ in rows}, lex, spec, top_k)
+        hits = []
+        for cid, fused in picked:
+            hit = {**records[cid], "score": cosine[cid], "lexical_score": lex.get(cid, 0.0)}
+            if spec.mode == "hybrid":
+                hit["fused_score"] = float(fused)
+            hits.append(hit)
+        return hits
+
+    def _lexical(self, conn, tbl: str, cast: str, query, text: str, wanted, depth: int) -> list:
+        """``[(chunk_id, record, cosine, ts_rank_cd)]`` of the ``depth`` chunks that best match ``text``: its
+        terms as ``plainto_tsquery`` parses them (stemmed, stop words dropped), OR-ed, so that a chunk holding
+        any of them matches (a question's words rarely all stand in one chunk)."""
+        where, params = "", [query, text]
+        if wanted is not None:
+            where, params = "AND doc_id = ANY(%s)", [query, text, sorted(wanted)]
+        sql = (f"SELECT chunk_id, record, -(embedding <#> %s{cast}), ts_rank_cd({TSV_COLUMN}, q) AS r "
+               f"FROM {self._table(tbl)}, "
+               f"(SELECT replace(plainto_tsquery('{TSV_CONFIG}', %s)::text, ' & ', ' | ')::tsquery AS q) t "
+               f"WHERE {TSV_COLUMN} @@ q {where} ORDER BY r DESC, chunk_id LIMIT {depth}")
+        return conn.execute(sql, params).fetchall()

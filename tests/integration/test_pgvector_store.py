@@ -54,6 +54,12 @@ def test_vector_index_on_the_embedded_pgvector_store(tiny_models):
             assert call(client, "upsert", payload=payload, vectors=vectors)["status"] == "unchanged"
             hits = call(client, "search", query_vector=vectors[2], top_k=np.array([2], np.int32))["hits"]
             assert [h["chunk_id"] for h in hits][0] == "d1#2" and hits[0]["metadata"] == {"page": 2}
+            # Postgres full-text search through vector_index: the lexical list alone, and fused with the dense
+            # one (RRF: only d1#1 holds the term "1", which lifts it over the dense favourite d1#2)
+            for mode, expected in (("lexical", ["d1#1"]), ("hybrid", ["d1#1"])):
+                hits = call(client, "search", query_vector=vectors[2], top_k=np.array([1], np.int32),
+                            payload={"query_text": "1", "search": {"mode": mode}})["hits"]
+                assert [h["chunk_id"] for h in hits] == expected and hits[0]["lexical_score"] > 0, mode
             assert call(client, "stats") == {"collection": "pg", "dim": 16, "docs": 1, "chunks": 3}
         deadline = time.monotonic() + 15
         while postgres_running(data / "pgdata") and time.monotonic() < deadline:

@@ -265,3 +265,33 @@ def test_served_quotes_are_verbatim_substrings_of_the_cited_context(quote_server
     for quote in answer["quotes"]:
         assert quote["text"] and quote["text"] in texts[quote["context"]]
     assert answer["citations"] == list(dict.fromkeys(q["context"] for q in answer["quotes"]))
+
+
+# Eight short documents, each the only one holding its rare word: a lexical match finds each at once, while the
+# tiny models' random embeddings rank them by chance.
+LEXICAL_DOCS = {f"lex-{i}": f"Section {i}. The {word} is described in this section of the handbook."
+                for i, word in enumerate(["zeppelin", "quokka", "marimba", "obsidian", "tundra", "kelp", "sonnet",
+                                          "lantern"])}
+
+
+def test_the_policy_hybrid_search_is_what_rag_uses(http, identity):
+    """The task the runtime policy gives a hybrid search retrieves through it: asked with top_k 1, the single
+    context is always the document holding the question's only content word (RRF gives it w/61 from the lexical
+    list, w >= 1 its weight, on top of its dense share; any other document has at most the dense list's 1/61),
+    and usage names the mode.
+    A dense search on the tiny models' random embeddings would get all eight right with odds of 8**-8."""
+    from ragstack.policy import RuntimePolicy
+    from ragstack.server import ROOT
+
+    policy = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
+    hybrid = [t for t in policy.task_names if policy.task(t).search.mode == "hybrid"]
+    assert hybrid, "the configured policy gives no task a hybrid search"
+    task = hybrid[0]
+    report = ingest(("http", http), list(LEXICAL_DOCS), list(LEXICAL_DOCS.values()), collection="lexical")
+    assert {d["status"] for d in report["documents"]} <= {"created", "unchanged"}
+    for doc_id, text in LEXICAL_DOCS.items():
+        word = text.split()[3]
+        result = ask(("http", http), query=f"Where is the {word}?", task=task, top_k=1, top_n=1,
+                     collection="lexical")
+        assert result["usage"]["search"] == "hybrid"
+        assert [c["doc_id"] for c in result["contexts"]] == [doc_id], word

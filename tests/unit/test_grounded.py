@@ -30,7 +30,7 @@ def engines_with(scores, generate):
     def embed_query(query, timer):
         return [1.0], 3
 
-    def search(collection, vector, top_k):
+    def search(collection, vector, top_k, query=None, search=None):
         return [rag.Context(text=t, doc_id=f"d{i}", chunk_id=f"d{i}#0", score=0.5) for i, t in enumerate(TEXTS)]
 
     def rerank(query, texts, timer):

@@ -32,8 +32,9 @@ def fake_engines(hits, rerank_scores, reply):
             time.sleep(0.002)
         return [1.0, 0.0], 5
 
-    def search(collection, vector, top_k):
+    def search(collection, vector, top_k, query=None, search=None):
         calls["search"] = (collection, top_k)
+        calls["search_spec"] = (query, search)
         return [rag.Context(text=t, doc_id=f"d{i}", chunk_id=f"d{i}#0", score=s)
                 for i, (t, s) in enumerate(hits)][:top_k]
 
@@ -76,6 +77,24 @@ def test_equal_rerank_scores_keep_retrieval_order():
     engines, _ = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
     result = rag.run(rag.RagRequest(query="q", top_k=4, top_n=4), engines, POLICY)
     assert [c.text for c in result.contexts] == ["alpha", "beta", "gamma", "delta"]
+
+
+def test_the_task_search_spec_reaches_the_index_and_usage_names_it():
+    import dataclasses
+
+    from ragstack.index.lexical import SearchSpec
+    from ragstack.policy import RuntimePolicy
+
+    def with_search(spec):
+        answer = dataclasses.replace(POLICY.task("answer"), search=spec, abstain_below_rerank=None)
+        return RuntimePolicy({**POLICY.tasks, "answer": answer}, POLICY.default_task, POLICY.thresholds)
+
+    hybrid = SearchSpec(mode="hybrid", depth=20)
+    engines, calls = fake_engines(HITS, [0.5] * 4, json.dumps({"answer": "a", "citations": ["ctx-1"]}))
+    result = rag.run(rag.RagRequest(query="what is alpha", top_k=4, top_n=2), engines, with_search(hybrid))
+    assert calls["search_spec"] == ("what is alpha", hybrid) and result.usage["search"] == "hybrid"
+    dense = rag.run(rag.RagRequest(query="q", top_k=4, top_n=2), engines, with_search(SearchSpec()))
+    assert calls["search_spec"] == ("q", SearchSpec()) and dense.usage["search"] == "dense"
 
 
 def test_caller_documents_bypass_the_index():
@@ -279,7 +298,7 @@ def test_token_engines_tokenize_once_per_stage_and_give_the_generator_the_answer
                 "num_input_tokens": 3, "num_output_tokens": 2}
     hits = [{"text": t, "doc_id": f"d{i}", "chunk_id": f"d{i}#0", "score": s} for i, (t, s) in enumerate(HITS)]
     engines = rag.token_engines(tok, tok, tok, embed=lambda ids, mask: [[0.5] * len(ids[0])],
-                                search=lambda collection, vector, top_k: hits[:top_k],
+                                search=lambda collection, vector, top_k, query=None, search=None: hits[:top_k],
                                 rerank=lambda ids, mask: [0.1, 0.9, 0.5][:len(ids)], generate=generate)
     result = rag.run(rag.RagRequest(query="two words", top_k=3, top_n=1), engines, POLICY)
     assert tok.seen == [("embed", "query"), ("rerank", 3)]
