@@ -17,6 +17,10 @@ background load hits all of them alike:
 Writes results/engines.json and results/engines.png. Progress goes to stderr.
 
   .venv/bin/python benchmarks/engines.py [--clean-rounds 3] [--max-rounds 8] [--segment 6] [--quick]
+  .venv/bin/python benchmarks/engines.py --parts generate     # generate only; embed etc. kept from --out
+
+With --parts, the parts not run are carried over from the existing --out file (``carried_over`` names each with
+the date of the run that measured it), so that one part can be re-measured without re-running the others.
 
 The machine is shared with other test runs, so every round measures the configurations side by side and the
 rounds repeat until each ratio has enough "clean" pairs (other processes under 10% of the CPU in both
@@ -452,8 +456,35 @@ TARGETS = {  # name: (part, ratio key, goal)
 }
 
 
+PARTS = ("embed", "generate", "perf_analyzer")
+SERVED = {"embed": "embed embed_text", "generate": "generate generate_text", "perf_analyzer": "embed embed_text"}
+
+
+def parse_parts(text: str) -> list:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"--parts: choose from {', '.join(PARTS)} (got {text!r})")
+    return [p for p in PARTS if p in parts]
+
+
+def carry_over(result: dict, out: Path, parts: list) -> None:
+    """Copy the parts not run now from the file this run replaces, noting when each was measured."""
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text())
+    for part in PARTS:
+        if part in parts or part not in old:
+            continue
+        result[part] = old[part]
+        result.setdefault("carried_over", {})[part] = old.get("carried_over", {}).get(part, old.get("date"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", type=parse_parts, default=list(PARTS),
+                    help="comma-separated parts to measure: embed, generate, perf_analyzer (default all); the "
+                         "others are kept from the existing --out file")
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "models" / "demo")
     ap.add_argument("--segment", type=float, default=6.0, help="seconds per embed configuration per round")
     ap.add_argument("--warmup", type=float, default=1.5)
@@ -466,7 +497,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--c1-requests", type=int, default=3, help="requests per concurrency-1 segment")
     ap.add_argument("--c8-requests", type=int, default=16, help="requests per concurrency-8 segment")
-    ap.add_argument("--no-perf-analyzer", action="store_true")
+    ap.add_argument("--no-perf-analyzer", action="store_true", help="the same as leaving it out of --parts")
     ap.add_argument("--idle-fraction", type=float, default=0.3,
                     help="before the run and each round, wait until other processes keep under this fraction "
                          "of the machine busy (the machine is shared)")
@@ -482,10 +513,11 @@ def main() -> int:
     IDLE.update(max_fraction=args.idle_fraction, max_wait=args.idle_wait)
     ROUNDS.update(clean=args.clean_rounds, max=args.max_rounds, budget_s=args.budget, max_other=args.max_other)
 
+    parts = [p for p in args.parts if not (p == "perf_analyzer" and args.no_perf_analyzer)]
     quiet = wait_idle(args.idle_fraction, args.start_wait)
     started = time.time()
     result = {"benchmark": "engines", "date": now_iso(), "machine": machine_info(TORCH_THREADS),
-              "start_condition": quiet, "models": display_path(args.models),
+              "start_condition": quiet, "models": display_path(args.models), "parts_measured": parts,
               "method": {"interleaving": "every round measures each configuration side by side (order alternating); "
                                          "ratios compare the segments of the same round",
                          "clean_round": f"other processes used under {args.max_other:.0%} of the CPU in both "
@@ -497,14 +529,16 @@ def main() -> int:
     log_path = ROOT / "build" / "logs" / "bench-engines.log"
     progress(f"starting tritonserver (log {display_path(log_path)})")
     # engines measured directly: the operator opens them (RAG_DIRECT_MODELS, ragstack.access)
-    server = TritonProcess(args.models, load_models="embed embed_text generate generate_text", log_path=log_path,
-                           env={"RAG_DIRECT_MODELS": "*"})
+    served = " ".join(dict.fromkeys(" ".join(SERVED[p] for p in parts).split()))
+    server = TritonProcess(args.models, load_models=served, log_path=log_path, env={"RAG_DIRECT_MODELS": "*"})
     server.start()
     try:
         progress(f"server ready: http {server.http_url} grpc {server.grpc_url}")
-        result["embed"] = bench_embed(server, args.models / "embed", args.segment, args.warmup)
-        result["generate"] = bench_generate(server, args.max_tokens, {1: args.c1_requests, 8: args.c8_requests})
-        if not args.no_perf_analyzer:
+        if "embed" in parts:
+            result["embed"] = bench_embed(server, args.models / "embed", args.segment, args.warmup)
+        if "generate" in parts:
+            result["generate"] = bench_generate(server, args.max_tokens, {1: args.c1_requests, 8: args.c8_requests})
+        if "perf_analyzer" in parts:
             write_embed_text_data(PERF_DATA / "embed_text.json")   # in step with the corpus
             wait_idle(**IDLE)
             progress("perf_analyzer against embed_text")
@@ -523,8 +557,11 @@ def main() -> int:
     finally:
         server.stop()
 
+    carry_over(result, args.out, parts)
     result["targets"] = {}
     for name, (part, key, goal) in TARGETS.items():
+        if part not in result:
+            continue
         r = result[part]["ratios"][key]
         result["targets"][name] = {**target(r["value"], goal), "basis": r["basis"],
                                    "all_rounds_ratio": r["all_rounds"].get("ratio_of_totals"),
@@ -533,7 +570,10 @@ def main() -> int:
     result["wall_s"] = round(time.time() - started, 1)
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
     write_json(args.out, result)
-    plot(result, args.plot)
+    if "embed" in result and "generate" in result:
+        plot(result, args.plot)
+    else:
+        progress("embed or generate figures missing (not measured, nothing to carry over): no plot")
     for name, t in result["targets"].items():
         progress(f"{name}: {t['value']} (target {t['target']}; {t['basis']}; all rounds {t['all_rounds_ratio']}) "
                  f"{'PASS' if t['pass'] else 'FAIL'}")

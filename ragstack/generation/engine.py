@@ -10,6 +10,11 @@ One background thread owns the model and runs the loop. Each iteration:
    hides each row's padding;
 4. samples every row with its own settings, grammar and random stream, and retires the rows that finished.
 
+Guided rows cost little on top of that: the grammar mask of a step depends only on the tokens accepted before it,
+so a second thread fills the masks of the step while its forward pass runs (xgrammar and torch both release the
+GIL), and once the logits are there the masks of all guided rows are applied in one operation and every greedy
+row's token taken in one argmax, guided or not.
+
 The batched cache is re-laid out only when membership changes: a joining request is left-padded (or the batch
 is) to the common length and concatenated on the batch dimension; a leaving request's row is dropped, along with
 leading columns that are padding for every remaining row. Between changes the cache just grows by one column
@@ -28,16 +33,18 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ragstack.engine_spec import EngineSpec
 from ragstack.engines import place_model, resolve_device, resolve_dtype
-from ragstack.generation.guided import GuideCompiler, GuideState
+from ragstack.generation.guided import GuideCompiler, GuideState, apply_bitmask, refresh_all
 from ragstack.generation.request import (KV_BLOCK_TOKENS, NO_END_ID, GenerationRequest, GenerationResult,
                                          validate_request)
 from ragstack.generation.sampling import (apply_penalties, has_penalties, make_generator, sample_token,
@@ -136,11 +143,18 @@ def _penalised(request: GenerationRequest) -> bool:
 
 
 def _plain_greedy(sequence: _Sequence) -> bool:
-    """Greedy (as :func:`sample_token` decides), unguided and unpenalised: the next token is the argmax of the
-    raw logits."""
+    """Greedy (as :func:`sample_token` decides) and unpenalised: the next token is the argmax of the logits,
+    once a guided row's grammar mask is applied."""
     request = sequence.request
-    return sequence.guide is None and sequence.counts is None and \
-        (float(request.temperature) == 0 or int(request.top_k) == 1)
+    return sequence.counts is None and (float(request.temperature) == 0 or int(request.top_k) == 1)
+
+
+def _argmax_rows(logits: torch.Tensor) -> list:
+    """Each row's argmax (the first one on a tie, as ``torch.argmax``). On CPU numpy takes it on one thread: a
+    few hundred KB do not need torch's thread pool, whose barrier costs milliseconds when the cores are busy."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(axis=1).tolist()
+    return torch.argmax(logits, dim=-1).tolist()
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -200,6 +214,8 @@ class InflightBatchingEngine:
         self._counters = {"steps": 0, "prefills": 0, "tokens_generated": 0, "max_batch_seen": 0,
                           "requests_finished": 0, "admitted_ahead_of_older": 0}
         self._admitted_by_priority: dict[int, int] = {}
+        # Fills the grammar masks of a decode step while its forward pass runs (started on first use).
+        self._grammar_thread: Optional[ThreadPoolExecutor] = None
         self._thread = threading.Thread(target=self._run, name="ragstack-generation", daemon=True)
         self._thread.start()
 
@@ -271,6 +287,8 @@ class InflightBatchingEngine:
             for sequence in waiting:
                 sequence.finish("cancelled")
                 self._complete(sequence)
+            if self._grammar_thread is not None:
+                self._grammar_thread.shutdown(wait=True)
 
     def _iteration(self) -> None:
         with self._lock:
@@ -361,11 +379,17 @@ class InflightBatchingEngine:
             sequence.finish("error", f"prefill failed: {exc}")
 
     def _decode_step(self) -> None:
-        """One forward pass for all running requests; rows that fail to sample fail alone."""
+        """One forward pass for all running requests; rows that fail to sample fail alone.
+
+        The guided rows' masks for this step are filled on the grammar thread during the forward pass, then
+        applied to the logits of all of them in one operation; every greedy, unpenalised row takes its token
+        from one argmax over the batch.
+        """
         batch = self._active
         input_ids = torch.tensor([[s.next_input] for s in batch], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([[s.position] for s in batch], dtype=torch.long, device=self.device)
         attention_mask = torch.cat([self._cache_mask, self._cache_mask.new_ones(len(batch), 1)], dim=1)
+        masks = self._start_masks(batch)
         try:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=self._cache, use_cache=True).logits[:, -1, :]
@@ -374,21 +398,82 @@ class InflightBatchingEngine:
             for sequence in batch:
                 sequence.finish("error", f"decode step failed: {exc}")
             return
+        finally:
+            if masks is not None:
+                masks.result()   # the guides are the engine thread's again (refresh_all keeps failures per row)
         self._cache_mask = attention_mask
         self._counters["steps"] += 1
         self._counters["max_batch_seen"] = max(self._counters["max_batch_seen"], len(batch))
         logits = logits.float()  # a no-op for a float32 model
-        # Greedy rows without a grammar need only the argmax: take every row's in one reduction and one copy to
-        # the host (the same ids as row by row; it saves a device round trip per row on a GPU).
-        argmax = torch.argmax(logits, dim=-1).tolist() if any(_plain_greedy(s) for s in batch) else None
+        self._mask_guided_rows(batch, logits)
+        # Greedy rows need only the argmax: take every row's in one reduction and one copy to the host (the same
+        # ids as row by row; it saves a device round trip per row on a GPU).
+        greedy = [not s.finished and _plain_greedy(s) for s in batch]
+        argmax = _argmax_rows(logits) if any(greedy) else None
         for row, sequence in enumerate(batch):
             sequence.position += 1
+            if sequence.finished:   # its mask failed, or its grammar allows nothing more
+                continue
             try:
-                token = argmax[row] if _plain_greedy(sequence) else self._sample(sequence, logits[row:row + 1])
+                if greedy[row]:
+                    token = argmax[row]
+                elif sequence.counts is None:   # a guided row's mask is applied already
+                    request = sequence.request
+                    token = sample_token(logits[row], float(request.temperature), int(request.top_k),
+                                         float(request.top_p), sequence.generator)
+                else:
+                    token = self._sample(sequence, logits[row:row + 1])
                 self._take_token(sequence, token)
             except Exception as exc:
                 log.exception("sampling failed for request %d", sequence.handle.request_id)
                 sequence.finish("error", f"sampling failed: {exc}")
+
+    def _start_masks(self, batch: list):
+        """Refresh the pending grammar masks of ``batch`` on the grammar thread; the returned future (None when
+        there is nothing to do) must be waited for before any of those guides is used again."""
+        pending = [s.guide for s in batch if s.guide is not None and s.guide.pending]
+        if not pending:
+            return None
+        if self._grammar_thread is None:
+            self._grammar_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragstack-grammar")
+        return self._grammar_thread.submit(refresh_all, pending)
+
+    def _mask_guided_rows(self, batch: list, logits: torch.Tensor) -> None:
+        """Apply the grammar masks of the guided, unpenalised rows to ``logits`` [B, vocab] in one operation.
+
+        A row whose mask failed fails alone; one whose grammar allows nothing but an end token (or nothing at
+        all) finishes as "grammar_terminated", as it would have right after its last token had its mask been
+        computed then. Penalised rows are masked in :meth:`_sample`, after their penalties.
+        """
+        rows, masks = [], []
+        for row, sequence in enumerate(batch):
+            guide = sequence.guide
+            if guide is None or sequence.finished:
+                continue
+            try:
+                mask = guide.bitmask()
+            except Exception as exc:
+                log.exception("grammar mask of request %d failed", sequence.handle.request_id)
+                sequence.finish("error", f"sampling failed: {exc}")
+                continue
+            if guide.must_stop:
+                sequence.finish("grammar_terminated")
+            elif sequence.counts is None:
+                rows.append(row)
+                masks.append(mask)
+        if not rows:
+            return
+        # Gathered with numpy: torch would start its thread pool for these few KB, which costs milliseconds when
+        # the cores are busy (rows without a mask keep every bit set; they are not in ``rows`` anyway).
+        bitmask = np.full((len(batch), masks[0].shape[1]), -1, dtype=np.int32)
+        for row, mask in zip(rows, masks):
+            bitmask[row] = mask.numpy()[0]
+        try:
+            apply_bitmask(logits, torch.from_numpy(bitmask), self.vocab_size, rows)
+        except Exception as exc:
+            log.exception("applying the grammar masks failed for %d rows", len(rows))
+            for row in rows:
+                batch[row].finish("error", f"sampling failed: {exc}")
 
     @staticmethod
     def _sample(sequence: _Sequence, logits: torch.Tensor) -> int:

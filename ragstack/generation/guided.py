@@ -2,7 +2,9 @@
 
 A guide is compiled once per (type, guide) into an xgrammar ``CompiledGrammar`` (kept in a bounded LRU, since
 clients tend to resend the same schema), then every request gets its own :class:`GuideState`: a
-``GrammarMatcher`` plus a one-row token bitmask that the engine applies to that request's logits row.
+``GrammarMatcher`` plus a one-row token bitmask. The engine refreshes the masks of a decode step off its critical
+path, while the step's forward pass runs, and applies them to the batch's logits in one operation
+(:func:`apply_bitmask`).
 
 All failures are reported as :class:`~ragstack.errors.InvalidInput` with a message naming the problem, because
 they come from client input; xgrammar signals them as ``RuntimeError`` with a C++ source location prefix that
@@ -222,8 +224,16 @@ class GuideState:
     """One request's position in its grammar, and the mask of tokens allowed next.
 
     ``stop_token_ids`` (the request's end id) are the tokens the grammar allows once it is complete; when the
-    grammar allows nothing else, :attr:`must_stop` says so, which lets the engine finish the request without
-    spending a forward pass on a token whose value is already known.
+    grammar allows nothing else (or nothing at all), :attr:`must_stop` says so, which lets the engine finish the
+    request without sampling a token whose value is already known.
+
+    The mask for the next token depends only on the tokens accepted so far, so :meth:`accept` does not compute
+    it: the engine refreshes every pending mask of a decode step on another thread while that step's forward
+    pass runs (:meth:`refresh`; xgrammar releases the GIL while it fills, as torch does in its ops). The one
+    exception is a grammar that is complete after the accepted token: then only an end token may be allowed,
+    and the mask is computed at once so that :attr:`must_stop` is known before the next forward pass.
+    Reading the mask (:meth:`bitmask`, :meth:`apply`) refreshes it first if nothing else did, and re-raises
+    a failure of a refresh that ran on another thread.
     """
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, vocab_size: int, stop_token_ids: Sequence[int],
@@ -235,45 +245,108 @@ class GuideState:
         # No stop ids given: the matcher falls back to the tokenizer's own end tokens.
         self._matcher = self._xgrammar.GrammarMatcher(compiled,
                                                       override_stop_tokens=sorted(set(stop_token_ids)) or None)
-        self._stop_token_ids = frozenset(self._matcher.stop_token_ids)
         self._bitmask = self._xgrammar.allocate_token_bitmask(1, vocab_size)  # host memory: the matcher fills it
+        self._others = _packed_mask(vocab_size, exclude=self._matcher.stop_token_ids)  # every id but the stops
         self.must_stop = False
-        self._refresh()
+        self._pending = True
+        self._error: Optional[BaseException] = None
+        self.refresh()
 
-    def _refresh(self) -> None:
-        self._matcher.fill_next_token_bitmask(self._bitmask)
-        if self._utf8 is not None:
-            self._bitmask &= self._utf8.mask(self._tail)
-        bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")[: self._vocab_size]
-        allowed = np.flatnonzero(bits)
-        self.must_stop = len(allowed) <= len(self._stop_token_ids) and set(allowed.tolist()) <= self._stop_token_ids
+    @property
+    def pending(self) -> bool:
+        """True while the mask still has to be computed for the tokens accepted so far."""
+        return self._pending
+
+    def refresh(self) -> None:
+        """Compute the mask of the tokens allowed next, and :attr:`must_stop` (the engine may call this on
+        another thread, while nothing else uses this state)."""
+        self._error = None
+        try:
+            self._matcher.fill_next_token_bitmask(self._bitmask)
+            # numpy on the mask's memory: single-threaded, where torch would start its thread pool for 6 KB
+            words = self._bitmask.numpy()
+            if self._utf8 is not None:
+                np.bitwise_and(words, self._utf8.mask(self._tail).numpy(), out=words)
+            # Nothing but a stop token (or nothing at all) is allowed: no bit left outside the stop ids.
+            self.must_stop = not np.any(words & self._others)
+        except Exception as exc:
+            self._error = exc
+            raise
+        finally:
+            self._pending = False
+
+    def ready(self) -> None:
+        """Make sure the mask is current: raise the error of a refresh that failed, or refresh now."""
+        if self._error is not None:
+            raise self._error
+        if self._pending:
+            self.refresh()
+
+    def bitmask(self) -> torch.Tensor:
+        """The current mask: packed int32, shape [1, ceil(vocab / 32)] (xgrammar's layout), on the host."""
+        self.ready()
+        return self._bitmask
 
     def apply(self, logits_row: torch.Tensor) -> None:
-        """Set the logits of disallowed tokens to -inf, in place (``logits_row``: shape [1, vocab]).
-
-        On CPU the host bitmask is applied as is; elsewhere a copy on the logits' device is, with xgrammar's
-        kernel for that device (its Triton kernel on CUDA, or its plain-torch one when Triton is missing).
-        """
-        if logits_row.device.type == "cpu":
-            self._xgrammar.apply_token_bitmask_inplace(logits_row, self._bitmask, vocab_size=self._vocab_size)
-            return
-        bitmask = self._bitmask.to(logits_row.device)
-        try:
-            self._xgrammar.apply_token_bitmask_inplace(logits_row, bitmask, vocab_size=self._vocab_size)
-        except ImportError:  # no triton for xgrammar's default CUDA kernel
-            self._xgrammar.apply_token_bitmask_inplace(logits_row, bitmask, vocab_size=self._vocab_size,
-                                                       backend="torch_native")
+        """Set the logits of disallowed tokens to -inf, in place (``logits_row``: shape [1, vocab])."""
+        apply_bitmask(logits_row, self.bitmask(), self._vocab_size)
 
     def accept(self, token_id: int) -> None:
         """Advance past ``token_id``; the mask was applied before sampling, so a refusal is an engine bug."""
+        self.ready()   # the matcher must not move while a refresh of the old position is outstanding
         if not self._matcher.accept_token(int(token_id)):
             raise RuntimeError(f"grammar matcher refused token {token_id} that its own mask allowed")
         if self._utf8 is not None:
             self._tail = Utf8Guard.tail(self._tail + self._utf8.token_bytes(int(token_id)))
-        if not self._matcher.is_terminated():
-            self._refresh()
+        self.must_stop = False
+        self._pending = not self._matcher.is_terminated()
+        if self._pending and self._matcher.is_completed():
+            self.refresh()   # the grammar could end here: must_stop has to be known before the next step
 
     @property
     def terminated(self) -> bool:
         """True once the matcher accepted a stop token."""
         return self._matcher.is_terminated()
+
+
+def _packed_mask(vocab_size: int, exclude: Sequence[int] = ()) -> np.ndarray:
+    """Packed int32 bitmask [1, ceil(vocab / 32)] with every id below ``vocab_size`` set except ``exclude``."""
+    bits = np.zeros(((vocab_size + 31) // 32) * 32, dtype=np.uint8)
+    bits[:vocab_size] = 1
+    for token_id in exclude:
+        if 0 <= token_id < vocab_size:
+            bits[token_id] = 0
+    return np.packbits(bits, bitorder="little").view(np.int32).reshape(1, -1).copy()
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, vocab_size: int,
+                  rows: Optional[Sequence[int]] = None) -> None:
+    """Set to -inf, in place, every logit whose bit is 0 in the packed host ``bitmask``, in one operation for
+    the whole batch: ``logits`` [B, vocab] and ``bitmask`` [B, ceil(vocab / 32)]; with ``rows``, only those.
+
+    On CPU the host bitmask is applied as is; elsewhere a copy on the logits' device is, with xgrammar's kernel
+    for that device (its Triton kernel on CUDA, or its plain-torch one when Triton is missing).
+    """
+    xgr = _import_xgrammar()
+    indices = None if rows is None else list(rows)
+    if logits.device.type == "cpu":
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices)
+        return
+    bitmask = bitmask.to(logits.device)
+    try:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices)
+    except ImportError:  # no triton for xgrammar's default CUDA kernel
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices,
+                                        backend="torch_native")
+
+
+def refresh_all(states: Sequence[GuideState]) -> None:
+    """Refresh each state's mask (run on the engine's grammar thread). A failure stays with its state, which
+    re-raises it on the engine thread when the mask is read: one bad row fails alone. Inference mode is per
+    thread: the engine thread's masks are inference tensors, which only code in inference mode may update."""
+    with torch.inference_mode():
+        for state in states:
+            try:
+                state.refresh()
+            except Exception:  # noqa: BLE001 - kept in the state (GuideState.ready re-raises it)
+                pass

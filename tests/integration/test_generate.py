@@ -148,3 +148,43 @@ def test_wrong_dtype_is_rejected_by_triton(server):
     with pytest.raises(InferenceServerException) as err:
         stream(server.grpc_url, "generate_text", arrays)
     assert "data-type" in str(err.value) or "datatype" in str(err.value).lower()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_models):
+    """The tiny generator in this process, for the plain reference decode (its batcher is not used)."""
+    import torch
+
+    from ragstack.generation import InflightBatchingEngine
+
+    torch.set_num_threads(2)   # as the served instance (num_threads 2): the same kernels' reduction order
+    eng = InflightBatchingEngine(tiny_models / "generate", max_batch_size=1)
+    yield eng
+    eng.shutdown()
+
+
+def test_served_guided_tokens_equal_the_plain_reference_at_c1_and_c8(server, tiny_models, reference_engine):
+    """Through Triton, guided greedy decoding alone (c1) and eight requests at once (c8, three grammars mixed
+    in one batch) gives exactly the tokens of a one-token-at-a-time guided decode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ragstack.chat import GeneratorTokenizer
+    from tests.guided_reference import reference_guided_greedy
+
+    tok = GeneratorTokenizer(tiny_models / "generate")
+    assert tok.end_id == reference_engine.spec.end_id
+    kinds = sorted(GUIDES)
+    cases = [(tok.prompt_ids(f"Question {i}: what does the server return?"), kinds[i % len(kinds)]) for i in range(8)]
+    expected = [reference_guided_greedy(reference_engine, ids, kind, GUIDES[kind][0], 40)[0] for ids, kind in cases]
+
+    def served(case):
+        ids, kind = case
+        [final] = stream(server.grpc_url, "generate", generate_inputs(ids, 40, tok.end_id, tok.pad_id, temperature=0.0,
+                                                                        guide_type=kind, guide=GUIDES[kind][0]))
+        return output_tokens(final)
+
+    assert [served(c) for c in cases[:3]] == expected[:3]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(served, cases)) == expected
+    for (_, kind), tokens in zip(cases, expected):
+        GUIDES[kind][1](tok.decode(tokens))

@@ -16,6 +16,7 @@ import xgrammar
 from ragstack.errors import InvalidInput
 from ragstack.generation import (GUIDE_TYPES, GenerationRequest, GuideCompiler, InflightBatchingEngine,
                                  decode_word_list, encode_word_list)
+from tests.guided_reference import reference_guided_greedy
 
 REPO = Path(__file__).resolve().parents[2]
 NO_END = -1  # no end token: generation runs to max_new_tokens unless something else stops it
@@ -479,12 +480,12 @@ def test_guided_strings_are_valid_utf8(engine):
     state = engine.guides.new_state(compiled, [engine.tokenizer.eos_token_id])
     for t in (quote, byte_id[0xED]):
         state.accept(t)
-    allowed = set(np.flatnonzero(np.unpackbits(state._bitmask.numpy().view(np.uint8), bitorder="little")).tolist())
+    allowed = set(np.flatnonzero(np.unpackbits(state.bitmask().numpy().view(np.uint8), bitorder="little")).tolist())
     assert byte_id[0xA0] not in allowed and byte_id[0xBF] not in allowed       # surrogates masked
     assert byte_id[0x80] in allowed and byte_id[0x9F] in allowed               # U+D000-U+D7FF still allowed
     state.accept(byte_id[0x9E])
     state.accept(byte_id[0x80])                                                # U+D780: a whole character
-    allowed = set(np.flatnonzero(np.unpackbits(state._bitmask.numpy().view(np.uint8), bitorder="little")).tolist())
+    allowed = set(np.flatnonzero(np.unpackbits(state.bitmask().numpy().view(np.uint8), bitorder="little")).tolist())
     assert quote in allowed and byte_id[0x80] not in allowed                   # no stray continuation byte
 
 
@@ -533,3 +534,156 @@ def test_same_level_requests_keep_arrival_order(model_dir, prompts):
         assert eng.stats()["admitted_ahead_of_older"] == 0
     finally:
         eng.shutdown()
+
+
+# ---- guided decoding under concurrency (masks filled during the forward pass, applied batch-wide) ------------
+
+GUIDED_CASES = {
+    "json_schema": json.dumps(SCHEMA),
+    "regex": r"[a-z]{2,6}( [a-z]{1,5}){1,4}\.",
+    "ebnf_grammar": 'root ::= "{" item ("," item)* "}"\nitem ::= [a-z] [0-9]',
+}
+
+
+@pytest.mark.parametrize("guide_type", sorted(GUIDED_CASES))
+def test_guided_greedy_equals_the_step_by_step_reference_alone_and_at_c8(engine, prompts, guide_type):
+    """Filling masks on the grammar thread and applying them batch-wide changes no token and no finish reason:
+    every request alone (c1) and eight at once (c8: rows join, finish and leave at different steps) give what a
+    plain one-token-at-a-time guided decode gives."""
+    guide = GUIDED_CASES[guide_type]
+    cases = [(prompts[i % len(prompts)], 24 + 7 * i) for i in range(8)]
+
+    def request(input_ids, n):
+        return GenerationRequest(list(input_ids), n, temperature=0.0, guide_type=guide_type, guide=guide,
+                                 exclude_input_in_output=True)
+
+    expected = [reference_guided_greedy(engine, p, guide_type, guide, n) for p, n in cases]
+    alone = [engine.generate(request(p, n), timeout=WAIT) for p, n in cases[:3]]
+    assert [(r.output_ids, r.finish_reason) for r in alone] == [tuple(e) for e in expected[:3]]
+    handles = [engine.submit(request(p, n), lambda *a: None) for p, n in cases]
+    together = [h.wait(WAIT) for h in handles]
+    assert [(r.output_ids, r.finish_reason) for r in together] == [tuple(e) for e in expected]
+    assert {reason for _, reason in expected} != {"length"} or guide_type == "regex"  # grammars do end
+
+
+def test_seeded_guided_sampling_is_the_same_alone_and_in_a_batch(engine, prompts):
+    def sampled(seed, guide_type="json_schema"):
+        return GenerationRequest(prompts[0], 60, temperature=1.0, top_p=0.95, seed=seed, guide_type=guide_type,
+                                 guide=GUIDED_CASES[guide_type], exclude_input_in_output=True)
+
+    alone = [engine.generate(sampled(seed), timeout=WAIT) for seed in (11, 12)]
+    handles = [engine.submit(sampled(seed), lambda *a: None) for seed in (11, 12)]
+    handles += [engine.submit(sampled(seed, "regex"), lambda *a: None) for seed in (13, 14)]
+    handles.append(engine.submit(greedy(prompts[1], 30), lambda *a: None))          # an unguided neighbour
+    together = [h.wait(WAIT) for h in handles]
+    assert [(r.output_ids, r.finish_reason) for r in together[:2]] == \
+        [(r.output_ids, r.finish_reason) for r in alone]
+    assert alone[0].output_ids != alone[1].output_ids
+
+
+def test_guide_state_defers_its_mask_until_the_grammar_could_end(engine):
+    """After a token the mask is left for the grammar thread, unless the grammar could end there: then it is
+    computed at once, so that a grammar allowing only the end token finishes without another forward pass."""
+    compiled = engine.guides.compile("ebnf_grammar", 'root ::= "ab" | "abc"')
+    state = engine.guides.new_state(compiled, [engine.spec.end_id])
+    assert not state.pending and not state.must_stop
+    ids = {t: engine.tokenizer.convert_tokens_to_ids(t) for t in ("a", "b", "c")}
+    state.accept(ids["a"])
+    assert state.pending and not state.must_stop          # "a": the grammar cannot end here
+    state.refresh()
+    assert not state.pending and not state.must_stop
+    state.accept(ids["b"])
+    assert not state.pending and not state.must_stop      # "ab" may end, or go on with "c": computed at once
+    state.accept(ids["c"])
+    assert not state.pending and state.must_stop          # "abc": nothing but the end token can follow
+    allowed = np.flatnonzero(np.unpackbits(state.bitmask().numpy().view(np.uint8), bitorder="little"))
+    assert allowed.tolist() == [engine.spec.end_id]
+
+
+def test_guided_masks_are_filled_on_the_grammar_thread_during_the_forward_pass(model_dir, prompts,
+                                                                                monkeypatch):
+    from ragstack.generation import guided as guided_module
+
+    eng = InflightBatchingEngine(model_dir, max_batch_size=8)
+    in_forward = threading.Event()
+    refreshes = []
+    original_forward, original_refresh = eng.model.forward, guided_module.GuideState.refresh
+
+    def forward(*args, **kwargs):
+        in_forward.set()
+        try:
+            time.sleep(0.02)    # a forward pass long enough to overlap, whatever the machine's load
+            return original_forward(*args, **kwargs)
+        finally:
+            in_forward.clear()
+
+    def refresh(self):
+        first = not getattr(self, "refreshed_before", False)
+        self.refreshed_before = True
+        completed = self._matcher.is_completed()
+        original_refresh(self)
+        # the job starts just before the forward call: whether it ran during one is seen when it ends
+        refreshes.append((threading.current_thread().name, in_forward.is_set(), first, completed))
+
+    eng.model.forward = forward
+    monkeypatch.setattr(guided_module.GuideState, "refresh", refresh)
+    try:
+        handles = [eng.submit(GenerationRequest(p, 20, temperature=0.0, guide_type="json_schema",
+                                                guide=json.dumps(SCHEMA), exclude_input_in_output=True),
+                              lambda *a: None) for p in prompts]
+        results = [h.wait(WAIT) for h in handles]
+    finally:
+        eng.shutdown()
+    assert all(r.finish_reason in ("length", "grammar_terminated") for r in results)
+    grammar_thread = [r for r in refreshes if r[0].startswith("ragstack-grammar")]
+    engine_thread = [r for r in refreshes if not r[0].startswith("ragstack-grammar")]
+    assert len(grammar_thread) >= sum(r.num_output_tokens for r in results) // 2
+    assert sum(during for _, during, _, _ in grammar_thread) >= 0.9 * len(grammar_thread)   # during the forward
+    # on the engine thread: a request's first mask, or one where the grammar could end (must_stop is due)
+    assert all(first or completed for _, _, first, completed in engine_thread)
+    assert sum(first for _, _, first, _ in engine_thread) == len(prompts)
+
+
+def test_a_failed_mask_fails_only_its_request(engine, prompts, monkeypatch):
+    doomed = engine.guides.compile("regex", "[0-9]{30}")
+    original_new_state = engine.guides.new_state
+
+    def new_state(compiled, stop_token_ids):
+        state = original_new_state(compiled, stop_token_ids)
+        if compiled is doomed:   # its matcher fails whenever the grammar thread fills its mask
+            fill = state._matcher.fill_next_token_bitmask
+
+            def failing_fill(*args, **kwargs):
+                if threading.current_thread().name.startswith("ragstack-grammar"):
+                    raise RuntimeError("simulated matcher failure")
+                return fill(*args, **kwargs)
+            state._matcher.fill_next_token_bitmask = failing_fill
+        return state
+
+    monkeypatch.setattr(engine.guides, "new_state", new_state)
+    bad = engine.submit(GenerationRequest(prompts[0], 30, temperature=0.0, guide_type="regex", guide="[0-9]{30}"),
+                        lambda *a: None)
+    good = engine.submit(GenerationRequest(prompts[1], 30, temperature=0.0, guide_type="regex", guide="[a-z]{30}",
+                                           exclude_input_in_output=True), lambda *a: None)
+    bad_result, good_result = bad.wait(WAIT), good.wait(WAIT)
+    assert bad_result.finish_reason == "error" and "simulated matcher failure" in bad_result.error
+    assert bad_result.num_output_tokens == 1                  # its first token came from the engine thread's mask
+    assert good_result.finish_reason in ("length", "grammar_terminated")
+    assert re.fullmatch("[a-z]{1,30}", _text(engine, good_result.output_ids))
+
+
+def test_cancelling_a_guided_request_mid_generation(engine, prompts):
+    cancelled = threading.Event()
+    collector = Collector(signal_after=4, hold=True)
+    neighbour = engine.submit(GenerationRequest(prompts[1], 40, temperature=0.0, guide_type="regex",
+                                                guide="[a-z ]{40,60}"), lambda *a: None)
+    handle = engine.submit(GenerationRequest(prompts[0], 200, temperature=0.0, guide_type="regex",
+                                             guide="[a-z ]{200,300}", streaming=True,
+                                             exclude_input_in_output=True),
+                           collector, is_cancelled=cancelled.is_set)
+    assert collector.signal.wait(WAIT)
+    cancelled.set()
+    collector.resume()
+    assert collector.result.finish_reason == "cancelled" and 4 <= collector.result.num_output_tokens <= 6
+    assert handle.wait(WAIT).finish_reason == "cancelled"
+    assert neighbour.wait(WAIT).finish_reason in ("length", "grammar_terminated")   # not disturbed
