@@ -19,6 +19,21 @@ class GeneratorTokenizer:
         self.tokenizer = shared_tokenizer(tokenizer_dir or engine_dir)
         self.end_id = self.spec.end_id
         self.pad_id = self.spec.pad_id if self.spec.pad_id is not None else self.spec.end_id
+        self._compile_chat_template()
+
+    def _compile_chat_template(self) -> None:
+        """Compile the chat template at load: the first render otherwise pays it (17 ms on the tiny generator's
+        template, 0.8 ms for each later prompt), once per model instance, inside a request's ``tokenize`` stage. A
+        folder without a template, or with one that does not compile, fails at its first prompt as before."""
+        from ragstack import chat_template
+
+        templates = getattr(self.tokenizer, "chat_template", None)
+        if templates is None:
+            return
+        try:
+            chat_template.compile_template(chat_template.select_template(templates))
+        except Exception:  # noqa: BLE001 - the first prompt reports it, with the request
+            pass
 
     def prompt_ids(self, prompt: str, system: Optional[str] = None, raw: bool = False) -> list:
         if not isinstance(prompt, str) or not prompt.strip():

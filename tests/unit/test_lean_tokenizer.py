@@ -312,3 +312,14 @@ def test_config_tokens_and_template_are_read_as_transformers_reads_them(tmp_path
     for messages in CONVERSATIONS[:2]:
         assert lean.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
             hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("model_set", ["tiny", "demo"])
+def test_the_generators_chat_template_is_compiled_when_it_loads(model_set):
+    """The first prompt of a model instance must not pay the template's compilation inside a request."""
+    chat_template.compile_template.cache_clear()
+    tok = chat_module.GeneratorTokenizer(MODELS / model_set / "generate")
+    assert chat_template.compile_template.cache_info().currsize == 1
+    tok.prompt_ids("a question", "a system prompt")
+    info = chat_template.compile_template.cache_info()
+    assert info.currsize == 1 and info.hits >= 1 and info.misses == 1
