@@ -10,25 +10,15 @@ ended up in sys.modules, as JSON.      (tests/unit/test_lean_imports.py)
 import importlib.util
 import json
 import sys
-import types
 from pathlib import Path
 
 HEAVY = ("torch", "transformers", "docling", "sentence_transformers", "xgrammar")
 ROOT, MODEL = Path(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.runtime import pb_stand_in  # noqa: E402
 
-class _PbModule(types.ModuleType):
-    """triton_python_backend_utils exists only inside the stub; model files only need its names at import."""
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {})
-
-
-sys.modules["triton_python_backend_utils"] = _PbModule("triton_python_backend_utils")
+pb_stand_in.install()
 path = ROOT / "bls_models" / MODEL / "1" / "model.py"
 spec = importlib.util.spec_from_file_location(f"model_{MODEL}", path)
 module = importlib.util.module_from_spec(spec)

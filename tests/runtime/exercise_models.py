@@ -7,24 +7,14 @@ import importlib.util
 import json
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 ROOT, MODELS = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(ROOT))
 
+from tests.runtime import pb_stand_in  # noqa: E402
 
-class _PbModule(types.ModuleType):
-    """triton_python_backend_utils exists only inside the stub; model files only need its names at import."""
-    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {})
-
-
-sys.modules["triton_python_backend_utils"] = _PbModule("triton_python_backend_utils")
+pb_stand_in.install()
 
 # 1. every model file of the image imports (bls_models/ and the trtllm profile's own Python models)
 model_files = sorted(ROOT.glob("bls_models/*/1/model.py")) + sorted(ROOT.glob("model_repository/trtllm/*/1/model.py"))
