@@ -17,10 +17,13 @@ format has pages: PDF, PPTX slides, XLSX sheets) and ``page`` (the first of them
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import io
 import json
 import os
 import re
+import sys
 import threading
 from bisect import bisect_left, bisect_right
 from pathlib import PurePath
@@ -75,36 +78,111 @@ def check_file(data: bytes, fmt: str, name: str = "file") -> None:
         raise InvalidInput(f"{name} is not a {fmt.upper()} file (not a ZIP container): corrupt or mislabelled")
 
 
+class _Hidden(importlib.abc.MetaPathFinder):
+    """Makes ``import <name>`` fail as if the package were not installed (see :func:`_without`)."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden while Docling is imported)",
+                                      name=fullname)
+        return None
+
+
+@contextlib.contextmanager
+def _without(*names):
+    """While Docling's modules are imported, torch and transformers look absent (unless already imported).
+
+    Docling treats both as optional (its slim installs have neither): ``pipeline_options_vlm_model`` falls back to
+    a placeholder when ``from transformers import StoppingCriteria`` fails, and the ASR model specs when ``import
+    torch`` does. They are installed in this environment for the engines, so without this the docling stub would
+    load both (~300 MiB) for pipelines it never runs."""
+    finder = _Hidden(n for n in names if n not in sys.modules)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
 class Converter:
-    """One Docling ``DocumentConverter`` per process, built on first use (the import costs ~2 s)."""
+    """Docling's conversion without ``DocumentConverter``: each format's backend and pipeline, run directly.
+
+    ``docling.document_converter`` imports every pipeline Docling has, among them the ASR pipeline, which imports
+    torch unconditionally (~450 MiB and ~2 s in a stub that never runs a model). What ``DocumentConverter.convert``
+    does for one stream is: build an ``InputDocument`` with the format's backend (and its options), refuse it when
+    it is not valid, and run the format's pipeline. The same is done here with the same classes and options as
+    ``WordFormatOption`` and friends (``SimplePipeline`` over the declarative backends) and ``NativePdfFormatOption``
+    (``NativePdfPipeline`` over the threaded docling-parse backend), for the pinned ``docling-slim``;
+    tests/unit/test_documents.py checks that the result equals ``DocumentConverter``'s, format by format.
+    """
 
     def __init__(self, parser_threads: int = 1):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")     # a hub lookup must fail at once, not hang
-        from docling.datamodel.base_models import InputFormat
-        from docling.datamodel.pipeline_options import NativePdfPipelineOptions
-        from docling.document_converter import DocumentConverter, NativePdfFormatOption
+        with _without("torch", "transformers"):
+            from docling.backend.docling_parse_backend import ThreadedDoclingParseDocumentBackend
+            from docling.backend.html_backend import HTMLDocumentBackend
+            from docling.backend.md_backend import MarkdownDocumentBackend
+            from docling.backend.msexcel_backend import MsExcelDocumentBackend
+            from docling.backend.mspowerpoint_backend import MsPowerpointDocumentBackend
+            from docling.backend.msword_backend import MsWordDocumentBackend
+            from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions  # noqa: F401
+            from docling.datamodel.base_models import InputFormat
+            from docling.datamodel.document import InputDocument  # noqa: F401
+            from docling.datamodel.pipeline_options import ConvertPipelineOptions, NativePdfPipelineOptions
+            from docling.pipeline.native_pdf_pipeline import NativePdfPipeline
+            from docling.pipeline.simple_pipeline import SimplePipeline
 
-        pdf = NativePdfFormatOption(pipeline_options=NativePdfPipelineOptions(
-            parser_threads=parser_threads, generate_page_images=False))
-        self._formats = {"pdf": InputFormat.PDF, "docx": InputFormat.DOCX, "pptx": InputFormat.PPTX,
-                         "xlsx": InputFormat.XLSX, "html": InputFormat.HTML, "md": InputFormat.MD}
-        self._converter = DocumentConverter(allowed_formats=list(self._formats.values()),
-                                            format_options={InputFormat.PDF: pdf})
+        self._pdf_options = NativePdfPipelineOptions(parser_threads=parser_threads, generate_page_images=False)
+        declarative = SimplePipeline(pipeline_options=ConvertPipelineOptions())
+        pdf = NativePdfPipeline(pipeline_options=self._pdf_options)
+        # format -> (Docling's InputFormat, backend class, pipeline)
+        self._formats = {
+            "pdf": (InputFormat.PDF, ThreadedDoclingParseDocumentBackend, pdf),
+            "docx": (InputFormat.DOCX, MsWordDocumentBackend, declarative),
+            "pptx": (InputFormat.PPTX, MsPowerpointDocumentBackend, declarative),
+            "xlsx": (InputFormat.XLSX, MsExcelDocumentBackend, declarative),
+            "html": (InputFormat.HTML, HTMLDocumentBackend, declarative),
+            "md": (InputFormat.MD, MarkdownDocumentBackend, declarative),
+        }
         self._lock = threading.Lock()
+
+    def _pdf_backend_options(self):
+        """What ``NativePdfFormatOption`` derives from the pipeline options for its docling-parse backend."""
+        from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions
+        from docling_core.types.doc.page import TextCellUnit
+
+        o = self._pdf_options
+        options = ThreadedDoclingParseBackendOptions(parser_threads=o.parser_threads,
+                                                     include_bitmap_images=o.generate_picture_images,
+                                                     render_pages=o.generate_page_images, render_scale=o.images_scale)
+        options._materialize_char_cells = o.text_cell_unit == TextCellUnit.CHAR
+        return options
 
     def convert(self, data: bytes, fmt: str, file_name: str = "document"):
         """bytes → DoclingDocument; InvalidInput when the file is refused or does not convert."""
-        from docling.datamodel.base_models import ConversionStatus, DocumentStream
+        from docling.datamodel.base_models import ConversionStatus
+        from docling.datamodel.document import InputDocument
 
         if fmt not in self._formats:
             raise InvalidInput(f"format {fmt!r} is not converted by Docling here")
         check_file(data, fmt, repr(file_name))
         stem = PurePath(file_name).stem or "document"
         suffix = FORMATS[fmt][0][0]
-        stream = DocumentStream(name=f"{stem}{suffix}", stream=io.BytesIO(bytes(data)))
+        input_format, backend, pipeline = self._formats[fmt]
         try:
             with self._lock:
-                result = self._converter.convert(stream, raises_on_error=False)
+                source = InputDocument(path_or_stream=io.BytesIO(bytes(data)), format=input_format, backend=backend,
+                                       backend_options=self._pdf_backend_options() if fmt == "pdf" else None,
+                                       filename=f"{stem}{suffix}")
+                if not source.valid:
+                    raise InvalidInput(f"{file_name!r} could not be converted as {fmt.upper()}: "
+                                       f"Docling's {backend.__name__} does not accept it")
+                result = pipeline.execute(source, raises_on_error=False)
+        except InvalidInput:
+            raise
         except Exception as e:  # noqa: BLE001 - every backend raises its own kind for a broken file
             raise InvalidInput(f"{file_name!r} could not be converted as {fmt.upper()}: "
                                f"{type(e).__name__}: {str(e)[:300]}") from None

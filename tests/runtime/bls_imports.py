@@ -5,7 +5,8 @@ ended up in sys.modules, as JSON.      (tests/unit/test_lean_imports.py)
     python bls_imports.py <project root> <model name> [<model set folder> <what>]
 
 <what>: ``embed`` (EmbedTokenizer: encode, count, chunk_text), ``rerank`` (RerankTokenizer.encode_pairs) or
-``generate`` (GeneratorTokenizer: chat-template prompt, decode, incremental detokenizer).
+``generate`` (GeneratorTokenizer: chat-template prompt, decode, incremental detokenizer) or ``convert`` (the
+docling model's Converter on a PDF, DOCX, PPTX, XLSX and HTML file; the folder is not used).
 """
 import importlib.util
 import json
@@ -49,6 +50,13 @@ if len(sys.argv) > 3:
         detok = gen.detokenizer()
         detok.push(ids[:3])
         detok.flush()
+    elif ran == "convert":
+        from ragstack.documents import Converter
+        from tests import docgen
+
+        converter = Converter()
+        for fmt in ("pdf", "docx", "pptx", "xlsx", "html"):
+            converter.convert(getattr(docgen, fmt)(), fmt, f"file.{fmt}")
     else:
         raise SystemExit(f"unknown step {ran!r}")
 

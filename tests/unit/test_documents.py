@@ -21,6 +21,27 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(g.get_model_path())
 
 
+@pytest.mark.parametrize("fmt", ["pdf", "docx", "pptx", "xlsx", "html"])
+def test_converter_gives_what_doclings_document_converter_gives(converter, fmt):
+    """Converter runs Docling's backends and pipelines without DocumentConverter (which imports torch): the
+    document must be the one DocumentConverter makes with the same options (NativePdfPipeline for PDF)."""
+    import io
+    import json
+
+    from docling.datamodel.base_models import DocumentStream, InputFormat
+    from docling.datamodel.pipeline_options import NativePdfPipelineOptions
+    from docling.document_converter import DocumentConverter, NativePdfFormatOption
+
+    data = getattr(docgen, fmt)()
+    pdf = NativePdfFormatOption(pipeline_options=NativePdfPipelineOptions(parser_threads=1, generate_page_images=False))
+    reference = DocumentConverter(format_options={InputFormat.PDF: pdf}).convert(
+        DocumentStream(name=f"same.{fmt}", stream=io.BytesIO(data))).document
+    if fmt == "pdf":
+        reference = dl.pdf_headings(reference)
+    ours, theirs = (json.loads(dl.to_json(d)) for d in (converter.convert(data, fmt, f"same.{fmt}"), reference))
+    assert (ours["texts"] or ours["tables"]) and ours == theirs
+
+
 def test_detect_format():
     assert dl.detect_format("a.PDF") == "pdf"
     assert dl.detect_format("x.bin", "text/html; charset=utf-8") == "html"

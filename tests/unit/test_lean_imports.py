@@ -48,3 +48,10 @@ def test_stub_tokenization_loads_no_torch_or_transformers(model, what, model_set
         pytest.skip(f"{model_set} models not built (tools/build_models.py {model_set})")
     out = _run(model, folder, what)
     assert out["ran"] == what and not FORBIDDEN & set(out["loaded"]), out
+
+
+def test_docling_conversion_loads_no_torch_or_transformers():
+    """The docling stub converts every format it serves without Docling's DocumentConverter (which imports torch
+    through its ASR pipeline): ragstack.documents.Converter runs the backends and pipelines itself."""
+    out = _run("docling", MODELS, "convert")
+    assert out["ran"] == "convert" and "docling" in out["loaded"] and not FORBIDDEN & set(out["loaded"]), out
