@@ -22,8 +22,10 @@ from tests.integration.conftest import CORPUS, private_server
 from tests.integration.helpers import infer, stream, strings
 
 pytestmark = pytest.mark.integration
-IN_FLIGHT_LIMIT_S = 10.0      # a request in flight when its stub dies ends within this
-BACK_LIMIT_S = float(os.environ.get("STUB_HEAL_LIMIT_S", "10"))   # the model serves again within this (tiny)
+# Bounds that tell "ends / comes back" from "hangs / never comes back", not speed targets: on a 2-core machine
+# shared with other jobs a heal of generate took 11-12 s (4 s when the machine is otherwise idle).
+IN_FLIGHT_LIMIT_S = 20.0      # a request in flight when its stub dies ends within this
+BACK_LIMIT_S = float(os.environ.get("STUB_HEAL_LIMIT_S", "30"))   # the model serves again within this (tiny)
 
 
 @pytest.fixture(scope="module")
