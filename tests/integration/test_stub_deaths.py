@@ -112,7 +112,11 @@ def kill_one_stub(server_pid, model):
 def server_state(srv) -> str:
     """For a failure message: is tritonserver alive, and the end of its log (CI shows only pytest's output)."""
     rc = srv.proc.poll()
-    return (f"tritonserver {'alive' if rc is None else f'exited with {rc}'}; "
+    stubs = stub_processes(srv.proc.pid) if rc is None else []
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+    return (f"tritonserver {'alive' if rc is None else f'exited with {rc}'}, {len(stubs)} stubs "
+            f"({sum(s.rss_bytes for s in stubs) / 2**20:.0f} MiB RSS: {sorted({s.model for s in stubs})}); machine "
+            f"MemAvailable {meminfo.get('MemAvailable', '?').strip()}; "
             f"end of its log ({srv.log_path}):\n{srv.log_tail(80)}")
 
 
