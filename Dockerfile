@@ -4,7 +4,7 @@
 # at run time: the engine set at /workspace/engines and the generator's folder, which holds its tokenizer and
 # tokenizer_info.json, at /workspace/tokenizer (docker-compose.triton.yml does both).
 #
-# The base must stay ragstack.contracts.TRTLLM_CONTAINER (tests/unit/test_deployment.py checks).
+# The base must stay ragstack.contracts.tensors.TRTLLM_CONTAINER (tests/unit/test_deployment.py checks).
 FROM nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Grounded answers on the demo models: fact-in-answer, gold citation and abstention per task mode.
 
-IN-PROCESS pipeline (not the served path): ragstack.rag.run with in-process engines wired as
-ragstack/orchestrator.py wires its BLS calls (EmbedTokenizer + EmbeddingEngine, FlatFileStore over data/corpus
+IN-PROCESS pipeline (not the served path): ragstack.pipeline.rag.run with in-process engines wired as
+ragstack/triton/orchestrator.py wires its BLS calls (EmbedTokenizer + EmbeddingEngine, FlatFileStore over data/corpus
 chunked as the `ingest` model chunks it, RerankTokenizer + RerankEngine, InflightBatchingEngine with the task's
 guide and penalties), torch threads 2, a few requests at a time so the in-flight batcher batches them.
 
@@ -115,7 +115,7 @@ MODES = {
 def line_units(text: str, heading_path: str = "") -> list:
     """The first quote task's spans (kept here as the baseline): the chunk split at line breaks and sentence
     ends, list/heading markup stripped, each span scored as it is."""
-    from ragstack import rag
+    from ragstack.pipeline import rag
 
     spans = []
     for sentence in re.split(r"(?<=[.!?])\s+|\n+", text):
@@ -187,7 +187,7 @@ def today_schema(original):
 def best_scores(pipe: InProcessPipeline, items: list, top_k: int, top_n: int) -> tuple:
     """Per question: the reranker's best context score (what abstention uses) and, for comparison, the best
     quote-span score among the top_n contexts' spans."""
-    from ragstack import rag
+    from ragstack.pipeline import rag
 
     eng = pipe.engines()
     best, span_best = [], []
@@ -233,7 +233,7 @@ def calibrate(items: list, scores: list) -> dict:
 
 
 def run_mode(pipe: InProcessPipeline, items: list, mode: str, threshold, args) -> dict:
-    from ragstack import rag
+    from ragstack.pipeline import rag
 
     task, policy, top_n = mode_policy(pipe.policy, mode, threshold)
     top_n = top_n or args.top_n
@@ -354,7 +354,7 @@ def main() -> None:
                    key=lambda m: (modes[m]["fact_in_answer"] or 0) + (modes[m]["gold_citation"] or 0))
         out = {
             "benchmark": "answers", "when": now_iso(), "complete": complete, "machine": machine_info(TORCH_THREADS),
-            "path": "in-process pipeline (ragstack.rag.run with in-process engines), not the served Triton path",
+            "path": "in-process pipeline (ragstack.pipeline.rag.run with in-process engines), not the served Triton path",
             "models": str(args.models.relative_to(ROOT)) if args.models.is_relative_to(ROOT) else str(args.models),
             "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
             "top_n": args.top_n, "concurrency": args.concurrency, "modes_asked": args.modes.split(","),

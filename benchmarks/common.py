@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ragstack.server import progress  # noqa: E402,F401 - re-exported
+from ragstack_dev.server import progress  # noqa: E402,F401 - re-exported
 
 RESULTS = ROOT / "results"
 PERF_DATA = ROOT / "benchmarks" / "perf_data"
@@ -185,15 +185,15 @@ def latency_summary(seconds: list) -> dict:
 # ----------------------------------------------------------------------------------------- Triton helpers
 def admin_key() -> str:
     """The admin key: $RAG_ADMIN_KEY or $RAG_ADMIN_KEY_FILE (a server we attach to), else the key of the servers this
-    process starts (ragstack.server.access_keys)."""
+    process starts (ragstack_dev.server.access_keys)."""
     from ragstack.lifecycle.client import env_key
-    from ragstack.server import access_keys
+    from ragstack_dev.server import access_keys
 
     return env_key("RAG_ADMIN_KEY") or access_keys().admin_key
 
 
 def key_headers() -> dict:
-    """X-Api-Key with the admin key (ingest, model_manager ops; ragstack.access)."""
+    """X-Api-Key with the admin key (ingest, model_manager ops; ragstack.governance.access)."""
     return {"x-api-key": admin_key()}
 
 
@@ -206,9 +206,9 @@ def operator_headers(attached: bool = False) -> dict:
     """What reaches an internal model directly (e.g. vector_index for a check): the admin key and the internal proof
     of the servers this process starts; ``attached``: of the server we attach to, from its RAG_INTERNAL_SECRET_FILE
     (none given: no proof is sent, and the server must open the model with RAG_DIRECT_MODELS)."""
-    from ragstack.access import INTERNAL_HEADER
+    from ragstack.governance.access import INTERNAL_HEADER
     from ragstack.lifecycle.client import env_key
-    from ragstack.server import access_keys
+    from ragstack_dev.server import access_keys
 
     if not attached:
         return access_keys().headers()
@@ -219,7 +219,7 @@ def operator_headers(attached: bool = False) -> dict:
 def identity_headers(models: Path) -> dict:
     """The engine identity headers (the policy rejects a request without them) for the served generator, from its build manifest (as tools/rag_client.py);
     lower case, as gRPC metadata must be."""
-    from ragstack.manifest import read_manifest
+    from ragstack.governance.manifest import read_manifest
 
     return {k.lower(): v for k, v in read_manifest(models / "generate").headers().items()}
 
@@ -228,7 +228,7 @@ def ingest_corpus(http_url: str, collection: str = "default") -> dict:
     """data/corpus through the `ingest` model, one document per request (as tools/rag_client.py sends it)."""
     import tritonclient.http as httpclient
 
-    from ragstack import client_io
+    from ragstack.contracts import client as client_io
 
     client = httpclient.InferenceServerClient(http_url, network_timeout=600, connection_timeout=600)
     paths = sorted(p for p in (ROOT / "data" / "corpus").rglob("*") if p.suffix in (".md", ".txt"))

@@ -44,8 +44,8 @@ from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, 
                     paired_ratio, progress, run_perf_analyzer, stats_delta, target, wait_idle,
                     write_embed_text_data, write_json)
 
-from ragstack import client_io  # noqa: E402
-from ragstack.server import TritonProcess  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack_dev.server import TritonProcess  # noqa: E402
 
 TORCH_THREADS = 2
 EMBED_CONCURRENCY = 16
@@ -112,8 +112,8 @@ class InProcessEmbed:
     def __init__(self, engine_dir: Path, texts: list, batch: int = EMBED_BATCH):
         import torch
 
-        from ragstack.engines import EmbeddingEngine
-        from ragstack.text import EmbedTokenizer
+        from ragstack.engines.embedding import EmbeddingEngine
+        from ragstack.tokenization.retrieval import EmbedTokenizer
 
         torch.set_num_threads(TORCH_THREADS)
         self.tokenizer = EmbedTokenizer(engine_dir)
@@ -528,7 +528,7 @@ def main() -> int:
                                      "all-rounds numbers are kept next to it"}}
     log_path = ROOT / "build" / "logs" / "bench-engines.log"
     progress(f"starting tritonserver (log {display_path(log_path)})")
-    # engines measured directly: the operator opens them (RAG_DIRECT_MODELS, ragstack.access)
+    # engines measured directly: the operator opens them (RAG_DIRECT_MODELS, ragstack.governance.access)
     served = " ".join(dict.fromkeys(" ".join(SERVED[p] for p in parts).split()))
     server = TritonProcess(args.models, load_models=served, log_path=log_path, env={"RAG_DIRECT_MODELS": "*"})
     server.start()

@@ -4,7 +4,7 @@
 For each model set (``--models``, default tiny and demo) and each variant — ``before``: a git worktree of
 ``--before-commit`` (da27121, the BLS stubs tokenizing with transformers) made at ``--before-dir`` with the same
 ``.venv``/``.triton``/``build/models`` symlinks; ``after``: this checkout — it starts tritonserver the way
-ragstack.server.TritonProcess does (that variant's ``tools/serve_triton.sh``, run from that variant's folder,
+ragstack_dev.server.TritonProcess does (that variant's ``tools/serve_triton.sh``, run from that variant's folder,
 every model loaded, a fresh data folder), then:
 
 * waits ``--settle`` seconds after the server is ready, and reads every ``triton_python_backend_stub`` child of
@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, admin_headers, display_path, machine_info, now_iso, progress, write_json  # noqa: E402
 
-from ragstack.server import TritonProcess, access_keys  # noqa: E402
+from ragstack_dev.server import TritonProcess, access_keys  # noqa: E402
 
 BLS_MODELS = ("embed_text", "rerank_text", "generate_text", "ingest", "rag_orchestrator", "rag_stream_orchestrator",
               "vector_index", "model_manager", "docling")

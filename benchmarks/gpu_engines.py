@@ -32,7 +32,7 @@ Measured (bfloat16 on CUDA unless --dtype says otherwise):
   truncated to 768, L2-normalised): batches of 1, 16 and 64 sequences of 256 tokens, texts/s and ratios.
 
 Guided decoding is not measured (random weights). xgrammar is optional: when it cannot be imported, an empty
-placeholder module stands in for it so that ragstack.generation imports; guides would be refused.
+placeholder module stands in for it so that ragstack.engines.generation imports; guides would be refused.
 
 Writes $OUT/gpu_engines.json (OUT defaults to results/). Progress goes to stderr.
 """
@@ -110,7 +110,7 @@ def build_model_folder(folder: Path, tokenizer_dir: Path, shape: dict, seed: int
     """A random Qwen3ForCausalLM of ``shape`` saved in ``dtype`` with the tokenizer files and an engine.json."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from ragstack.engine_spec import EngineSpec
+    from ragstack.governance.engine_spec import EngineSpec
 
     config = Qwen3Config(**shape, tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=False,
                          initializer_range=INITIALIZER_RANGE,
@@ -149,7 +149,7 @@ def random_prompt(rng: np.random.Generator, length: int, id_limit: int) -> list[
 def closed_loop(engine, concurrency: int, per_worker: int, prompt_len: int, new_tokens: int, id_limit: int,
                 seed: int) -> dict:
     """``concurrency`` client threads, each sending ``per_worker`` greedy requests one after another."""
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     rng = np.random.default_rng(seed)
     requests = [[GenerationRequest(random_prompt(rng, prompt_len, id_limit), new_tokens, end_id=-1,
@@ -202,7 +202,7 @@ def closed_loop(engine, concurrency: int, per_worker: int, prompt_len: int, new_
 
 def batched_vs_alone(engine, id_limit: int, seed: int, stagger_tokens: int = 8) -> dict:
     """Four greedy requests alone, then staggered into one running batch; are the tokens identical?"""
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     rng = np.random.default_rng(seed)
     shapes = [(256, 64), (200, 48), (64, 64), (300, 32)]  # (prompt tokens, max new tokens): they leave apart
@@ -257,8 +257,8 @@ def embedding_throughput(folder: Path, device: torch.device, dtype: torch.dtype,
                          seq_len: int, dim: int, id_limit: int, min_seconds: float, seed: int) -> dict:
     from transformers import AutoModel
 
-    from ragstack.engine_spec import EngineSpec
-    from ragstack.engines import EmbeddingEngine
+    from ragstack.governance.engine_spec import EngineSpec
+    from ragstack.engines.embedding import EmbeddingEngine
 
     embed_dir = folder / "embed"
     embed_dir.mkdir()
@@ -338,8 +338,8 @@ def main(argv=None) -> int:
     xgrammar_status = ensure_xgrammar()
     import transformers
 
-    from ragstack.engines import resolve_device, resolve_dtype
-    from ragstack.generation import InflightBatchingEngine
+    from ragstack.engines.common import resolve_device, resolve_dtype
+    from ragstack.engines.generation import InflightBatchingEngine
     from transformers import AutoTokenizer
 
     transformers.logging.set_verbosity_error()

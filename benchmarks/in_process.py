@@ -1,5 +1,5 @@
-"""The RAG pipeline with in-process engines, no Triton: ``ragstack.rag.run`` over the same tokenizers and models the
-served path uses, wired by the same ``rag.token_engines`` as ragstack/orchestrator.py (EmbedTokenizer +
+"""The RAG pipeline with in-process engines, no Triton: ``ragstack.pipeline.rag.run`` over the same tokenizers and models the
+served path uses, wired by the same ``rag.token_engines`` as ragstack/triton/orchestrator.py (EmbedTokenizer +
 EmbeddingEngine, a FlatFileStore, RerankTokenizer + RerankEngine, InflightBatchingEngine with the task's guide and
 penalties). benchmarks/rag.py compares the server against it; benchmarks/answers.py measures answers with it.
 """
@@ -22,14 +22,15 @@ class InProcessPipeline:
     def __init__(self, models: Path, index_dir: Path, torch_threads: int = TORCH_THREADS):
         import torch
 
-        from ragstack import triton_adapter as ta
-        from ragstack.chat import GeneratorTokenizer
-        from ragstack.engines import EmbeddingEngine, RerankEngine
-        from ragstack.generation import InflightBatchingEngine
+        from ragstack.triton import adapter as ta
+        from ragstack.tokenization.generation import GeneratorTokenizer
+        from ragstack.engines.embedding import EmbeddingEngine
+        from ragstack.engines.reranking import RerankEngine
+        from ragstack.engines.generation import InflightBatchingEngine
         from ragstack.index import FlatFileStore
-        from ragstack.manifest import read_manifest
-        from ragstack.policy import RuntimePolicy
-        from ragstack.text import EmbedTokenizer, RerankTokenizer
+        from ragstack.governance.manifest import read_manifest
+        from ragstack.governance.policy import RuntimePolicy
+        from ragstack.tokenization.retrieval import EmbedTokenizer, RerankTokenizer
 
         torch.set_num_threads(torch_threads)
         self.embed_tok = EmbedTokenizer(models / "embed")
@@ -51,11 +52,11 @@ class InProcessPipeline:
 
     def ingest_corpus(self, collection: str = "default") -> dict:
         """data/corpus chunked and embedded as the `ingest` model does it (its default chunk size and overlap)."""
-        from ragstack.bls import EMBED_BATCH
-        from ragstack.chunking import chunk_text
-        from ragstack.index_ops import handle
-        from ragstack.ingest import Document, ingest
-        from ragstack.server import ROOT
+        from ragstack.triton.bls import EMBED_BATCH
+        from ragstack.pipeline.chunking import chunk_text
+        from ragstack.index.ops import handle
+        from ragstack.pipeline.ingest import Document, ingest
+        from ragstack_dev.server import ROOT
 
         max_tokens = min(256, self.embed_tok.spec.max_length)
         overlap = min(32, max_tokens // 4)
@@ -76,10 +77,10 @@ class InProcessPipeline:
         return {"documents": len(docs), "chunks": sum(d["chunks"] for d in report["documents"])}
 
     def engines(self):
-        from ragstack import rag
-        from ragstack.bls import RERANK_BATCH
-        from ragstack.generation import GenerationRequest
-        from ragstack.trtllm_io import finish_reason
+        from ragstack.pipeline import rag
+        from ragstack.triton.bls import RERANK_BATCH
+        from ragstack.engines.generation import GenerationRequest
+        from ragstack.contracts.trtllm import finish_reason
 
         def search(collection, vector, top_k, query=None, search=None):
             return self.store.search(collection, np.asarray(vector, dtype=np.float32), int(top_k),
@@ -107,7 +108,7 @@ class InProcessPipeline:
             tokenize_lock=self.tok_lock)
 
     def ask(self, query: str, top_k: int, top_n: int, max_tokens) -> dict:
-        from ragstack import rag
+        from ragstack.pipeline import rag
 
         req = rag.validate_rag_request(rag.RagRequest(query=query, top_k=top_k, top_n=top_n, max_tokens=max_tokens))
         result = rag.run(req, self.engines(), self.policy, prices=self.prices)

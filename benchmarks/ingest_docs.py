@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, ROOT, key_headers, machine_info, now_iso, progress, write_json  # noqa: E402
-from ragstack import client_io  # noqa: E402
-from ragstack.server import TritonProcess  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack_dev.server import TritonProcess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import rag_client  # noqa: E402

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
-from ragstack.manifest import read_manifest  # noqa: E402
-from ragstack.server import TritonProcess, access_keys  # noqa: E402
+from ragstack.governance.manifest import read_manifest  # noqa: E402
+from ragstack_dev.server import TritonProcess, access_keys  # noqa: E402
 from tests.integration.conftest import CORPUS, ingest  # noqa: E402
 from tests.integration.helpers import infer, strings  # noqa: E402
 

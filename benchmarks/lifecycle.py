@@ -47,9 +47,9 @@ from common import admin_key, pyplot, save_figure  # noqa: E402
 from common import RESULTS, ROOT, eval_questions, machine_info, now_iso, progress, wait_idle, write_json  # noqa: E402
 
 from ragstack.lifecycle.client import ManagerClient  # noqa: E402
-from ragstack import client_io  # noqa: E402
-from ragstack.manifest import read_manifest  # noqa: E402
-from ragstack.server import TritonProcess  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack.governance.manifest import read_manifest  # noqa: E402
+from ragstack_dev.server import TritonProcess  # noqa: E402
 
 ENGINES = ("embed", "rerank", "generate")
 CASES = ("resident", "co_resident_cold", "sequential_two", "sequential_one")

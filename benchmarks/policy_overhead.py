@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.events import OBSERVABILITY_ALERT, EventLog, encode_record, make_record  # noqa: E402
-from ragstack.identity import check_identity, forward_headers  # noqa: E402
-from ragstack.policy import BudgetError, RuntimePolicy, schema_id  # noqa: E402
+from ragstack.governance.events import OBSERVABILITY_ALERT, EventLog, encode_record, make_record  # noqa: E402
+from ragstack.governance.identity import check_identity, forward_headers  # noqa: E402
+from ragstack.governance.policy import BudgetError, RuntimePolicy, schema_id  # noqa: E402
 
 ENGINE = {"engine_hash": "9f2c1e7a" * 8, "quantisation": "w4a8"}
 PRICES = ({"price_per_1k_input_usd": 0.0006, "price_per_1k_output_usd": 0.0024},

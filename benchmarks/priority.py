@@ -16,7 +16,7 @@ Each configuration measures its own (a) first, on the same server. Reported: que
 the ingest's throughput (chunks/s) and how long it yielded, the engines' request counts by level, and the target
 (c)'s p99 within 1.5x of (a)'s. With about 30 queries per phase a p99 is close to the maximum: read it as that.
 
-Adaptive batching: during (c) the controller (ragstack/adaptive.py) runs in dry run on the server's own
+Adaptive batching: during (c) the controller (ragstack/governance/adaptive.py) runs in dry run on the server's own
 metrics, and after (c) one setting change is applied for real (an `embed` reload with a config override), to
 set what a change costs against what batching buys on this CPU (results/engines.json).
 
@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import pyplot, save_figure  # noqa: E402
 from benchmarks.common import (RESULTS, admin_key, display_path, eval_questions, key_headers,  # noqa: E402
                                latency_summary, machine_info, now_iso, progress, tree_cpu_seconds, write_json)
-from ragstack import client_io  # noqa: E402
-from ragstack.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack.governance.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
     parse_prometheus, value  # noqa: E402
-from ragstack.manifest import read_manifest  # noqa: E402
-from ragstack.model_builders import build_tiny, is_built  # noqa: E402
-from ragstack.server import ROOT, TritonProcess  # noqa: E402
+from ragstack.governance.manifest import read_manifest  # noqa: E402
+from ragstack_dev.model_builders import build_tiny, is_built  # noqa: E402
+from ragstack_dev.server import ROOT, TritonProcess  # noqa: E402
 
 CORPUS = sorted((ROOT / "data" / "corpus").glob("*.md"))
 POLICY = ROOT / "config" / "runtime_policy.json"

@@ -14,7 +14,7 @@ own RAG_DATA_PATH, ingests data/corpus through the `ingest` model and then measu
   Target: under 10% of e2e on the demo set; a few ms absolute per request on the tiny set.
 * throughput: `rag` at concurrency 8 against an in-process loop over the same models (EmbedTokenizer +
   EmbeddingEngine, numpy search over the same chunk vectors, RerankTokenizer + RerankEngine,
-  InflightBatchingEngine with ragstack.rag's prompt and schema: rag.run with in-process engines), one request
+  InflightBatchingEngine with ragstack.pipeline.rag's prompt and schema: rag.run with in-process engines), one request
   at a time, interleaved round by round on the same questions. Target >= 1.5x.
 * optionally (--perf-analyzer) perf_analyzer against `rag` with benchmarks/perf_data/rag.json.
 
@@ -44,8 +44,8 @@ from common import (PERF_DATA, RESULTS, ROOT, ClosedLoop, Segment, clean_pairs, 
                     eval_questions, latency_summary, machine_info, model_stats, now_iso, paired_ratio, progress,
                     run_perf_analyzer, stats_delta, target, wait_idle, write_input_data, write_json)
 
-from ragstack import client_io  # noqa: E402
-from ragstack.server import TritonProcess  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack_dev.server import TritonProcess  # noqa: E402
 
 CONCURRENCY = 8
 LOAD_MODELS = "rag ingest embed rerank generate vector_index"
@@ -154,8 +154,8 @@ def overhead_breakdown(local: InProcessPipeline, questions: list, top_k: int, to
     """Where the orchestration overhead goes, measured in-process on the same pipeline code: the orchestrator's
     own stage timings plus wall time of the pipeline steps that run outside every stage (answer schema, the
     JSON/schema check of the answer, the schema id)."""
-    from ragstack import policy as policy_mod
-    from ragstack import rag
+    from ragstack.governance import policy as policy_mod
+    from ragstack.pipeline import rag
 
     spent: dict = {}
 
@@ -307,7 +307,7 @@ def perf_analyzer_args(protocol: str, url: str, headers: Optional[dict] = None) 
 
 def policy_without_identity(path: Path) -> Path:
     """A copy of the runtime policy with require_engine_identity off (perf_analyzer cannot send gRPC headers)."""
-    from ragstack import triton_adapter as ta
+    from ragstack.triton import adapter as ta
 
     policy = json.loads(Path(ta.DEFAULT_POLICY_FILE).read_text())
     policy["require_engine_identity"] = False

@@ -2,7 +2,7 @@
 """Retrieval quality on the labelled set (data/retrieval_eval.json) with the demo models → results/retrieval.json.
 
 Two measurements of the same thing, side by side:
-* in-process: the embed and rerank engines called directly (ragstack.retrieval_eval.rank_in_process), for the
+* in-process: the embed and rerank engines called directly (ragstack_dev.retrieval_eval.rank_in_process), for the
   dense search and for the hybrid one (BM25 over the passages fused with the embedding order: the configured
   quote task's search, or --hybrid; plain equal-weight RRF beside it when that differs);
 * the endpoint: the passages ingested through `ingest`, each question asked of `rag` on a real tritonserver;
@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import identity_headers  # noqa: E402
-from ragstack import client_io  # noqa: E402
-from ragstack.server import access_keys  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
+from ragstack_dev.server import access_keys  # noqa: E402
 from ragstack.index.lexical import SearchSpec  # noqa: E402
-from ragstack.policy import RuntimePolicy  # noqa: E402
-from ragstack.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
-from ragstack.server import TritonProcess, progress  # noqa: E402
+from ragstack.governance.policy import RuntimePolicy  # noqa: E402
+from ragstack_dev.retrieval_eval import evaluate, load_eval, misses, rank_in_process  # noqa: E402
+from ragstack_dev.server import TritonProcess, progress  # noqa: E402
 
 TOP_K = 8
 MODELS = "embed rerank generate vector_index ingest rag_orchestrator rag"

@@ -2,7 +2,7 @@
 """Scale-out on this machine → results/scale_out.json + .png (issue 15).
 
 Two reference-profile replicas (tiny models; ingest + query path) on one embedded Postgres + pgvector over
-loopback TCP, behind haproxy (ragstack/scaleout.py). Measures, at the same concurrency:
+loopback TCP, behind haproxy (ragstack_dev/scaleout.py). Measures, at the same concurrency:
 
 * query throughput/latency: one replica direct, one replica behind haproxy (the hop alone), two behind haproxy;
   on a 2-core machine two replicas share the same cores, so no gain is expected: the figures show the hop;
@@ -35,9 +35,9 @@ from benchmarks.common import (
     progress,
     write_json,
 )
-from ragstack import scaleout as so
-from ragstack.model_builders import build_tiny, is_built
-from ragstack.server import ROOT
+from ragstack_dev import scaleout as so
+from ragstack_dev.model_builders import build_tiny, is_built
+from ragstack_dev.server import ROOT
 
 
 def throughput(url: str, clients: int, duration: float, prefix: str) -> dict:

@@ -4,7 +4,7 @@
 Starts one tritonserver on the reference profile (``--models tiny|demo``, its own RAG_DATA_PATH) or attaches to a
 running one (``--attach --http-url ... --grpc-url ... [--server-pid ... --server-log ... --metrics-url ...]``),
 ingests data/corpus into collection ``corpus``, then runs ``--clients`` client threads for ``--duration`` seconds,
-mixing (see ragstack/soak.py):
+mixing (see ragstack_dev/soak.py):
 
 * ``rag`` over HTTP and gRPC, all four tasks, with the engine-identity headers; ``rag_stream`` over gRPC streaming;
   ``/v2/models/rag/generate``; ``/v2/models/rag_stream/generate_stream`` (SSE);
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import admin_key, identity_headers, ingest_corpus, operator_headers, pyplot, save_figure  # noqa: E402
 from common import RESULTS, ROOT, display_path, machine_info, now_iso, progress, write_json  # noqa: E402
 
-from ragstack.server import TritonProcess  # noqa: E402
-from ragstack.soak import SoakConfig, run_soak  # noqa: E402
+from ragstack_dev.server import TritonProcess  # noqa: E402
+from ragstack_dev.soak import SoakConfig, run_soak  # noqa: E402
 
 MODEL_SETS = {"tiny": ROOT / "build" / "models" / "tiny", "demo": ROOT / "build" / "models" / "demo"}
 

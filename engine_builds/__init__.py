@@ -7,7 +7,7 @@
 * :mod:`engine_builds.trtllm`: TensorRT-LLM checkpoint and ``trtllm-build`` command lines;
 * :mod:`engine_builds.tokenizer_info`: the xgrammar tokenizer info the ``tensorrtllm`` backend reads;
 * :mod:`engine_builds.repository`: the trtllm model repository's version folders and the container paths;
-* :mod:`engine_builds.build`: the command line, which writes a ``manifest.json`` (:mod:`ragstack.manifest`) with
+* :mod:`engine_builds.build`: the command line, which writes a ``manifest.json`` (:mod:`ragstack.governance.manifest`) with
   every step.
 
 Command lines are produced first and only then printed (``--dry-run``) or run, so the exact commands are

@@ -3,7 +3,7 @@
 
   export          ONNX export of an embed/rerank model into an engine folder (CPU; --verify checks it)
   plan            trtexec: the ONNX in an engine folder -> model.plan; runs in the TensorRT container
-                  (ragstack.contracts.TENSORRT_CONTAINER, tools/build_plans.sh), not in the trtllm image
+                  (ragstack.contracts.tensors.TENSORRT_CONTAINER, tools/build_plans.sh), not in the trtllm image
   trtllm          TensorRT-LLM checkpoint + trtllm-build for a generator, with tokenizer and tokenizer info
   tokenizer-info  the xgrammar tokenizer info the tensorrtllm backend reads (xgrammar_tokenizer_info_path)
   manifest        write manifest.json for any engine folder (e.g. a reference model set)
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ragstack.engine_spec import EngineSpec  # noqa: E402
-from ragstack.manifest import read_manifest, update_manifest, verify_manifest  # noqa: E402
+from ragstack.governance.engine_spec import EngineSpec  # noqa: E402
+from ragstack.governance.manifest import read_manifest, update_manifest, verify_manifest  # noqa: E402
 
 from engine_builds import onnx_export, repository, trtexec, trtllm  # noqa: E402
 from engine_builds.specs import BuildSpec, load_spec, model_set, set_names, spec_names  # noqa: E402

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ragstack.engine_spec import EngineSpec
+from ragstack.governance.engine_spec import EngineSpec
 
 
 def _check_supported(spec: EngineSpec) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ragstack import contracts
-from ragstack.manifest import TOKENIZER_FILES, update_manifest
+from ragstack.contracts import tensors as contracts
+from ragstack.governance.manifest import TOKENIZER_FILES, update_manifest
 
 from engine_builds.specs import BuildSpec
 from engine_builds.tools import python_versions
@@ -125,7 +125,8 @@ def reference_engine(spec: BuildSpec, model_dir: Path, scratch: Path):
     A hub folder has no engine.json: the engine then reads a scratch folder of links to the model files plus the
     spec's engine.json, so the export is checked against exactly what the reference profile would serve.
     """
-    from ragstack.engines import EmbeddingEngine, RerankEngine
+    from ragstack.engines.embedding import EmbeddingEngine
+    from ragstack.engines.reranking import RerankEngine
 
     model_dir = Path(model_dir)
     folder = model_dir

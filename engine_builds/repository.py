@@ -3,7 +3,7 @@
 The plans are built into the engine folder (``build/engines/<set>/<kind>/model.plan``), which the container mounts
 read-only at ``/workspace/engines`` while the repository itself comes from the image. The trtllm image has no
 ``tensorrt_plan`` platform, so ``embed`` and ``rerank`` are Python-backend models whose committed ``model.py`` reads
-``<ENGINE_PATH>/<engine_dir>/<plan_file>`` (ragstack/trt_plan.py); the ``tensorrtllm`` model reads its engine from
+``<ENGINE_PATH>/<engine_dir>/<plan_file>`` (ragstack/engines/trt_plan.py); the ``tensorrtllm`` model reads its engine from
 ``gpt_model_path`` and only needs its version folder to exist. ``engine_builds/build.py repository`` (re)creates the
 version folders (and removes the ``model.plan`` links an older layout left there); the config.pbtxt files next to
 them come from ``tools/gen_model_configs.py``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from ragstack.model_config import TRTLLM
+from ragstack.contracts.model_config import TRTLLM
 
 from engine_builds.trtexec import PLAN_FILE
 

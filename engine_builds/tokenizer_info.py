@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ragstack.generation import guided
-from ragstack.manifest import TOKENIZER_INFO_FILE
+from ragstack.engines.generation import guided
+from ragstack.governance.manifest import TOKENIZER_INFO_FILE
 
 KEYS = ("encoded_vocab", "tokenizer_str", "stop_token_ids")
 

@@ -2,7 +2,7 @@
 
 A build step first produces its command lines; only then does it decide whether to print them (``--dry-run``) or
 run them. ``trtexec`` (the ``plan`` step) ships in the TensorRT container of the serving container's TensorRT
-(``ragstack.contracts.TENSORRT_CONTAINER``; the trtllm image has none), ``trtllm-build`` and TensorRT-LLM's scripts
+(``ragstack.contracts.tensors.TENSORRT_CONTAINER``; the trtllm image has none), ``trtllm-build`` and TensorRT-LLM's scripts
 in the pinned trtllm container (``TRTLLM_CONTAINER``). Outside them the step stops with :class:`ToolMissing`,
 saying where the tool is found, instead of failing half-way.
 """
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ragstack.contracts import TENSORRT_CONTAINER, TRTLLM_CONTAINER, TRTLLM_TENSORRT_VERSION
+from ragstack.contracts.tensors import TENSORRT_CONTAINER, TRTLLM_CONTAINER, TRTLLM_TENSORRT_VERSION
 
 PYTHON_TOOLS = ("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "xgrammar")
 # Where NVIDIA's TensorRT containers keep trtexec when it is not on PATH.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ragstack import contracts
+from ragstack.contracts import tensors as contracts
 
 from engine_builds.onnx_export import ONNX_FILE
 from engine_builds.specs import BuildSpec

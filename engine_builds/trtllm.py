@@ -1,6 +1,6 @@
 """TensorRT-LLM command lines for the generator: a checkpoint, then ``trtllm-build``.
 
-Flags are those of TensorRT-LLM 1.0 (``ragstack.contracts.TRTLLM_VERSION``, the release the pinned container
+Flags are those of TensorRT-LLM 1.0 (``ragstack.contracts.tensors.TRTLLM_VERSION``, the release the pinned container
 ships): ``trtllm-build``'s own options plus its plugin options (``--gpt_attention_plugin``, ``--gemm_plugin``,
 ``--use_paged_context_fmha``, ``--remove_input_padding``, each ``enable``/``disable`` or a dtype / ``auto``).
 ``--kv_cache_type paged`` is the current spelling of the deprecated ``--paged_kv_cache enable``.
@@ -25,8 +25,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from ragstack.contracts import TRTLLM_VERSION
-from ragstack.engine_spec import EngineSpec
+from ragstack.contracts.tensors import TRTLLM_VERSION
+from ragstack.governance.engine_spec import EngineSpec
 
 from engine_builds.specs import BuildSpec
 

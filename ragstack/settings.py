@@ -10,7 +10,7 @@ changes (a stub's environment is fixed at start, so in the server it is built on
 settings are printed once (secrets shown only as set or unset) and a bad value stops the start.
 
 :class:`ManagerParams` is the same for the ``model_manager`` model's config parameters: their defaults are
-written into its ``config.pbtxt`` (``ragstack/model_config.py``), read back in ``lifecycle/triton_io.py``, and are
+written into its ``config.pbtxt`` (``ragstack/contracts/model_config.py``), read back in ``lifecycle/triton_io.py``, and are
 the ``ModelManager`` constructor's defaults.
 
 Not here, on purpose: the variables only the launcher reads (``BLS_REPO``, ``LOAD_MODELS``, ...); what a client
@@ -148,7 +148,7 @@ class Settings:
                          kind="port", section="server")
     grpc_port: Optional[int] = env("TRITON_GRPC_PORT", None, _port,
                                    "the server's gRPC port; set, background children and generate streams go "
-                                   f"through it (ragstack/loopback.py) [unset: plain BLS; loaders use "
+                                   f"through it (ragstack/triton/loopback.py) [unset: plain BLS; loaders use "
                                    f"{DEFAULT_GRPC_PORT}]", kind="port", section="server")
     bind_address: Optional[str] = env("TRITON_BIND_ADDRESS", None, _text,
                             "the address the server listens on; the stubs reach it there [loopback]",

@@ -4,7 +4,7 @@ import torch
 import xgrammar
 from transformers import DynamicCache
 
-from ragstack.generation.guided import Utf8Guard
+from ragstack.engines.generation.guided import Utf8Guard
 
 
 def reference_guided_greedy(engine, input_ids, guide_type, guide, max_new_tokens):

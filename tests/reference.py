@@ -2,7 +2,7 @@
 one text at a time, no batching, no padding, straight from transformers."""
 import torch
 
-from ragstack.text import QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
+from ragstack.tokenization.retrieval import QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Adaptive batching beside a running server (ragstack/adaptive.py): off unless started, and dry-run unless --apply.
+"""Adaptive batching beside a running server (ragstack/governance/adaptive.py): off unless started, and dry-run unless --apply.
 
 Every --interval seconds it reads Triton's metrics port (queue depth per engine, the pipeline's per-stage latency
-histogram for the p95, the lifecycle manager's memory headroom), feeds one ragstack.adaptive.Controller per
+histogram for the p95, the lifecycle manager's memory headroom), feeds one ragstack.governance.adaptive.Controller per
 engine, writes every decision to the event log (``adaptive_batching`` events) and shows its own gauges on
 --metrics-port (``llm_adaptive_max_preferred_batch``, ``llm_adaptive_queue_delay_us``, ``llm_adaptive_changes``).
 With --apply a decision reloads the engine with a config override (gRPC model-repository API; the admin key from
@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
+from ragstack.governance.adaptive import LADDERS, Controller, Sample, buckets, config_override, histogram_p95, \
     parse_prometheus, value  # noqa: E402
-from ragstack.events import EventLog  # noqa: E402
+from ragstack.governance.events import EventLog  # noqa: E402
 
 STAGE = {"embed": "embed", "rerank": "rerank"}
 

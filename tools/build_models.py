@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.model_builders import build_demo, build_tiny, is_built  # noqa: E402
+from ragstack_dev.model_builders import build_demo, build_tiny, is_built  # noqa: E402
 
 
 def main() -> int:

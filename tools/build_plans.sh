@@ -9,14 +9,14 @@
 #
 # ENGINE_SET/{embed,rerank} must hold the ONNX export (engine_builds/build.py export, CPU, project venv).
 # Needs docker with the NVIDIA container runtime, on the GPU model that will serve (plans are GPU-specific).
-# Environment: GPU (device index, [0]); TENSORRT_CONTAINER / TRTLLM_CONTAINER override ragstack/contracts.py's.
+# Environment: GPU (device index, [0]); TENSORRT_CONTAINER / TRTLLM_CONTAINER override ragstack/contracts/tensors.py's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SET="${1:?usage: tools/build_plans.sh ENGINE_SET [EMBED_SPEC] [RERANK_SPEC]}"
 EMBED_SPEC="${2:-qwen3-embedding-4b}"
 RERANK_SPEC="${3:-qwen3-reranker-0.6b}"
 GPU="${GPU:-0}"
-contract() { sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" "$ROOT/ragstack/contracts.py"; }
+contract() { sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" "$ROOT/ragstack/contracts/tensors.py"; }
 TENSORRT_CONTAINER="${TENSORRT_CONTAINER:-$(contract TENSORRT_CONTAINER)}"
 TRTLLM_CONTAINER="${TRTLLM_CONTAINER:-$(contract TRTLLM_CONTAINER)}"
 SET="$(cd "$SET" && pwd)"

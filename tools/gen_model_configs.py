@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write every config.pbtxt, and the README.md next to it, from ragstack/contracts.py and ragstack/model_config.py
+"""Write every config.pbtxt, and the README.md next to it, from ragstack/contracts/tensors.py and ragstack/contracts/model_config.py
 (the single source of truth). --check: fail on drift."""
 import argparse
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.model_config import all_targets  # noqa: E402
+from ragstack.contracts.model_config import all_targets  # noqa: E402
 
 
 def main() -> int:

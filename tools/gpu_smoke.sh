@@ -16,7 +16,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
-contract() { sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" "$ROOT/ragstack/contracts.py"; }
+contract() { sed -n "s/^$1 = \"\(.*\)\"\$/\1/p" "$ROOT/ragstack/contracts/tensors.py"; }
 TRTLLM_CONTAINER="$(contract TRTLLM_CONTAINER)"
 RELEASE="${TRTLLM_CONTAINER##*:}"; RELEASE="${RELEASE%%-*}"
 SDK_IMAGE="${SDK_IMAGE:-nvcr.io/nvidia/tritonserver:${RELEASE}-py3-sdk}"
@@ -124,7 +124,7 @@ serve() {
 # POST a JSON body to $1 (a path under $URL), with the generator's identity headers (spec 004: the rag models
 # refuse a request that does not name the engine it expects); the response body on stdout, an error body on stderr.
 identity_headers() {
-  "$PY" -c 'import sys; from ragstack.manifest import read_manifest
+  "$PY" -c 'import sys; from ragstack.governance.manifest import read_manifest
 for k, v in read_manifest(sys.argv[1]).headers().items(): print(f"-H\n{k}: {v}")' "$GENERATE_DIR"
 }
 post() {

@@ -32,7 +32,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.policy import RuntimePolicy  # noqa: E402
+from ragstack.governance.policy import RuntimePolicy  # noqa: E402
 
 READY, NOT_READY, DEGRADED = "ready", "not_ready", "degraded"
 EXIT_CODES = {READY: 0, NOT_READY: 1, DEGRADED: 2}

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ragstack.prompt_runtime import PromptRuntimeManager, format_summary  # noqa: E402
+from ragstack.pipeline.prompt_runtime import PromptRuntimeManager, format_summary  # noqa: E402
 
 
 def main(argv=None) -> int:

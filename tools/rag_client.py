@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from ragstack import client_io  # noqa: E402
+from ragstack.contracts import client as client_io  # noqa: E402
 
 
 def _identity(args) -> dict:
@@ -24,7 +24,7 @@ def _identity(args) -> dict:
     if args.engine_hash and args.quantisation:
         values = {"x-engine-hash": args.engine_hash, "x-quantisation": args.quantisation}
     else:
-        from ragstack.manifest import read_manifest
+        from ragstack.governance.manifest import read_manifest
 
         m = read_manifest(Path(args.engine_path) / "generate")
         values = {"x-engine-hash": args.engine_hash or m.engine_hash, "x-quantisation": args.quantisation or m.quantisation}

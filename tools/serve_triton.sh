@@ -24,7 +24,7 @@
 #                        with docker instead of a local binary, e.g. TRITON_IMAGE=ragstack-triton:latest
 #   TRITON_TRACE_FILE    write Triton traces (every request, with BLS children as child spans) here [off]
 #   TRITON_LOG_VERBOSE   tritonserver --log-verbose level                     [0]
-# Access control (README "Security"; ragstack/access.py):
+# Access control (README "Security"; ragstack/governance/access.py):
 #   TRITON_BIND_ADDRESS  the address HTTP, gRPC and metrics listen on; 0.0.0.0 to serve other hosts  [127.0.0.1]
 #   RAG_ADMIN_KEY_FILE / RAG_ADMIN_KEY   the admin key (a 0600 file is better than the environment): opens the
 #                        repository, model-config, statistics, trace, logging and shared-memory APIs (header
@@ -61,7 +61,7 @@ export RAG_DATA_PATH="$(abs "$RAG_DATA_PATH")"
 export RAG_POLICY_FILE="$(abs "${RAG_POLICY_FILE:-$ROOT/config/runtime_policy.json}")"
 [ -n "${TOKENIZER_DIR:-}" ] && export TOKENIZER_DIR="$(abs "$TOKENIZER_DIR")"
 export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
-# The stubs reach their own server here: background BLS children at their priority (ragstack/loopback.py),
+# The stubs reach their own server here: background BLS children at their priority (ragstack/triton/loopback.py),
 # the lifecycle manager's loads.
 export TRITON_GRPC_PORT="$GRPC_PORT"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
@@ -70,7 +70,7 @@ export TRITON_GRPC_PORT="$GRPC_PORT"
 # read here, once: rotating it takes a restart (and it shows in this process's command line to local users).
 BIND="${TRITON_BIND_ADDRESS:-127.0.0.1}"
 new_secret() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
-# The proof BLS parents give their children (ragstack/access.py): new at every start, readable by this user only.
+# The proof BLS parents give their children (ragstack/governance/access.py): new at every start, readable by this user only.
 # An operator running several servers as one deployment (or the tests) may give one: RAG_INTERNAL_SECRET_FILE.
 if [ -z "${RAG_INTERNAL_SECRET_FILE:-}" ] || [ ! -s "$RAG_INTERNAL_SECRET_FILE" ]; then
   RUN_DIR="${RAG_RUN_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/ragstack-run.XXXXXX")}"
@@ -105,7 +105,7 @@ if [ -z "${TRITON_IMAGE:-}" ]; then     # with an image, the container's own run
   (cd "$ROOT" && "$SETTINGS_PY" -m ragstack.settings) || { echo "serve_triton: fix the setting above" >&2; exit 2; }
 fi
 
-# --disable-auto-complete-config: every config.pbtxt is complete (generated from ragstack/contracts.py), and without
+# --disable-auto-complete-config: every config.pbtxt is complete (generated from ragstack/contracts/tensors.py), and without
 # it the Python backend starts a throw-away stub per model load just to ask model.py for a config: that stub
 # imports torch + transformers too, so it doubled every load (rerank 9 s -> 4.3 s on the 2-core machine).
 args=(

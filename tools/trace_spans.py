@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ragstack.tracing import build_spans, load_records, to_chrome_trace, walk  # noqa: E402
+from ragstack.triton.tracing import build_spans, load_records, to_chrome_trace, walk  # noqa: E402
 
 
 def main() -> int:

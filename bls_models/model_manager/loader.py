@@ -31,7 +31,7 @@ def _payload(request) -> dict:
     text = _string(request, "payload", "{}") or "{}"
     try:
         payload = json.loads(text)
-    except (ValueError, RecursionError) as e:   # self-contained: no ragstack.json_input here
+    except (ValueError, RecursionError) as e:   # self-contained: no ragstack.contracts.json_input here
         raise BadRequest(f"payload is not JSON: {e}") from None
     if not isinstance(payload, dict):
         raise BadRequest("payload must be a JSON object")
@@ -39,7 +39,7 @@ def _payload(request) -> dict:
 
 
 def _check_internal(request):
-    """Only model_manager (a BLS parent of this server) may call: the same proof as ragstack.access, inline."""
+    """Only model_manager (a BLS parent of this server) may call: the same proof as ragstack.governance.access, inline."""
     path = os.environ.get("RAG_INTERNAL_SECRET_FILE")
     if not path:
         return
@@ -77,7 +77,7 @@ class TritonPythonModel:
                     raise BadRequest(f"unknown op {op[:100]!r}; expected load, unload or ready")
                 out = np.array([json.dumps(result).encode()], dtype=np.object_)
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("result", out)]))
-            except (BadRequest, UnicodeDecodeError) as e:   # the same marker as ragstack.triton_adapter.INVALID_MARK
+            except (BadRequest, UnicodeDecodeError) as e:   # the same marker as ragstack.triton.adapter.INVALID_MARK
                 responses.append(pb.InferenceResponse(error=pb.TritonError(
                     f"invalid input: model_manager_loader: {e}"[:2000], pb.TritonError.INVALID_ARG)))
             except Exception as e:  # noqa: BLE001 - the manager reads the message

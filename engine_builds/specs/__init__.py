@@ -6,7 +6,7 @@ checkpoint conversion or quantisation, then ``trtllm-build``). Everything else i
 in one place only:
 
 * the optimisation profile's maximum batch is the Triton contract's ``max_batch_size``
-  (:mod:`ragstack.contracts`) and its maximum length is ``engine.max_length``, which the BLS tokenizers also
+  (:mod:`ragstack.contracts.tensors`) and its maximum length is ``engine.max_length``, which the BLS tokenizers also
   enforce;
 * the TensorRT-LLM limits (``max_input_len``, ``max_seq_len``, ``max_batch_size``) are the ``engine`` fields that
   the BLS ``generate_text`` model checks budgets against.
@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ragstack.engine_spec import EngineSpec
+from ragstack.governance.engine_spec import EngineSpec
 
 SPEC_DIR = Path(__file__).resolve().parent
 KINDS = ("embed", "rerank", "generate")

@@ -12,9 +12,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ragstack.engine_spec import EngineSpec
-from ragstack.errors import InvalidInput
-from ragstack.text import read_spec
+from ragstack.governance.engine_spec import EngineSpec
+from ragstack.contracts.errors import InvalidInput
+from ragstack.tokenization.retrieval import read_spec
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

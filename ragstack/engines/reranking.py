@@ -9,7 +9,7 @@ import torch
 
 from ragstack.engines.common import (check_token_batch, embed, hidden_states, last_token_index, load_engine_spec,
                                      place_model, resolve_device, resolve_dtype, vocab_size)
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 
 
 class RerankEngine:
@@ -18,7 +18,7 @@ class RerankEngine:
     elsewhere; inputs and outputs stay numpy on the host. ``model`` injects an already built model of the class
     the scoring needs (a causal LM for ``qwen3_yes_no``, a base model otherwise) instead of loading the folder's.
 
-    ``qwen3_yes_no`` (Qwen3-Reranker): the rows are the prompts of :class:`ragstack.text.RerankTokenizer`, and
+    ``qwen3_yes_no`` (Qwen3-Reranker): the rows are the prompts of :class:`ragstack.tokenization.retrieval.RerankTokenizer`, and
     the score is P(yes) against no for the token after the prompt, ``sigmoid(logit_yes - logit_no)``.
 
     ``bi_encoder_cosine`` (the demo set): no cross-encoder can be installed here, so the rows

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_DOC_ID_LENGTH = 512

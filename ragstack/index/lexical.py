@@ -27,7 +27,7 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 
 SEARCH_MODES = ("dense", "hybrid", "lexical")
 FUSIONS = ("rrf", "weighted")

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 from ragstack.index.base import (VectorStore, check_collection_name, check_content_hash, check_dim, check_doc_id,
                                  check_doc_ids, check_doc_metadata, check_top_k, chunk_records, normalized_query,
                                  normalized_rows, unknown_collection)

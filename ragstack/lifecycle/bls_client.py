@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 
-from ragstack import triton_adapter as ta
-from ragstack.contracts import MODEL_MANAGER
-from ragstack.errors import InvalidInput
+from ragstack.triton import adapter as ta
+from ragstack.contracts.tensors import MODEL_MANAGER
+from ragstack.contracts.errors import InvalidInput
 from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable, acquire_lease, holding, release_lease
 from ragstack.lifecycle.manager import DEAD_STUB_MARKERS
 

@@ -18,7 +18,7 @@ import math
 from collections import deque
 from typing import Optional
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 
 PROMOTE = "promote"
 ROLLBACK = "rollback"

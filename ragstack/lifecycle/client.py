@@ -6,7 +6,7 @@ import json
 import time
 from typing import Optional
 
-from ragstack import client_io
+from ragstack.contracts import client as client_io
 from ragstack.lifecycle.leasing import EngineLease, acquire_lease, holding, release_lease
 
 MANAGER = "model_manager"

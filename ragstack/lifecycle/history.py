@@ -30,7 +30,7 @@ def engine_info(engine_dir: Union[None, str, Path]) -> dict:
         return {}
     info = {"engine_dir": str(engine_dir)}
     try:
-        from ragstack.manifest import MANIFEST_FILE, read_manifest
+        from ragstack.governance.manifest import MANIFEST_FILE, read_manifest
 
         path = Path(engine_dir) / MANIFEST_FILE
         if path.is_file():

@@ -10,14 +10,14 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
-from ragstack.errors import Unavailable
+from ragstack.contracts.errors import Unavailable
 
 Call = Callable[[str, Optional[str], dict], dict]
 
 
 class EngineUnavailable(Unavailable):
     """The manager could not give the engine (it does not fit, it fails to load, or time ran out): UNAVAILABLE
-    to the caller (``triton_adapter.error_response``), the message naming the engine."""
+    to the caller (``triton.adapter.error_response``), the message naming the engine."""
 
 
 @dataclasses.dataclass

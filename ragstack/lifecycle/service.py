@@ -1,7 +1,7 @@
 """The manager's request protocol: ``op`` + ``model`` + JSON ``payload`` in, a JSON result out.
 
 One function per op over a :class:`ModelManager`; the Triton model, the CLI and the tests all speak this.
-Bad requests raise :class:`ragstack.errors.InvalidInput` (INVALID_ARG to the caller).
+Bad requests raise :class:`ragstack.contracts.errors.InvalidInput` (INVALID_ARG to the caller).
 
 ==============  ======  ====================================================================================
 op              model   payload
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ragstack.errors import InvalidInput
-from ragstack.json_input import finite_number, type_name
+from ragstack.contracts.errors import InvalidInput
+from ragstack.contracts.json_input import finite_number, type_name
 from ragstack.lifecycle.budget import MemoryBudget, parse_bytes
 from ragstack.lifecycle.history import engine_info
 from ragstack.lifecycle.manager import LifecycleError, ModelManager
@@ -125,7 +125,7 @@ class ManagerService:
         """Run one op. The request is checked field by field first (op, model, payload): a bad one is
         :class:`InvalidInput` naming the field. A :class:`LifecycleError` (the manager refusing what was asked,
         e.g. a rollback with no previous version) is InvalidInput too; any other exception is a bug and
-        propagates unchanged, so the model answers INTERNAL and logs it (``triton_adapter.error_response``)."""
+        propagates unchanged, so the model answers INTERNAL and logs it (``triton.adapter.error_response``)."""
         if not isinstance(op, str):
             raise InvalidInput(f"model_manager: op must be a string, got {type_name(op)}")
         if model is not None and not isinstance(model, str):

@@ -31,10 +31,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ragstack import contracts
+from ragstack.contracts import tensors as contracts
 from ragstack import settings as rs
-from ragstack import triton_adapter as ta
-from ragstack.metrics import MetricRegistry
+from ragstack.triton import adapter as ta
+from ragstack.triton.metrics import MetricRegistry
 from ragstack.lifecycle.budget import GiB, MemoryBudget, parse_bytes
 
 log = logging.getLogger("ragstack.lifecycle")
@@ -123,7 +123,7 @@ def seed_bytes(engine_dir: Optional[Path], base_bytes: int, weight_factor: float
         return base_bytes
     names = []
     try:
-        from ragstack.manifest import MANIFEST_FILE, read_manifest
+        from ragstack.governance.manifest import MANIFEST_FILE, read_manifest
 
         if (engine_dir / MANIFEST_FILE).is_file():
             names = list(read_manifest(engine_dir).files)
@@ -185,7 +185,7 @@ def _warm_rerank(pb) -> None:
 
 
 def _warm_generate(pb) -> None:
-    from ragstack.trtllm_io import generate_inputs
+    from ragstack.contracts.trtllm import generate_inputs
 
     inputs = generate_inputs(WARMUP_IDS[0], 1, 0, 0, return_perf_metrics=False)
     for _ in ta.bls_stream(pb, "generate", inputs, ["output_ids", "sequence_length"]):
@@ -199,7 +199,7 @@ def run_warmup(pb, model: str) -> None:
     """One tiny request through the engine (a model without a known contract is not warmed up).
 
     The request takes Triton's default version (the newest loaded): the version just loaded, restored or
-    promoted (one version loaded), or the canary (the newer of two); ``ragstack.triton_adapter`` has no
+    promoted (one version loaded), or the canary (the newer of two); ``ragstack.triton.adapter`` has no
     ``model_version`` argument yet. No ``pb.is_model_ready`` here: a Model Loading API call that fails can take
     the server down (see the module doc); the request itself fails if the engine is not ready.
     """
@@ -399,7 +399,7 @@ class HelperLoader(_LoaderBase):
                     contract = dataclasses.replace(contracts.MODEL_MANAGER, name=LOADER_MODEL)
                     from google.protobuf import json_format
 
-                    from ragstack.model_config import Deployment, to_proto
+                    from ragstack.contracts.model_config import Deployment, to_proto
 
                     cfg = json_format.MessageToJson(to_proto(Deployment(contract)), preserving_proto_field_name=True)
                     self.pb.load_model(model_name=LOADER_MODEL, config=cfg,
@@ -465,7 +465,7 @@ FAMILIES = {
 
 
 class TritonSink(MetricRegistry):
-    """Metrics (pb.MetricFamily, referenced for the process's life) and events (ragstack.events.EventLog)."""
+    """Metrics (pb.MetricFamily, referenced for the process's life) and events (ragstack.governance.events.EventLog)."""
 
     def __init__(self, pb, events=None):
         super().__init__(pb, FAMILIES)
@@ -490,13 +490,13 @@ class TritonSink(MetricRegistry):
     def healed(self, model, seconds):
         self.metric("llm_model_heals_total", model=model).increment(1)
         self.metric("llm_model_stub_healthy", model=model).set(1)
-        from ragstack.events import OBSERVABILITY_ALERT
+        from ragstack.governance.events import OBSERVABILITY_ALERT
 
         self._emit(OBSERVABILITY_ALERT, alert="model_stub_recovered", model=model,
                    recovered_in_s=round(seconds, 3), severity="info")
 
     def alert(self, alert, **fields):
-        from ragstack.events import OBSERVABILITY_ALERT
+        from ragstack.governance.events import OBSERVABILITY_ALERT
 
         self.metric("llm_lifecycle_alerts_total", alert=alert).increment(1)
         if alert == "model_stub_died" and fields.get("model"):
@@ -505,12 +505,12 @@ class TritonSink(MetricRegistry):
         self._emit(OBSERVABILITY_ALERT, alert=alert, severity=severity, **fields)
 
     def rollback_completed(self, **fields):
-        from ragstack.events import ROLLBACK_COMPLETED
+        from ragstack.governance.events import ROLLBACK_COMPLETED
 
         self._emit(ROLLBACK_COMPLETED, **fields)
 
     def promoted(self, **fields):
-        from ragstack.events import OBSERVABILITY_ALERT
+        from ragstack.governance.events import OBSERVABILITY_ALERT
 
         self._emit(OBSERVABILITY_ALERT, alert="canary_promoted", severity="info", **fields)
 
@@ -534,13 +534,13 @@ class TritonSink(MetricRegistry):
 # ------------------------------------------------------------------------------------------------ wiring
 def build_manager(pb, args: dict):
     """The manager of a ``model_manager`` instance from its config parameters; started, models adopted."""
-    from ragstack.events import EventLog
+    from ragstack.governance.events import EventLog
     from ragstack.lifecycle.history import VersionHistory
     from ragstack.lifecycle.manager import ModelManager, ModelSpec
     from ragstack.lifecycle.procmem import ProcMemoryProbe
     from ragstack.lifecycle.service import ManagerService
     from ragstack.lifecycle.watchdog import DEFAULT_WATCHED, StubWatchdog
-    from ragstack.policy import RuntimePolicy
+    from ragstack.governance.policy import RuntimePolicy
 
     settings = rs.current()
     p = rs.ManagerParams.from_parameters(ta.model_parameters(args))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstack.model_builders import build_tiny, is_built
-from ragstack.server import ROOT, TritonProcess
+from ragstack_dev.model_builders import build_tiny, is_built
+from ragstack_dev.server import ROOT, TritonProcess
 
 TINY = ROOT / "build" / "models" / "tiny"
 
@@ -102,7 +102,7 @@ def _settle_manager(proc) -> None:
     import tritonclient.http as httpclient
 
     from ragstack.lifecycle.client import ManagerClient
-    from ragstack.server import access_keys
+    from ragstack_dev.server import access_keys
 
     with httpclient.InferenceServerClient(proc.http_url) as h:
         if not h.is_model_ready("model_manager"):
@@ -136,7 +136,7 @@ def client(request):
 @pytest.fixture(scope="session")
 def identity(tiny_models) -> dict:
     """The engine-identity headers the policy requires on the rag endpoint, from the served manifest."""
-    from ragstack.manifest import read_manifest
+    from ragstack.governance.manifest import read_manifest
 
     return read_manifest(tiny_models / "generate").headers()
 

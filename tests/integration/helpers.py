@@ -2,8 +2,8 @@
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ragstack import client_io
-from ragstack.contracts import bytes_array as strings  # noqa: F401 - the tests' BYTES arrays
+from ragstack.contracts import client as client_io
+from ragstack.contracts.tensors import bytes_array as strings  # noqa: F401 - the tests' BYTES arrays
 
 
 def make_input(protocol, name, array, dtype=None):
@@ -19,15 +19,15 @@ def infer(client_pair, model, inputs: dict, outputs=None, headers=None, auth=Tru
 
 
 def auth_headers() -> dict:
-    """The operator's headers for the servers the tests start: admin key and internal proof (ragstack.server)."""
-    from ragstack.server import access_keys
+    """The operator's headers for the servers the tests start: admin key and internal proof (ragstack_dev.server)."""
+    from ragstack_dev.server import access_keys
 
     return access_keys().headers()
 
 
 def admin_headers() -> dict:
     """Triton's restricted APIs (repository, config, statistics) over HTTP."""
-    from ragstack.server import access_keys
+    from ragstack_dev.server import access_keys
 
     return {"admin-key": access_keys().admin_key}
 

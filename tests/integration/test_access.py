@@ -9,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ragstack.server import access_keys
+from ragstack_dev.server import access_keys
 from tests.integration.helpers import generate_json, infer, is_invalid_arg, stream, strings
 
 WRONG = "wrong-key-7f3a9c"
@@ -126,7 +126,7 @@ def test_internal_models_refuse_direct_calls(server, client, forged):
             infer(client, model, arrays, headers=headers, auth=False)
         assert denied(e.value), (model, e.value)
     if client[0] == "grpc":
-        from ragstack.trtllm_io import generate_inputs
+        from ragstack.contracts.trtllm import generate_inputs
 
         for model, arrays in (("generate", generate_inputs(ENGINE_IDS[0], 2, 0, 0)),
                               ("generate_text", {"prompt": strings(["hi"]), "max_tokens": np.array([2], np.int32)})):
@@ -211,7 +211,7 @@ def test_writer_keys_rotate_without_a_restart(server, client):
 
 
 def test_limits_reject_oversized_input_and_the_server_stays_up(server, client, identity, http, corpus):
-    from ragstack import rag
+    from ragstack.pipeline import rag
 
     def one(v):
         return (strings([v]) if isinstance(v, str) else np.array([v], np.int32)).reshape(1, 1)
@@ -257,7 +257,7 @@ def test_health_check_needs_no_key(server):
     import subprocess
     import sys
 
-    from ragstack.server import ROOT
+    from ragstack_dev.server import ROOT
 
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "health_check.py"), "--url", f"http://{server.http_url}",
                         "--metrics-url", server.metrics_url, "--models", "rag,ingest,vector_index,model_manager",

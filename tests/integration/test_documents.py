@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from ragstack.server import ROOT, TritonProcess, access_keys
+from ragstack_dev.server import ROOT, TritonProcess, access_keys
 from tests import docgen
 from tests.integration.helpers import infer, is_invalid_arg, strings
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from tritonclient.utils import InferenceServerException
 
-from ragstack.engine_spec import EngineSpec
+from ragstack.governance.engine_spec import EngineSpec
 from tests.integration.helpers import admin_headers, infer, is_invalid_arg, make_input, strings, wire_headers
 from tests.reference import (TASK, qwen3_embedding_ids, qwen3_rerank_ids, reference_embedding,
                              reference_yes_no)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from ragstack.trtllm_io import generate_inputs, output_tokens
+from ragstack.contracts.trtllm import generate_inputs, output_tokens
 from tests.integration.helpers import generate_json, stream, strings
 
 pytestmark = pytest.mark.integration
@@ -85,7 +85,7 @@ def test_token_cap_is_reported(server):
 
 
 def test_raw_engine_speaks_the_trtllm_contract(server, tiny_models):
-    from ragstack.chat import GeneratorTokenizer
+    from ragstack.tokenization.generation import GeneratorTokenizer
 
     tok = GeneratorTokenizer(tiny_models / "generate")
     ids = tok.prompt_ids("What does the server return?")
@@ -155,7 +155,7 @@ def reference_engine(tiny_models):
     """The tiny generator in this process, for the plain reference decode (its batcher is not used)."""
     import torch
 
-    from ragstack.generation import InflightBatchingEngine
+    from ragstack.engines.generation import InflightBatchingEngine
 
     torch.set_num_threads(2)   # as the served instance (num_threads 2): the same kernels' reduction order
     eng = InflightBatchingEngine(tiny_models / "generate", max_batch_size=1)
@@ -168,7 +168,7 @@ def test_served_guided_tokens_equal_the_plain_reference_at_c1_and_c8(server, tin
     in one batch) gives exactly the tokens of a one-token-at-a-time guided decode."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ragstack.chat import GeneratorTokenizer
+    from ragstack.tokenization.generation import GeneratorTokenizer
     from tests.guided_reference import reference_guided_greedy
 
     tok = GeneratorTokenizer(tiny_models / "generate")

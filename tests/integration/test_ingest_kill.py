@@ -28,7 +28,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess
+from ragstack_dev.server import ROOT, TritonProcess
 from tests.integration.helpers import infer, strings
 
 pytestmark = pytest.mark.integration

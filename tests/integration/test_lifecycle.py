@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ragstack import client_io
-from ragstack.contracts import bytes_array
-from ragstack.events import OBSERVABILITY_ALERT, ROLLBACK_COMPLETED, read_events
+from ragstack.contracts import client as client_io
+from ragstack.contracts.tensors import bytes_array
+from ragstack.governance.events import OBSERVABILITY_ALERT, ROLLBACK_COMPLETED, read_events
 from ragstack.lifecycle.client import ManagerClient
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess, access_keys
+from ragstack_dev.server import ROOT, TritonProcess, access_keys
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +39,9 @@ PROBE_MODEL = '''
 import json, time
 import numpy as np
 import triton_python_backend_utils as pb
-from ragstack.access import child_parameters
+from ragstack.governance.access import child_parameters
 from ragstack.lifecycle.bls_client import call_with_lease
-from ragstack.trtllm_io import generate_inputs
+from ragstack.contracts.trtllm import generate_inputs
 
 IDS = np.array([[5, 6, 7, 8]], dtype=np.int32)
 

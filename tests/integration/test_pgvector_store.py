@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from ragstack.server import ROOT, TritonProcess
+from ragstack_dev.server import ROOT, TritonProcess
 from tests.integration.helpers import infer
 
 pytestmark = pytest.mark.integration

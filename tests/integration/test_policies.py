@@ -110,7 +110,7 @@ def test_metrics_move_by_the_right_amounts(server, http, identity):
 
 
 def test_cost_uses_the_manifest_prices(http, identity, tiny_models):
-    from ragstack.manifest import read_manifest
+    from ragstack.governance.manifest import read_manifest
 
     prices = read_manifest(tiny_models / "generate").pricing
     usage = ask(("http", http), identity)["usage"]
@@ -120,7 +120,7 @@ def test_cost_uses_the_manifest_prices(http, identity, tiny_models):
 
 
 def test_stages_are_traced_as_child_spans(http, identity, data_dir, corpus):
-    from ragstack.tracing import build_spans, load_records, walk
+    from ragstack.triton.tracing import build_spans, load_records, walk
 
     ask(("http", http), identity, documents=None, collection="corpus")
     deadline, stages = time.time() + 10, set()

@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from ragstack import priority as P
-from ragstack.adaptive import parse_prometheus
-from ragstack.server import ROOT
+from ragstack.governance import priority as P
+from ragstack.governance.adaptive import parse_prometheus
+from ragstack_dev.server import ROOT
 from tests.integration.conftest import CORPUS, ingest, private_server
 from tests.integration.helpers import admin_headers, generate_json, infer, make_input, strings, wire_headers
 
@@ -45,7 +45,7 @@ def phttp(prio_server):
 
 @pytest.fixture(scope="module")
 def identity(tiny_models):
-    from ragstack.manifest import read_manifest
+    from ragstack.governance.manifest import read_manifest
 
     return read_manifest(tiny_models / "generate").headers()
 
@@ -74,7 +74,7 @@ def rag(phttp, identity, query, task="generate_json", headers=None):
 
 def operator() -> dict:
     """gRPC metadata with the operator's key and the internal proof: engines are internal to the server and ingest
-    needs a writer key (ragstack.access)."""
+    needs a writer key (ragstack.governance.access)."""
     return wire_headers("grpc", None)
 
 
@@ -82,7 +82,7 @@ def operator() -> dict:
 def test_priority_settings_read_back_over_http(prio_server):
     def config(model):
         req = urllib.request.Request(f"http://{prio_server.http_url}/v2/models/{model}/config",
-                                     headers=admin_headers())              # a restricted API (ragstack.access)
+                                     headers=admin_headers())              # a restricted API (ragstack.governance.access)
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read())["dynamic_batching"]
 

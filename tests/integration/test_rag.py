@@ -242,7 +242,7 @@ def quote_server(tiny_models, tmp_path_factory):
     """A server whose quote task never abstains and lets the generator write its quotes: the tiny reranker's
     scores sit below the configured threshold, so on the session server every quote request abstains."""
     from tests.integration.conftest import private_server
-    from ragstack.server import ROOT
+    from ragstack_dev.server import ROOT
 
     policy = json.loads((ROOT / "config" / "runtime_policy.json").read_text())
     policy["tasks"]["quote"].update(abstain_below_rerank=None, quote_select="generate", quote_candidates=4,
@@ -282,8 +282,8 @@ def test_the_policy_hybrid_search_is_what_rag_uses(http, identity):
     list, w >= 1 its weight, on top of its dense share; any other document has at most the dense list's 1/61),
     and usage names the mode.
     A dense search on the tiny models' random embeddings would get all eight right with odds of 8**-8."""
-    from ragstack.policy import RuntimePolicy
-    from ragstack.server import ROOT
+    from ragstack.governance.policy import RuntimePolicy
+    from ragstack_dev.server import ROOT
 
     policy = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
     hybrid = [t for t in policy.task_names if policy.task(t).search.mode == "hybrid"]

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from ragstack.lifecycle.client import ManagerClient
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.server import ROOT, TritonProcess, access_keys
+from ragstack_dev.server import ROOT, TritonProcess, access_keys
 from tests.integration.conftest import CORPUS, ingest
 from tests.integration.helpers import infer, stream, strings
 

@@ -3,7 +3,7 @@ on one embedded Postgres + pgvector over loopback TCP, behind haproxy from Debia
 
 One module-scoped deployment, four tests in order: shared store (ingest through the balancer, query each replica
 and the balancer), access control through the balancer, the same document ingested through both replicas at once,
-kill -9 of one replica under load. Keys (ragstack.access): the replicas share this process's keys and internal
+kill -9 of one replica under load. Keys (ragstack.governance.access): the replicas share this process's keys and internal
 secret; requests send the operator's headers (admin key + internal proof) unless SCALE_OUT_HEADERS (JSON) says
 otherwise; SCALE_OUT_REPLICA_ENV (JSON) is added to each replica's environment."""
 import json
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tritonclient.http as httpclient
 
-from ragstack import scaleout as so
+from ragstack_dev import scaleout as so
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def test_access_control_holds_through_the_balancer(deployment):
     """haproxy passes the key headers on unchanged: each replica checks them as if called directly."""
     from tritonclient.utils import InferenceServerException
 
-    from ragstack.server import access_keys
+    from ragstack_dev.server import access_keys
 
     c = clients(deployment)
     for name in ("lb", "r1", "r2"):

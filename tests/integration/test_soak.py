@@ -1,6 +1,6 @@
 """Issue 11's soak, short: mixed load against a server of its own; no stub death, no 5xx, nothing hung.
 
-The core of benchmarks/soak.py (ragstack/soak.py) for SOAK_TEST_SECONDS (default 180) at SOAK_TEST_CLIENTS
+The core of benchmarks/soak.py (ragstack_dev/soak.py) for SOAK_TEST_SECONDS (default 180) at SOAK_TEST_CLIENTS
 (default 4) clients, against its own tritonserver on the tiny models (the session `server` is left alone: a stub
 death here must not take the other tests down with it). The RSS growth criterion is reported, not asserted: a
 few minutes on a shared machine are too short for it; benchmarks/soak.py measures it over 30 minutes.
@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from ragstack.server import access_keys
-from ragstack.soak import SoakConfig, run_soak
+from ragstack_dev.server import access_keys
+from ragstack_dev.soak import SoakConfig, run_soak
 from tests.integration.conftest import CORPUS, ingest, private_server
 
 pytestmark = pytest.mark.integration

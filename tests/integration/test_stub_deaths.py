@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from ragstack.lifecycle.procmem import stub_processes
-from ragstack.soak import pid_alive
+from ragstack_dev.soak import pid_alive
 from tests.integration.conftest import CORPUS, private_server
 from tests.integration.helpers import infer, stream, strings
 
@@ -36,7 +36,7 @@ def srv(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def identity_headers(tiny_models):
-    from ragstack.manifest import read_manifest
+    from ragstack.governance.manifest import read_manifest
 
     return read_manifest(tiny_models / "generate").headers()
 
@@ -213,7 +213,7 @@ STUB_EXIT_LIMIT_S = 15.0      # ragstack's exit_with_server: 1 s checks + 5 s gr
 def test_no_stub_outlives_a_killed_server(srv, corpus_ingested, identity_headers):
     """kill -9 of tritonserver itself under streaming traffic: every stub is gone within seconds. Triton 2.51's
     own check deadlocks when the server dies during a stub-to-parent round trip (is_cancelled(), a send), and
-    such a stub lived on holding its memory; ragstack.triton_adapter.exit_with_server ends it. Last in this
+    such a stub lived on holding its memory; ragstack.triton.adapter.exit_with_server ends it. Last in this
     module: it kills the module's server."""
     server_pid = srv.proc.pid
     stubs = stub_processes(server_pid)

@@ -30,19 +30,19 @@ ran = None
 if len(sys.argv) > 3:
     folder, ran = Path(sys.argv[3]), sys.argv[4]
     if ran == "embed":
-        from ragstack.chunking import chunk_text
-        from ragstack.text import EmbedTokenizer
+        from ragstack.pipeline.chunking import chunk_text
+        from ragstack.tokenization.retrieval import EmbedTokenizer
 
         tok = EmbedTokenizer(folder)
         tok.encode(["Triton serves the engines", "a second, longer document"], "document")
         tok.encode(["what serves the engines?"], "query")
         assert chunk_text("# Title\n\nSome text about engines. " * 40, tok, 32, 4)
     elif ran == "rerank":
-        from ragstack.text import RerankTokenizer
+        from ragstack.tokenization.retrieval import RerankTokenizer
 
         RerankTokenizer(folder).encode_pairs("what serves?", ["Triton.", "Bananas."])
     elif ran == "generate":
-        from ragstack.chat import GeneratorTokenizer
+        from ragstack.tokenization.generation import GeneratorTokenizer
 
         gen = GeneratorTokenizer(folder)
         ids = gen.prompt_ids("Name a colour.", system="Answer in JSON.")

@@ -26,7 +26,7 @@ for path in model_files:
 print(f"imported {len(model_files)} model files")
 
 # 2. embed_text / ingest / rerank_text: tokenizers of the engine folders
-from ragstack.text import EmbedTokenizer, RerankTokenizer  # noqa: E402
+from ragstack.tokenization.retrieval import EmbedTokenizer, RerankTokenizer  # noqa: E402
 
 ids, mask = EmbedTokenizer(MODELS / "embed").encode(["Triton serves the engines"], "document")[:2]
 assert len(ids) == 1
@@ -34,7 +34,7 @@ pairs = RerankTokenizer(MODELS / "rerank").encode_pairs("what serves?", ["Triton
 assert len(pairs[0]) == 2
 
 # 3. generate_text / orchestrators: the chat template (rendered with jinja2) and detokenizing
-from ragstack.chat import GeneratorTokenizer  # noqa: E402
+from ragstack.tokenization.generation import GeneratorTokenizer  # noqa: E402
 
 gen = GeneratorTokenizer(MODELS / "generate")
 prompt = gen.prompt_ids("Name a colour.", system="Answer in JSON.")
@@ -46,7 +46,7 @@ detok.flush()
 assert not {"torch", "transformers"} & set(sys.modules), sorted({"torch", "transformers"} & set(sys.modules))
 
 # 4. rag: JSON Schema validation of answers
-from ragstack import rag  # noqa: E402
+from ragstack.pipeline import rag  # noqa: E402
 
 schema = rag.parse_schema(json.dumps({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}))
 assert list(rag._validator(json.dumps(schema, sort_keys=True)).iter_errors({"a": 1}))
@@ -70,7 +70,7 @@ with tempfile.TemporaryDirectory() as scratch:
     FlatFileStore(Path(scratch))
 
 # 7. the plan models' adapter (the container provides tensorrt and torch; this env must not need them to import)
-from ragstack.trt_plan import check_tensorrt_version  # noqa: E402
+from ragstack.engines.trt_plan import check_tensorrt_version  # noqa: E402
 
 check_tensorrt_version("10.11.0", "10.11.0.33")
 print("every Python model's core path ran")

@@ -2,7 +2,7 @@
 tensors, responses, errors, requests carrying this server's internal proof, and BLS calls answered by a function."""
 import json
 
-from ragstack.access import child_parameters
+from ragstack.governance.access import child_parameters
 
 
 class Tensor:

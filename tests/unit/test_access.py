@@ -1,10 +1,10 @@
-"""ragstack.access: roles, constant-time key checks, key files re-read on change, the internal proof."""
+"""ragstack.governance.access: roles, constant-time key checks, key files re-read on change, the internal proof."""
 import os
 
 import pytest
 
-from ragstack import access
-from ragstack.access import KEY_HEADER, INTERNAL_HEADER, KeyStore, PermissionDenied
+from ragstack.governance import access
+from ragstack.governance.access import KEY_HEADER, INTERNAL_HEADER, KeyStore, PermissionDenied
 
 
 def test_roles_and_rotation(tmp_path):
@@ -57,7 +57,7 @@ def test_internal_proof(tmp_path, monkeypatch):
 
 
 def test_denial_is_a_client_error():
-    from ragstack import triton_adapter as ta
+    from ragstack.triton import adapter as ta
 
     class PB:
         class TritonError:
@@ -78,21 +78,21 @@ def test_denial_is_a_client_error():
 # client, so this list must name every Python-backend model folder. (module or model file, what it must call)
 CHECKS = {
     "bls_models/docling": ("bls_models/docling/1/model.py", "access.require_internal("),
-    "bls_models/embed_text": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "bls_models/embed_text": ("ragstack/triton/adapter.py", "require_internal(request.parameters()"),
     "bls_models/rerank_text": ("bls_models/rerank_text/1/model.py", "access.require_internal("),
     "bls_models/generate_text": ("bls_models/generate_text/1/model.py", "access.require_internal("),
     "bls_models/vector_index": ("bls_models/vector_index/1/model.py", "access.require_internal("),
     "bls_models/ingest": ("bls_models/ingest/1/model.py", 'access.require_role(request.parameters(), "writer"'),
     "bls_models/model_manager": ("bls_models/model_manager/1/model.py", 'access.require_role(request.parameters(), "admin"'),
-    "bls_models/rag_orchestrator": ("ragstack/orchestrator.py", 'access.require_role(request.parameters(), "reader"'),
-    "bls_models/rag_stream_orchestrator": ("ragstack/orchestrator.py",
+    "bls_models/rag_orchestrator": ("ragstack/triton/orchestrator.py", 'access.require_role(request.parameters(), "reader"'),
+    "bls_models/rag_stream_orchestrator": ("ragstack/triton/orchestrator.py",
                                            'access.require_role(request.parameters(), "reader"'),
-    "model_repository/reference/embed": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
-    "model_repository/reference/rerank": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "model_repository/reference/embed": ("ragstack/triton/adapter.py", "require_internal(request.parameters()"),
+    "model_repository/reference/rerank": ("ragstack/triton/adapter.py", "require_internal(request.parameters()"),
     "model_repository/reference/generate": ("model_repository/reference/generate/1/model.py",
                                             "access.require_internal("),
-    "model_repository/trtllm/embed": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
-    "model_repository/trtllm/rerank": ("ragstack/triton_adapter.py", "require_internal(request.parameters()"),
+    "model_repository/trtllm/embed": ("ragstack/triton/adapter.py", "require_internal(request.parameters()"),
+    "model_repository/trtllm/rerank": ("ragstack/triton/adapter.py", "require_internal(request.parameters()"),
 }
 # The models that reach their check through shared code, and the call that leads there.
 VIA = {"bls_models/rag_orchestrator": "OrchestratorModel", "bls_models/rag_stream_orchestrator": "OrchestratorModel",
@@ -113,6 +113,6 @@ def test_every_python_model_checks_access():
         assert call in (root / source).read_text(), (model, source, call)
         if model in VIA:
             assert VIA[model] in (root / model / "1" / "model.py").read_text(), model
-    assert "ta.execute_token_batch(" in (root / "ragstack" / "trt_plan.py").read_text()
+    assert "ta.execute_token_batch(" in (root / "ragstack" / "engines" / "trt_plan.py").read_text()
     # model_manager's loader (a model it creates from a file override) checks the proof inline
     assert "_check_internal(request)" in (root / "bls_models" / "model_manager" / "loader.py").read_text()

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ragstack.adaptive import (LADDERS, Controller, Rung, Sample, buckets, config_override, histogram_p95,
+from ragstack.governance.adaptive import (LADDERS, Controller, Rung, Sample, buckets, config_override, histogram_p95,
                                parse_prometheus, value)
 
 

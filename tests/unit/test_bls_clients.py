@@ -1,4 +1,4 @@
-"""The BLS clients of ragstack.bls for the non-engine models: vector_index (index_op, search) and docling.
+"""The BLS clients of ragstack.triton.bls for the non-engine models: vector_index (index_op, search) and docling.
 
 A fake Python backend serves `vector_index` the way its model.py does (the tensors read through the contract,
 ``index_ops.handle`` over a real flat-file store), so a request the client builds wrongly fails here.
@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from ragstack import bls, contracts, index_ops
-from ragstack import triton_adapter as ta
+from ragstack.triton import bls
+from ragstack.contracts import tensors as contracts
+from ragstack.index import ops as index_ops
+from ragstack.triton import adapter as ta
 from ragstack.index import FlatFileStore
 from tests.unit.fake_pb import FakePb
 

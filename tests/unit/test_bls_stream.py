@@ -1,4 +1,4 @@
-"""Decoupled BLS streams end with Python holding the iterator's last reference (triton_adapter.bls_stream).
+"""Decoupled BLS streams end with Python holding the iterator's last reference (triton.adapter.bls_stream).
 
 The 24.10 Python backend erases its own reference to a finished stream's iterator on a C++ thread without the
 GIL; if that is the last reference, numpy arrays are freed without the GIL and the stub's heap is corrupted.
@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ragstack import triton_adapter as ta
+from ragstack.triton import adapter as ta
 
 
 class Recorder:

@@ -1,11 +1,11 @@
-"""ragstack.chunking: token-aware chunks that are exact substrings, fit the budget and cut at natural breaks."""
+"""ragstack.pipeline.chunking: token-aware chunks that are exact substrings, fit the budget and cut at natural breaks."""
 from pathlib import Path
 
 import pytest
 
-from ragstack.chunking import Chunk, chunk_text
-from ragstack.errors import InvalidInput
-from ragstack.text import EmbedTokenizer
+from ragstack.pipeline.chunking import Chunk, chunk_text
+from ragstack.contracts.errors import InvalidInput
+from ragstack.tokenization.retrieval import EmbedTokenizer
 
 TINY_EMBED = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny" / "embed"
 if not (TINY_EMBED / "engine.json").is_file():

@@ -1,4 +1,4 @@
-"""ragstack.client_io and Contract.input_arrays: client requests built from the tensor contracts, outputs read back."""
+"""ragstack.contracts.client and Contract.input_arrays: client requests built from the tensor contracts, outputs read back."""
 import json
 import types
 
@@ -7,7 +7,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from ragstack import client_io, contracts
+from ragstack.contracts import client as client_io
+from ragstack.contracts import tensors as contracts
 
 
 def _input(inputs, name):

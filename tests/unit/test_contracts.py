@@ -3,7 +3,7 @@ engine's config.pbtxt of BOTH profiles (reference: CPU engines; trtllm: TensorRT
 
 The tensors are found in the code, not listed here: every ``ta.bls_infer`` / ``ta.bls_stream`` call to an engine
 in ``bls_models/*/1/model.py`` and ``ragstack/`` is read with ``ast``. A dict literal gives the input names and
-dtypes (its ``.astype(np.<dtype>)``); inputs built by ``trtllm_io.generate_inputs`` are produced by calling it with
+dtypes (its ``.astype(np.<dtype>)``); inputs built by ``contracts.trtllm.generate_inputs`` are produced by calling it with
 every option set, which gives real arrays (names, dtypes, shapes); output names come from the list the call passes.
 """
 import ast
@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragstack import contracts, trtllm_io
-from ragstack.model_config import parse
+from ragstack.contracts import tensors as contracts
+from ragstack.contracts import trtllm as trtllm_io
+from ragstack.contracts.model_config import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ("reference", "trtllm")
-SOURCES = sorted(ROOT.glob("bls_models/*/1/model.py")) + sorted((ROOT / "ragstack").rglob("*.py"))
+SOURCES = sorted(ROOT.glob("bls_models/*/1/model.py")) + sorted((ROOT / "ragstack").rglob("*.py")) + sorted((ROOT / "ragstack_dev").rglob("*.py"))
 ENGINE_CALLS = ("bls_infer", "bls_stream")
 NP_TO_TRITON = {np.dtype(np.int32): "TYPE_INT32", np.dtype(np.int64): "TYPE_INT64", np.dtype(np.uint64): "TYPE_UINT64",
                 np.dtype(np.float32): "TYPE_FP32", np.dtype(np.bool_): "TYPE_BOOL", np.dtype(np.object_): "TYPE_STRING"}
@@ -129,9 +130,9 @@ def test_the_code_calls_every_engine():
 
 
 def test_engines_are_only_called_through_the_adapter():
-    """Otherwise a call would escape the scan: only ragstack/triton_adapter.py builds InferenceRequests."""
+    """Otherwise a call would escape the scan: only ragstack/triton/adapter.py builds InferenceRequests."""
     builders = [p.relative_to(ROOT).as_posix() for p in SOURCES if "InferenceRequest(" in p.read_text()]
-    assert builders == ["ragstack/triton_adapter.py"]
+    assert builders == ["ragstack/triton/adapter.py"]
 
 
 def test_a_misspelt_tensor_is_caught(tmp_path):
@@ -206,9 +207,9 @@ class _Request:
 def test_responses_carry_only_the_requested_outputs():
     """Triton 2.51's Python backend drops unrequested outputs without the GIL (a threaded stub then corrupts
     numpy reference counts and aborts the server), so the builders must not send them in the first place."""
-    from ragstack import contracts
-    from ragstack import triton_adapter as ta
-    from ragstack.trtllm_io import generate_outputs
+    from ragstack.contracts import tensors as contracts
+    from ragstack.triton import adapter as ta
+    from ragstack.contracts.trtllm import generate_outputs
 
     values = generate_outputs([5, 6, 7], num_input_tokens=4, num_output_tokens=3)
     assert {"batch_index", "num_input_tokens"} <= set(values)
@@ -223,7 +224,7 @@ def test_responses_carry_only_the_requested_outputs():
 
 
 # --------------------------------------------------------------------------- return_perf_metrics (issue 13)
-# The outputs the pinned backend (TensorRT-LLM v1.0.0, ragstack.contracts.TRTLLM_VERSION) adds to a response when
+# The outputs the pinned backend (TensorRT-LLM v1.0.0, ragstack.contracts.tensors.TRTLLM_VERSION) adds to a response when
 # a request sets return_perf_metrics, with their dtypes. Source: NVIDIA/TensorRT-LLM triton_backend/docs/
 # model_config.md ("Common Outputs": each says "Set the optional input `return_perf_metrics` to `true` to include
 # ... in the outputs") and the dtypes of triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt.
@@ -262,7 +263,7 @@ def test_both_generate_configs_declare_every_perf_metric_output(profile):
 
 def test_reference_engine_speaks_every_perf_metric_output():
     """The reference engine's responses carry the same perf outputs (and only what the caller requested)."""
-    from ragstack.generation.request import GenerationResult
+    from ragstack.engines.generation.request import GenerationResult
 
     result = GenerationResult(output_ids=[1, 2], finish_reason="stop", num_input_tokens=3, num_output_tokens=2)
     perf = {name: getattr(result, name) for name in contracts.PERF_METRIC_OUTPUTS}
@@ -271,7 +272,7 @@ def test_reference_engine_speaks_every_perf_metric_output():
         assert outputs[name].dtype == np.dtype(contracts.NP_DTYPES[dtype]) and outputs[name].shape == (1, 1), name
     assert outputs["acceptance_rate"][0, 0] == 0.0 and outputs["total_draft_tokens"][0, 0] == 0
 
-    from ragstack import triton_adapter as ta
+    from ragstack.triton import adapter as ta
 
     class _PB:
         class Tensor:

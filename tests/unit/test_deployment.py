@@ -14,9 +14,9 @@ import yaml
 
 from engine_builds import repository, trtllm
 from engine_builds.specs import model_set
-from ragstack import contracts
-from ragstack.manifest import TOKENIZER_INFO_FILE
-from ragstack.model_config import PROFILES, parse, targets
+from ragstack.contracts import tensors as contracts
+from ragstack.governance.manifest import TOKENIZER_INFO_FILE
+from ragstack.contracts.model_config import PROFILES, parse, targets
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "model_repository").glob("*/*/config.pbtxt"))

@@ -1,10 +1,10 @@
-"""ragstack/documents.py and file ingest in-process: type detection, refusals, structure-aware chunks, batching."""
+"""ragstack/pipeline/documents.py and file ingest in-process: type detection, refusals, structure-aware chunks, batching."""
 import numpy as np
 import pytest
 
-from ragstack import documents as dl
-from ragstack.errors import InvalidInput
-from ragstack.ingest import ingest, parse_documents
+from ragstack.pipeline import documents as dl
+from ragstack.contracts.errors import InvalidInput
+from ragstack.pipeline.ingest import ingest, parse_documents
 from tests import docgen
 
 
@@ -107,7 +107,7 @@ def test_batch_is_checked_before_anything_is_written_and_embedded_together():
         written.append((payload["doc_id"], len(vectors)))
         return {"status": "created"}
 
-    from ragstack.chunking import Chunk
+    from ragstack.pipeline.chunking import Chunk
     fake = lambda n: [Chunk(i, f"t{i}", 0, 1, 1, {}) for i in range(n)]  # noqa: E731
     import contextlib
 

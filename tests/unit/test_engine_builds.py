@@ -18,10 +18,11 @@ pytest.importorskip("onnxruntime")
 from engine_builds import onnx_export, tools, trtexec, trtllm  # noqa: E402
 from engine_builds.build import main as build_main  # noqa: E402
 from engine_builds.specs import load_spec, model_set, set_names, spec_names  # noqa: E402
-from ragstack import contracts  # noqa: E402
-from ragstack.engine_spec import EngineSpec  # noqa: E402
-from ragstack.engines import EmbeddingEngine, RerankEngine  # noqa: E402
-from ragstack.manifest import read_manifest, sha256_file, verify_manifest  # noqa: E402
+from ragstack.contracts import tensors as contracts  # noqa: E402
+from ragstack.governance.engine_spec import EngineSpec  # noqa: E402
+from ragstack.engines.embedding import EmbeddingEngine  # noqa: E402
+from ragstack.engines.reranking import RerankEngine  # noqa: E402
+from ragstack.governance.manifest import read_manifest, sha256_file, verify_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "build" / "models" / "tiny"
@@ -374,6 +375,6 @@ def test_trtllm_real_run_completes_the_engine_folder(tmp_path, monkeypatch):
     info = json.loads((out / "tokenizer_info.json").read_text())
     assert info["stop_token_ids"] == [EngineSpec.read(TINY / "generate").end_id]
     assert not (out.parent / ".generate-work").exists()
-    from ragstack.chat import GeneratorTokenizer        # the BLS side reads the folder as it is
+    from ragstack.tokenization.generation import GeneratorTokenizer        # the BLS side reads the folder as it is
 
     assert GeneratorTokenizer(out).end_id == EngineSpec.read(TINY / "generate").end_id

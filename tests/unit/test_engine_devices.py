@@ -15,11 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ragstack.engines import EmbeddingEngine, RerankEngine, resolve_device, resolve_dtype
-from ragstack.errors import InvalidInput
-from ragstack.generation import GenerationRequest, InflightBatchingEngine, guided
-from ragstack.generation.sampling import make_generator
-from ragstack.text import EmbedTokenizer, RerankTokenizer
+from ragstack.engines.embedding import EmbeddingEngine
+from ragstack.engines.reranking import RerankEngine
+from ragstack.engines.common import resolve_device, resolve_dtype
+from ragstack.contracts.errors import InvalidInput
+from ragstack.engines.generation import GenerationRequest, InflightBatchingEngine, guided
+from ragstack.engines.generation.sampling import make_generator
+from ragstack.tokenization.retrieval import EmbedTokenizer, RerankTokenizer
 
 TINY = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny"
 WAIT = 60

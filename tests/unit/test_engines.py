@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from ragstack.engines import EmbeddingEngine, RerankEngine
-from ragstack.errors import InvalidInput
-from ragstack.text import EmbedTokenizer, RerankTokenizer, pad_batch
+from ragstack.engines.embedding import EmbeddingEngine
+from ragstack.engines.reranking import RerankEngine
+from ragstack.contracts.errors import InvalidInput
+from ragstack.tokenization.retrieval import EmbedTokenizer, RerankTokenizer, pad_batch
 from tests.reference import (TASK, qwen3_embedding_ids, qwen3_rerank_ids, reference_embedding,
                              reference_yes_no)
 

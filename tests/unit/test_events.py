@@ -1,4 +1,4 @@
-"""ragstack.events: JSON-lines event log (threads and processes) and the readiness webhook (real receiver)."""
+"""ragstack.governance.events: JSON-lines event log (threads and processes) and the readiness webhook (real receiver)."""
 import http.server
 import json
 import logging
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from ragstack.events import (COST_BUDGET_EXCEEDED, EVENTS, OBSERVABILITY_ALERT, ROLLBACK_COMPLETED,
+from ragstack.governance.events import (COST_BUDGET_EXCEEDED, EVENTS, OBSERVABILITY_ALERT, ROLLBACK_COMPLETED,
                              TOKEN_BUDGET_OVERRUN, EventLog, read_events)
-from ragstack.policy import EventSettings
+from ragstack.governance.policy import EventSettings
 
 
 class Receiver:
@@ -151,7 +151,7 @@ def test_slow_webhook_never_blocks_and_timeouts_are_logged(tmp_path, caplog):
         for _ in range(3):
             log.emit(OBSERVABILITY_ALERT, metric="queue_delay_us", value=9000)
         assert time.perf_counter() - t0 < 0.5       # three posts would take 3 s inline
-        with caplog.at_level(logging.WARNING, logger="ragstack.events"):
+        with caplog.at_level(logging.WARNING, logger="ragstack.governance.events"):
             assert log.wait_idle(5)
         log.close()
         assert log.stats["post_failed"] == 3 and log.stats["written"] == 3
@@ -166,7 +166,7 @@ def test_dead_or_failing_webhook_is_logged_not_raised(tmp_path, caplog):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
     failing = Receiver(status=500)
     try:
-        with caplog.at_level(logging.WARNING, logger="ragstack.events"):
+        with caplog.at_level(logging.WARNING, logger="ragstack.governance.events"):
             for url in (dead, failing.url):
                 log = EventLog(tmp_path / "e.jsonl", webhook_url=url, webhook_timeout_s=1)
                 log.emit(ROLLBACK_COMPLETED, root_cause="test")

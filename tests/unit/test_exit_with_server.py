@@ -1,4 +1,4 @@
-"""A stub ends when the tritonserver that started it is gone (ragstack.triton_adapter.exit_with_server): the\nwatcher process is real, the 'server' and 'stub' are sleep processes."""
+"""A stub ends when the tritonserver that started it is gone (ragstack.triton.adapter.exit_with_server): the\nwatcher process is real, the 'server' and 'stub' are sleep processes."""
 import ast
 import subprocess
 import time
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstack import triton_adapter as ta
-from ragstack.soak import pid_alive
+from ragstack.triton import adapter as ta
+from ragstack_dev.soak import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def _calls_exit_with_server(tree) -> bool:
 
 def test_every_python_model_starts_the_guard_in_initialize():
     """Each model.py calls ta.exit_with_server() in initialize, or subclasses a core model whose initialize does."""
-    core = {"OrchestratorModel": ROOT / "ragstack" / "orchestrator.py"}
+    core = {"OrchestratorModel": ROOT / "ragstack" / "triton" / "orchestrator.py"}
     for name, path in core.items():
         tree = ast.parse(path.read_text())
         init = next(n for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == name

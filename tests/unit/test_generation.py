@@ -1,4 +1,4 @@
-"""ragstack.generation on the tiny random-weight Qwen3 generator: guides, validation, in-flight batching."""
+"""ragstack.engines.generation on the tiny random-weight Qwen3 generator: guides, validation, in-flight batching."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import xgrammar
 
-from ragstack.errors import InvalidInput
-from ragstack.generation import (GUIDE_TYPES, GenerationRequest, GuideCompiler, InflightBatchingEngine,
+from ragstack.contracts.errors import InvalidInput
+from ragstack.engines.generation import (GUIDE_TYPES, GenerationRequest, GuideCompiler, InflightBatchingEngine,
                                  decode_word_list, encode_word_list)
 from tests.guided_reference import reference_guided_greedy
 
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory) -> Path:
     built = REPO / "build" / "models" / "tiny" / "generate"
     if (built / "engine.json").is_file():
         return built
-    from ragstack.model_builders import build_tiny
+    from ragstack_dev.model_builders import build_tiny
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny") / "generate"
 
 
@@ -602,7 +602,7 @@ def test_guide_state_defers_its_mask_until_the_grammar_could_end(engine):
 
 def test_guided_masks_are_filled_on_the_grammar_thread_during_the_forward_pass(model_dir, prompts,
                                                                                 monkeypatch):
-    from ragstack.generation import guided as guided_module
+    from ragstack.engines.generation import guided as guided_module
 
     eng = InflightBatchingEngine(model_dir, max_batch_size=8)
     in_forward = threading.Event()

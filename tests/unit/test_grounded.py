@@ -8,9 +8,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ragstack import rag
-from ragstack.policy import RuntimePolicy
-from ragstack.server import ROOT
+from ragstack.pipeline import rag
+from ragstack.governance.policy import RuntimePolicy
+from ragstack_dev.server import ROOT
 
 CONFIGURED = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
 REPO = Path(__file__).resolve().parents[2]
@@ -232,11 +232,11 @@ def test_quote_task_checks_and_summarises_the_quotes():
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
-    from ragstack.generation import InflightBatchingEngine
+    from ragstack.engines.generation import InflightBatchingEngine
 
     built = REPO / "build" / "models" / "tiny" / "generate"
     if not (built / "engine.json").is_file():
-        from ragstack.model_builders import build_tiny
+        from ragstack_dev.model_builders import build_tiny
         built = build_tiny(tmp_path_factory.mktemp("models") / "tiny") / "generate"
     eng = InflightBatchingEngine(built, max_batch_size=4, cancel_poll_s=0.0)
     yield eng
@@ -247,7 +247,7 @@ def tiny_engine(tmp_path_factory):
 def test_quote_through_rag_on_the_tiny_generator_is_verbatim(tiny_engine, seed):
     """The random-weight generator under the quote EBNF (sampled, so each seed picks other spans): every quote
     is a substring of the context it cites, whatever the model prefers."""
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     tok = tiny_engine.tokenizer
 

@@ -1,4 +1,4 @@
-"""The scale-out balancer's health checks (ragstack/scaleout.py) in a real haproxy, against a stand-in replica:
+"""The scale-out balancer's health checks (ragstack_dev/scaleout.py) in a real haproxy, against a stand-in replica:
 a loopback HTTP server answering /v2/health/ready and a Triton-sized /metrics page. A dead Python stub
 (llm_model_stub_healthy 0, which Triton 2.51 does not reflect in /v2/health/ready) takes the replica out of the
 rotation and its reload brings it back; so does readiness going to 503."""
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from ragstack import scaleout as so
+from ragstack_dev import scaleout as so
 
 PADDING = "".join(f'nv_inference_count{{model="m{i}",version="1"}} {i}\n' for i in range(3000))  # ~130 kB
 

@@ -1,10 +1,10 @@
-"""ragstack.identity: X-Engine-Hash / X-Quantisation checks and header forwarding to BLS children."""
+"""ragstack.governance.identity: X-Engine-Hash / X-Quantisation checks and header forwarding to BLS children."""
 import json
 
 import pytest
 
-from ragstack.errors import InvalidInput
-from ragstack.identity import check_identity, forward_headers, request_headers
+from ragstack.contracts.errors import InvalidInput
+from ragstack.governance.identity import check_identity, forward_headers, request_headers
 
 ENGINE = {"engine_hash": "ab12cd34" * 8, "quantisation": "w4a8", "tokenizer_hash": "ignored"}
 SOURCE = "manifest build/engines/generate/manifest.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 from ragstack.index import FlatFileStore, VectorStore
 from ragstack.index import flatfile
 from ragstack.index.config import open_store, store_settings

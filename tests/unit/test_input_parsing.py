@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from ragstack import index_ops, ingest, json_input, rag
-from ragstack import triton_adapter as ta
-from ragstack.errors import InvalidInput
+from ragstack.index import ops as index_ops
+from ragstack.pipeline import ingest
+from ragstack.contracts import json_input
+from ragstack.pipeline import rag
+from ragstack.triton import adapter as ta
+from ragstack.contracts.errors import InvalidInput
 from ragstack.index import FlatFileStore
 from ragstack.lifecycle.canary import CanaryRouter
 from ragstack.lifecycle.service import ManagerService
@@ -246,7 +249,7 @@ def test_error_messages_that_echo_a_huge_input_are_cut():
 def test_output_tokens_of_a_streamed_final_response_without_a_new_token():
     """The reference engine's last streamed response may carry no token (output_ids [1, 1, 0]): generate_text
     with stream=true failed on it with 'cannot reshape array of size 0' (found by the fuzz test)."""
-    from ragstack.trtllm_io import generate_outputs, output_tokens
+    from ragstack.contracts.trtllm import generate_outputs, output_tokens
 
     assert output_tokens(generate_outputs([], num_input_tokens=3, num_output_tokens=5)) == []
     assert output_tokens(generate_outputs([7, 8], num_input_tokens=3, num_output_tokens=2)) == [7, 8]

@@ -143,7 +143,7 @@ def test_the_pieces_agree():
 
 def test_haproxy_config_of_the_scale_out_test_is_valid(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from ragstack import scaleout as so
+    from ragstack_dev import scaleout as so
     binary = so.haproxy_binary()
     if binary is None:
         pytest.skip("haproxy is not installed (tools/setup.sh installs the Debian package)")

@@ -1,4 +1,4 @@
-"""The BLS models' tokenizers (ragstack.fast_tokenizer, ragstack.chat_template) give exactly what transformers gives.
+"""The BLS models' tokenizers (ragstack.tokenization.fast_tokenizer, ragstack.tokenization.chat_template) give exactly what transformers gives.
 
 The runtime path uses the `tokenizers` library and jinja2 only; transformers stays in the dev venv as the reference.
 Every comparison runs on both model sets (tiny: byte-level BPE Qwen3-style; demo: BERT WordPiece + SmolLM2 BPE)."""
@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("transformers")
 from transformers import AutoTokenizer  # noqa: E402
 
-from ragstack import chat as chat_module  # noqa: E402
-from ragstack import chat_template  # noqa: E402
-from ragstack import text as text_module  # noqa: E402
-from ragstack.fast_tokenizer import FastTokenizer, shared_tokenizer  # noqa: E402
+from ragstack.tokenization import generation as chat_module  # noqa: E402
+from ragstack.tokenization import chat_template  # noqa: E402
+from ragstack.tokenization import retrieval as text_module  # noqa: E402
+from ragstack.tokenization.fast_tokenizer import FastTokenizer, shared_tokenizer  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[2] / "build" / "models"
 FOLDERS = [f"{s}/{k}" for s in ("tiny", "demo") for k in ("embed", "rerank", "generate")]

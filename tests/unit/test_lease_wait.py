@@ -1,7 +1,7 @@
 """acquire_lease: a load that failed because the server was not reachable yet is waited out, a real failure is not."""
 import pytest
 
-from ragstack.errors import Unavailable
+from ragstack.contracts.errors import Unavailable
 from ragstack.lifecycle.leasing import acquire_lease
 
 REFUSED = ("RuntimeError: failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:36029: "

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from ragstack.errors import InvalidInput
+from ragstack.contracts.errors import InvalidInput
 from ragstack.index import FlatFileStore
 from ragstack.index.lexical import Bm25Index, SearchSpec, fuse, minmax, rrf, tokenize, weighted
-from ragstack.policy import PolicyError, RuntimePolicy
+from ragstack.governance.policy import PolicyError, RuntimePolicy
 from tests.unit import test_index
 from tests.unit.test_index import DIM, ROOT, chunks, vecs
 

@@ -848,7 +848,7 @@ def test_service_ops_round_trip():
     svc.handle("unload", "embed", {})
     mgr.run_pending()
     assert mgr.status()["models"]["embed"]["state"] == UNLOADED
-    from ragstack.errors import InvalidInput
+    from ragstack.contracts.errors import InvalidInput
     with pytest.raises(InvalidInput):
         svc.handle("explode", None, {})
     with pytest.raises(InvalidInput):
@@ -892,7 +892,7 @@ class FakePb:
 
 
 def test_triton_sink_exports_the_catalogued_metrics_and_logs_events(tmp_path):
-    from ragstack.events import EventLog, read_events
+    from ragstack.governance.events import EventLog, read_events
     from ragstack.lifecycle.triton_io import TritonSink
 
     events = EventLog(tmp_path / "events.jsonl")
@@ -1025,7 +1025,7 @@ def test_configure_budget_auto_is_the_auto_budget():
 
 
 def test_engine_unavailable_is_unavailable_and_names_the_engine():
-    from ragstack.errors import Unavailable
+    from ragstack.contracts.errors import Unavailable
     from ragstack.lifecycle.leasing import EngineUnavailable, acquire_lease
 
     t = [0.0]
@@ -1042,7 +1042,7 @@ def test_engine_unavailable_is_unavailable_and_names_the_engine():
 def test_a_phase_holds_one_lease_for_all_its_calls(monkeypatch):
     """bls.phase: the embed calls of an ingest (256 texts each) reuse the phase's lease; outside it, each call
     takes its own."""
-    from ragstack import bls
+    from ragstack.triton import bls
 
     answers = {"acquire": {"status": "ready", "lease": "embed-1", "version": 3}, "release": {"released": True}}
     _, pb, calls = _lease_module(monkeypatch, answers)

@@ -13,7 +13,7 @@ def test_ruff_finds_nothing():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
     if ruff is None:
         pytest.skip("ruff not installed (tools/setup.sh installs it)")
-    paths = ["ragstack", "tools", "bls_models", "model_repository", "tests", "engine_builds", "benchmarks",
+    paths = ["ragstack", "ragstack_dev", "tools", "bls_models", "model_repository", "tests", "engine_builds", "benchmarks",
              "monitoring"]
     result = subprocess.run([ruff, "check", "--select", "F,E9", "--no-cache", *paths], cwd=ROOT,
                             capture_output=True, text=True)
@@ -27,7 +27,7 @@ def test_no_code_points_to_design_documents_outside_the_repository():
 
     pattern = re.compile(r"\b[Ss]pecs? 00\d|\bspec-00\d|\bModule \d\b")
     found = []
-    for top in ("ragstack", "tools", "bls_models", "model_repository", "tests", "engine_builds", "benchmarks",
+    for top in ("ragstack", "ragstack_dev", "tools", "bls_models", "model_repository", "tests", "engine_builds", "benchmarks",
                 "monitoring"):
         for path in (ROOT / top).rglob("*.py"):
             for n, line in enumerate(path.read_text().splitlines(), 1):

@@ -1,4 +1,4 @@
-"""ragstack.loopback.stream (the pipeline's decoupled child calls over the server's own gRPC endpoint) against a
+"""ragstack.triton.loopback.stream (the pipeline's decoupled child calls over the server's own gRPC endpoint) against a
 fake tritonclient.grpc client that calls back the way the real one does (keyword arguments, from its own thread)."""
 import threading
 
@@ -7,8 +7,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from ragstack import access, loopback
-from ragstack.errors import InvalidInput, Unavailable
+from ragstack.governance import access
+from ragstack.triton import loopback
+from ragstack.contracts.errors import InvalidInput, Unavailable
 
 
 class _Flag:
@@ -124,7 +125,7 @@ def test_silence_past_the_timeout_is_unavailable(fake):
 
 
 def test_only_a_traced_child_with_tracing_on_keeps_the_bls_path(monkeypatch):
-    from ragstack import triton_adapter as ta
+    from ragstack.triton import adapter as ta
 
     traced, untraced = ta.Hop({}, trace=object()), ta.Hop({})
     monkeypatch.delenv(ta.TRACE_ENV, raising=False)

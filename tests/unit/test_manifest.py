@@ -1,4 +1,4 @@
-"""ragstack.manifest: real hashes of real files, and every change to a file shows in the manifest."""
+"""ragstack.governance.manifest: real hashes of real files, and every change to a file shows in the manifest."""
 import hashlib
 import json
 import shutil
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ragstack.manifest import (MANIFEST_FILE, build_manifest, combined_hash, engine_files, read_manifest,
+from ragstack.governance.manifest import (MANIFEST_FILE, build_manifest, combined_hash, engine_files, read_manifest,
                                sha256_file, tokenizer_hash, update_manifest, verify_manifest, write_manifest)
 
 TINY = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny"

@@ -1,10 +1,10 @@
-"""Every config.pbtxt (and the README.md next to it) is generated from ragstack/contracts.py and parses as Triton's
+"""Every config.pbtxt (and the README.md next to it) is generated from ragstack/contracts/tensors.py and parses as Triton's
 ModelConfig."""
 import pytest
 
-from ragstack import contracts
-from ragstack.model_config import BLS, PROFILES, all_targets, parse, render, targets
-from ragstack.server import ROOT
+from ragstack.contracts import tensors as contracts
+from ragstack.contracts.model_config import BLS, PROFILES, all_targets, parse, render, targets
+from ragstack_dev.server import ROOT
 
 
 def test_committed_configs_and_readmes_match_the_contracts():
@@ -68,7 +68,7 @@ def test_cpu_profile_batches_without_a_queue_window():
 def test_batching_needs_a_batch_dimension():
     import dataclasses
 
-    from ragstack.model_config import Batching
+    from ragstack.contracts.model_config import Batching
 
     unbatched = dataclasses.replace(BLS[1], batching=Batching((2,), 100))
     with pytest.raises(ValueError, match="max_batch_size"):

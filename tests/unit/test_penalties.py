@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ragstack.contracts import GENERATE
-from ragstack.errors import InvalidInput
-from ragstack.generation.sampling import (apply_penalties, check_penalty_params, has_penalties, suppress_end,
+from ragstack.contracts.tensors import GENERATE
+from ragstack.contracts.errors import InvalidInput
+from ragstack.engines.generation.sampling import (apply_penalties, check_penalty_params, has_penalties, suppress_end,
                                           token_counts)
-from ragstack.policy import RuntimePolicy
-from ragstack.trtllm_io import PENALTY_INPUTS, generate_inputs, parse_generate_inputs
+from ragstack.governance.policy import RuntimePolicy
+from ragstack.contracts.trtllm import PENALTY_INPUTS, generate_inputs, parse_generate_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 # vocab of 5; token 0 seen twice, token 1 once, tokens 2-4 never
@@ -115,11 +115,11 @@ def test_policy_penalties_per_task():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from ragstack.generation import InflightBatchingEngine
+    from ragstack.engines.generation import InflightBatchingEngine
 
     built = REPO / "build" / "models" / "tiny" / "generate"
     if not (built / "engine.json").is_file():
-        from ragstack.model_builders import build_tiny
+        from ragstack_dev.model_builders import build_tiny
         built = build_tiny(tmp_path_factory.mktemp("models") / "tiny") / "generate"
     eng = InflightBatchingEngine(built, max_batch_size=4, cancel_poll_s=0.0)
     yield eng
@@ -127,7 +127,7 @@ def engine(tmp_path_factory):
 
 
 def _run(engine, **kwargs):
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     req = GenerationRequest(input_ids=[5, 6, 7, 5], max_new_tokens=12, end_id=-1, temperature=0.0,
                             exclude_input_in_output=True, **kwargs)
@@ -137,7 +137,7 @@ def _run(engine, **kwargs):
 def test_engine_applies_penalties_per_request_in_one_batch(engine):
     """A strong presence penalty forbids any repeat (prompt or output) under greedy decoding, for the request
     that asks for it, while an unpenalised request in the same batch decodes as it does alone."""
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     plain_alone = _run(engine)
     reqs = [GenerationRequest(input_ids=[5, 6, 7, 5], max_new_tokens=12, end_id=-1, temperature=0.0,
@@ -152,7 +152,7 @@ def test_engine_applies_penalties_per_request_in_one_batch(engine):
 def test_engine_min_tokens_holds_off_the_end_token(engine):
     out = _run(engine)
     end = out[0]                        # make the first greedy token the "end": without min_tokens it stops at once
-    from ragstack.generation import GenerationRequest
+    from ragstack.engines.generation import GenerationRequest
 
     req = GenerationRequest(input_ids=[5, 6, 7, 5], max_new_tokens=12, end_id=end, temperature=0.0,
                             exclude_input_in_output=True)

@@ -1,4 +1,4 @@
-"""ragstack.policy: the policy file, task defaults, token/cost budgets and schema ids."""
+"""ragstack.governance.policy: the policy file, task defaults, token/cost budgets and schema ids."""
 import copy
 import json
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragstack.errors import InvalidInput
-from ragstack.policy import (COST_BUDGET_FLAG, TOKEN_BUDGET_FLAG, BudgetError, PolicyError, RuntimePolicy,
+from ragstack.contracts.errors import InvalidInput
+from ragstack.governance.policy import (COST_BUDGET_FLAG, TOKEN_BUDGET_FLAG, BudgetError, PolicyError, RuntimePolicy,
                              schema_id)
 
 POLICY_FILE = Path(__file__).resolve().parents[2] / "config" / "runtime_policy.json"

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from ragstack import priority as P
-from ragstack.errors import InvalidInput
-from ragstack.model_config import BLS, PROFILES, parse, render
-from ragstack.policy import PolicyError, RuntimePolicy
-from ragstack.server import ROOT
+from ragstack.governance import priority as P
+from ragstack.contracts.errors import InvalidInput
+from ragstack.contracts.model_config import BLS, PROFILES, parse, render
+from ragstack.governance.policy import PolicyError, RuntimePolicy
+from ragstack_dev.server import ROOT
 
 
 @pytest.mark.parametrize("value,level", [("urgent", 1), ("Background", 2), (" 2 ", 2), (1, 1), (None, None),
@@ -144,7 +144,7 @@ def test_requested_reads_x_priority_then_a_priority_parameter():
 
 
 def test_background_children_leave_the_bls_path_only_when_needed(monkeypatch):
-    from ragstack import triton_adapter as ta
+    from ragstack.triton import adapter as ta
 
     monkeypatch.setenv("TRITON_GRPC_PORT", "1")
     hop = ta.Hop({"x-priority": "background"})
@@ -158,9 +158,9 @@ def test_background_children_leave_the_bls_path_only_when_needed(monkeypatch):
 
 
 def test_queue_rejections_of_children_are_unavailable():
-    from ragstack import loopback
-    from ragstack import triton_adapter as ta
-    from ragstack.errors import Unavailable
+    from ragstack.triton import loopback
+    from ragstack.triton import adapter as ta
+    from ragstack.contracts.errors import Unavailable
     from tritonclient.utils import InferenceServerException
 
     e = ta.child_error("embed", "[request id: <id_unknown>] Exceeds maximum queue size")
@@ -173,7 +173,7 @@ def test_queue_rejections_of_children_are_unavailable():
 
 
 def test_background_work_retries_while_queues_are_full():
-    from ragstack.errors import Unavailable
+    from ragstack.contracts.errors import Unavailable
 
     calls, waits = [], []
 
@@ -204,7 +204,7 @@ def test_background_work_retries_while_queues_are_full():
 def test_activity_board_counts_urgent_requests_of_live_processes(tmp_path):
     import os
 
-    from ragstack.activity import ActivityBoard
+    from ragstack.triton.activity import ActivityBoard
 
     a, b = ActivityBoard(tmp_path, pid=os.getpid()), ActivityBoard(tmp_path, pid=os.getppid())
     assert a.in_flight() == 0
@@ -219,7 +219,7 @@ def test_activity_board_counts_urgent_requests_of_live_processes(tmp_path):
 
 
 def test_background_waits_for_quiet_at_most_its_bound(tmp_path):
-    from ragstack.activity import ActivityBoard
+    from ragstack.triton.activity import ActivityBoard
 
     board = ActivityBoard(tmp_path)
     now = [0.0]
@@ -234,7 +234,7 @@ def test_background_waits_for_quiet_at_most_its_bound(tmp_path):
 
 
 def test_priority_metrics_are_in_the_catalogue():
-    from ragstack.metrics import PRIORITY_FAMILIES
+    from ragstack.triton.metrics import PRIORITY_FAMILIES
 
     catalogue = {m["name"]: m for m in json.loads((ROOT / "monitoring" / "metrics.json").read_text())["metrics"]}
     for name, (kind, _, labels) in PRIORITY_FAMILIES.items():
@@ -242,7 +242,7 @@ def test_priority_metrics_are_in_the_catalogue():
 
 
 def test_engine_requests_are_counted_by_level():
-    from ragstack.metrics import PriorityMetrics
+    from ragstack.triton.metrics import PriorityMetrics
 
     class Metric:
         def __init__(self):

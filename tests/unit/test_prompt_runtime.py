@@ -1,4 +1,4 @@
-"""ragstack.prompt_runtime and tools/prompt_runtime_summary.py: the evaluation tool's manifests vs engine and
+"""ragstack.pipeline.prompt_runtime and tools/prompt_runtime_summary.py: the evaluation tool's manifests vs engine and
 policy."""
 import json
 import subprocess
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ragstack.policy import RuntimePolicy
-from ragstack.prompt_runtime import ManifestError, PromptRuntimeManager, format_summary, read_prompt_manifest
+from ragstack.governance.policy import RuntimePolicy
+from ragstack.pipeline.prompt_runtime import ManifestError, PromptRuntimeManager, format_summary, read_prompt_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "config" / "runtime_policy.json"

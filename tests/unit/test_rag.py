@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from ragstack import rag
-from ragstack.errors import InvalidInput
-from ragstack.policy import BudgetError, RuntimePolicy
-from ragstack.server import ROOT
+from ragstack.pipeline import rag
+from ragstack.contracts.errors import InvalidInput
+from ragstack.governance.policy import BudgetError, RuntimePolicy
+from ragstack_dev.server import ROOT
 
 CONFIGURED = RuntimePolicy.load(ROOT / "config" / "runtime_policy.json")
 
@@ -83,7 +83,7 @@ def test_the_task_search_spec_reaches_the_index_and_usage_names_it():
     import dataclasses
 
     from ragstack.index.lexical import SearchSpec
-    from ragstack.policy import RuntimePolicy
+    from ragstack.governance.policy import RuntimePolicy
 
     def with_search(spec):
         answer = dataclasses.replace(POLICY.task("answer"), search=spec, abstain_below_rerank=None)
@@ -227,7 +227,7 @@ def test_an_answer_with_a_lone_surrogate_escape_stays_sendable():
     encode, so the answer is sent ASCII-escaped (same JSON value) instead of failing the response."""
     import json as _json
 
-    from ragstack.rag import RagResult
+    from ragstack.pipeline.rag import RagResult
     answer = _json.loads('{"answer": "x\\ud800", "citations": []}')
     out = RagResult(answer=answer, contexts=[], usage={}).outputs()["answer"]
     out.encode("utf-8")
@@ -238,8 +238,8 @@ def test_an_answer_with_a_lone_surrogate_escape_stays_sendable():
 def test_the_fakes_and_the_orchestrators_engines_take_the_protocols_arguments():
     from types import SimpleNamespace
 
-    from ragstack.chat import GeneratorTokenizer
-    from ragstack.orchestrator import OrchestratorModel
+    from ragstack.tokenization.generation import GeneratorTokenizer
+    from ragstack.triton.orchestrator import OrchestratorModel
 
     rag.check_engines(fake_engines(HITS, [1.0], "{}")[0])
     tok = SimpleNamespace(count_prompt=GeneratorTokenizer.count_prompt.__get__(object()),

@@ -1,4 +1,4 @@
-"""ragstack.retrieval_eval: the metrics on hand-made rankings, the integrity of the bundled corpus and labelled set,
+"""ragstack_dev.retrieval_eval: the metrics on hand-made rankings, the integrity of the bundled corpus and labelled set,
 and the demo models' retrieval quality on that set."""
 import copy
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ragstack.retrieval_eval import (DEFAULT_EVAL, check_eval, evaluate, load_eval, misses, mrr, rank_in_process,
+from ragstack_dev.retrieval_eval import (DEFAULT_EVAL, check_eval, evaluate, load_eval, misses, mrr, rank_in_process,
                                      recall_at_k, reciprocal_rank)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -93,14 +93,14 @@ def test_readme_table_is_the_settings_object():
 # Reads of the environment outside ragstack/settings.py. Each has a reason to stay: a write, a client-side key
 # (what a client sends, not what the server accepts), the launcher's child environment, the self-contained loader.
 ALLOWED_ENV_READS = {
-    "ragstack/settings.py", "ragstack/documents.py", "ragstack/server.py", "ragstack/lifecycle/client.py",
+    "ragstack/settings.py", "ragstack/pipeline/documents.py", "ragstack_dev/server.py", "ragstack/lifecycle/client.py",
     "bls_models/model_manager/loader.py", "tools/rag_client.py",
 }
 
 
 def test_the_runtime_reads_the_environment_only_through_settings():
     found = set()
-    for top in ("ragstack", "bls_models", "model_repository", "tools"):
+    for top in ("ragstack", "ragstack_dev", "bls_models", "model_repository", "tools"):
         for path in (ROOT / top).rglob("*.py"):
             if re.search(r"os\.environ|os\.getenv|getenv\(", path.read_text()):
                 found.add(str(path.relative_to(ROOT)))
@@ -137,7 +137,7 @@ def test_python_m_settings_exits_2_on_a_bad_value():
 
 # ------------------------------------------------------------------------------------------ model_manager
 def test_manager_params_defaults_are_the_generated_config():
-    from ragstack.model_config import BLS
+    from ragstack.contracts.model_config import BLS
 
     deployment = next(d for d in BLS if d.contract.name == "model_manager")
     assert tuple(deployment.parameters) == rs.ManagerParams.config_parameters()

@@ -1,10 +1,10 @@
-"""The soak harness's bookkeeping (ragstack/soak.py) without a server: outcome classes, stub deaths, RSS growth."""
+"""The soak harness's bookkeeping (ragstack_dev/soak.py) without a server: outcome classes, stub deaths, RSS growth."""
 import socket
 
 from tritonclient.utils import InferenceServerException
 
-from ragstack import soak
-from ragstack.soak import SoakConfig, Sampler, classify_exception, classify_http
+from ragstack_dev import soak
+from ragstack_dev.soak import SoakConfig, Sampler, classify_exception, classify_http
 
 
 def test_http_statuses_map_to_classes():

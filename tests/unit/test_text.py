@@ -1,11 +1,11 @@
-"""ragstack.text: the ids the BLS models hand to the embed and rerank engines."""
+"""ragstack.tokenization.retrieval: the ids the BLS models hand to the embed and rerank engines."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ragstack.errors import InvalidInput
-from ragstack.text import (PAD_MULTIPLE, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX, EmbedTokenizer,
+from ragstack.contracts.errors import InvalidInput
+from ragstack.tokenization.retrieval import (PAD_MULTIPLE, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX, EmbedTokenizer,
                            RerankTokenizer, pad_batch)
 
 MODELS = Path(__file__).resolve().parents[2] / "build" / "models"

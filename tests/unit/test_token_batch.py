@@ -1,10 +1,10 @@
-"""triton_adapter.execute_token_batch: one engine call for a batch of requests, split back per request; the engines
+"""triton.adapter.execute_token_batch: one engine call for a batch of requests, split back per request; the engines
 read token tensors, embed_text tokenizes its texts through the same function (``read`` / ``outputs`` hooks)."""
 import numpy as np
 
-from ragstack import contracts
-from ragstack import triton_adapter as ta
-from ragstack.errors import InvalidInput, Unavailable
+from ragstack.contracts import tensors as contracts
+from ragstack.triton import adapter as ta
+from ragstack.contracts.errors import InvalidInput, Unavailable
 from tests.unit.fake_pb import FakePb, Request
 
 PB = FakePb()

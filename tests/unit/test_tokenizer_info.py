@@ -12,9 +12,9 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from engine_builds.build import main as build_main  # noqa: E402
 from engine_builds.tokenizer_info import (KEYS, read_tokenizer_info, runtime_tokenizer_info,  # noqa: E402
                                           tokenizer_info, write_tokenizer_info)
-from ragstack.generation.guided import control_token_ids  # noqa: E402
-from ragstack.generation.guided import tokenizer_info as guided_tokenizer_info  # noqa: E402
-from ragstack.manifest import read_manifest, sha256_file, update_manifest  # noqa: E402
+from ragstack.engines.generation.guided import control_token_ids  # noqa: E402
+from ragstack.engines.generation.guided import tokenizer_info as guided_tokenizer_info  # noqa: E402
+from ragstack.governance.manifest import read_manifest, sha256_file, update_manifest  # noqa: E402
 
 GENERATE = Path(__file__).resolve().parents[2] / "build" / "models" / "tiny" / "generate"
 if not (GENERATE / "engine.json").is_file():

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_MODULES = ("triton_python_backend_utils", "pb_utils")
-SCANNED = ("ragstack", "benchmarks", "tools", "engine_builds", "monitoring", "bls_models", "model_repository")
+SCANNED = ("ragstack", "ragstack_dev", "benchmarks", "tools", "engine_builds", "monitoring", "bls_models", "model_repository")
 # Not a model.py, yet run by Triton as one: model_manager creates the model_manager_loader model from this file at
 # run time (pb.load_model(..., files=...), ragstack/lifecycle/triton_io.py), so it needs pb of its own.
 ALLOWED = {"bls_models/model_manager/loader.py"}

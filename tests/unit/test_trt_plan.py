@@ -1,4 +1,4 @@
-"""The trtllm profile's plan runner (ragstack/trt_plan.py) against a fake of TensorRT 10's Python runtime, on CPU.
+"""The trtllm profile's plan runner (ragstack/engines/trt_plan.py) against a fake of TensorRT 10's Python runtime, on CPU.
 
 The fake keeps TensorRT's calling discipline: tensors are found by name (num_io_tensors / get_tensor_name /
 get_tensor_mode), input shapes must lie inside optimization profile 0 (set_input_shape returns False otherwise),
@@ -13,9 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from ragstack import contracts
-from ragstack.errors import InvalidInput
-from ragstack.trt_plan import HostDevice, PlanError, PlanRunner, TritonPlanModel, check_tensorrt_version
+from ragstack.contracts import tensors as contracts
+from ragstack.contracts.errors import InvalidInput
+from ragstack.engines.trt_plan import HostDevice, PlanError, PlanRunner, TritonPlanModel, check_tensorrt_version
 from tests.unit.fake_pb import FakePb, Request
 
 DIM = 6

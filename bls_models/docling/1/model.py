@@ -2,12 +2,14 @@
 
 Offline backends only (no model hub): DOCX, PPTX, XLSX, HTML, Markdown; PDF through NativePdfPipeline (the PDF's
 own text with page numbers, a font-height heading rule; no layout, table-structure or OCR model). Bad input (empty,
-unknown type, over 50 MB, encrypted or corrupt PDF) is INVALID_ARG; the stub stays up. See ragstack/documents.py.
+unknown type, over 50 MB, encrypted or corrupt PDF) is INVALID_ARG; the stub stays up. See ragstack/pipeline/documents.py.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import access, contracts, documents
-from ragstack import triton_adapter as ta
+from ragstack.governance import access
+from ragstack.contracts import tensors as contracts
+from ragstack.pipeline import documents
+from ragstack.triton import adapter as ta
 
 C = contracts.DOCLING
 

@@ -2,10 +2,11 @@
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import bls, contracts
-from ragstack import priority as prio
-from ragstack import triton_adapter as ta
-from ragstack.text import EmbedTokenizer
+from ragstack.triton import bls
+from ragstack.contracts import tensors as contracts
+from ragstack.governance import priority as prio
+from ragstack.triton import adapter as ta
+from ragstack.tokenization.retrieval import EmbedTokenizer
 
 C = contracts.EMBED_TEXT
 

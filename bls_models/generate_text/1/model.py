@@ -10,10 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import access, bls, contracts, settings
-from ragstack import priority as prio
-from ragstack import triton_adapter as ta
-from ragstack.chat import GeneratorTokenizer
+from ragstack import settings
+from ragstack.governance import access
+from ragstack.triton import bls
+from ragstack.contracts import tensors as contracts
+from ragstack.governance import priority as prio
+from ragstack.triton import adapter as ta
+from ragstack.tokenization.generation import GeneratorTokenizer
 
 C = contracts.GENERATE_TEXT
 FINAL = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

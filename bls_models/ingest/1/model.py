@@ -4,15 +4,18 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb
 
-from ragstack import access, bls, contracts, settings
-from ragstack import priority as prio
-from ragstack import triton_adapter as ta
-from ragstack.activity import ActivityBoard
-from ragstack.policy import RuntimePolicy
-from ragstack.chunking import chunk_text
-from ragstack.documents import from_json, structured_chunks
-from ragstack.ingest import ingest, parse_documents
-from ragstack.text import EmbedTokenizer
+from ragstack import settings
+from ragstack.governance import access
+from ragstack.triton import bls
+from ragstack.contracts import tensors as contracts
+from ragstack.governance import priority as prio
+from ragstack.triton import adapter as ta
+from ragstack.triton.activity import ActivityBoard
+from ragstack.governance.policy import RuntimePolicy
+from ragstack.pipeline.chunking import chunk_text
+from ragstack.pipeline.documents import from_json, structured_chunks
+from ragstack.pipeline.ingest import ingest, parse_documents
+from ragstack.tokenization.retrieval import EmbedTokenizer
 
 C = contracts.INGEST
 DEFAULT_OVERLAP = 32
@@ -57,7 +60,7 @@ class TritonPythonModel:
         overlap = int(ta.input_scalar(pb, request, C, "overlap_tokens", min(DEFAULT_OVERLAP, max_tokens // 4)))
 
         # Background by default (runtime policy): every child is queued at that level, and each embed batch waits
-        # first for urgent requests in flight to finish, at most background_max_yield_ms (ragstack/activity.py).
+        # first for urgent requests in flight to finish, at most background_max_yield_ms (ragstack/triton/activity.py).
         level = prio.for_request(request.parameters(), self.policy.ingest_priority)
         hop = ta.Hop.of(request, trace=False)     # as before: ingest's children are not traced
         hop.parameters = prio.with_level(hop.parameters, level)

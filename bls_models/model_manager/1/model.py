@@ -8,8 +8,10 @@ import json
 
 import triton_python_backend_utils as pb
 
-from ragstack import access, contracts, json_input
-from ragstack import triton_adapter as ta
+from ragstack.governance import access
+from ragstack.contracts import tensors as contracts
+from ragstack.contracts import json_input
+from ragstack.triton import adapter as ta
 from ragstack.lifecycle.triton_io import build_manager
 
 C = contracts.MODEL_MANAGER

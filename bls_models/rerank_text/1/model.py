@@ -1,10 +1,12 @@
 """rerank_text: a query and its candidate documents in, one relevance score per document out."""
 import triton_python_backend_utils as pb
 
-from ragstack import access, bls, contracts
-from ragstack import priority as prio
-from ragstack import triton_adapter as ta
-from ragstack.text import RerankTokenizer
+from ragstack.governance import access
+from ragstack.triton import bls
+from ragstack.contracts import tensors as contracts
+from ragstack.governance import priority as prio
+from ragstack.triton import adapter as ta
+from ragstack.tokenization.retrieval import RerankTokenizer
 
 C = contracts.RERANK_TEXT
 

@@ -3,8 +3,11 @@ import json
 
 import triton_python_backend_utils as pb
 
-from ragstack import access, contracts, index_ops, json_input
-from ragstack import triton_adapter as ta
+from ragstack.governance import access
+from ragstack.contracts import tensors as contracts
+from ragstack.index import ops as index_ops
+from ragstack.contracts import json_input
+from ragstack.triton import adapter as ta
 from ragstack.index.config import open_store
 
 C = contracts.VECTOR_INDEX

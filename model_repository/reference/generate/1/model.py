@@ -6,14 +6,16 @@ sender thread sends them.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import access, contracts, priority
-from ragstack import triton_adapter as ta
-from ragstack.engine_spec import EngineSpec
-from ragstack.identity import check_identity, request_headers
-from ragstack.manifest import MANIFEST_FILE, read_manifest
-from ragstack.metrics import PriorityMetrics
-from ragstack.generation import GenerationRequest, InflightBatchingEngine
-from ragstack.trtllm_io import generate_outputs, parse_generate_inputs
+from ragstack.governance import access
+from ragstack.contracts import tensors as contracts
+from ragstack.governance import priority
+from ragstack.triton import adapter as ta
+from ragstack.governance.engine_spec import EngineSpec
+from ragstack.governance.identity import check_identity, request_headers
+from ragstack.governance.manifest import MANIFEST_FILE, read_manifest
+from ragstack.triton.metrics import PriorityMetrics
+from ragstack.engines.generation import GenerationRequest, InflightBatchingEngine
+from ragstack.contracts.trtllm import generate_outputs, parse_generate_inputs
 
 FINAL = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 C = contracts.GENERATE

@@ -1,10 +1,10 @@
 """Reference rerank engine: the Qwen3-Reranker TensorRT plan's contract (yes/no score), on CPU."""
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
-from ragstack import triton_adapter as ta
+from ragstack.contracts import tensors as contracts
+from ragstack.triton import adapter as ta
 from ragstack.engines.reranking import RerankEngine
-from ragstack.metrics import PriorityMetrics
+from ragstack.triton.metrics import PriorityMetrics
 
 
 class TritonPythonModel:

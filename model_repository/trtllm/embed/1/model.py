@@ -1,13 +1,13 @@
-"""trtllm profile embed engine: the TensorRT plan run by the container's TensorRT Python runtime (ragstack/trt_plan.py).
+"""trtllm profile embed engine: the TensorRT plan run by the container's TensorRT Python runtime (ragstack/engines/trt_plan.py).
 
 The trtllm image has no tensorrt_plan platform, so this Python-backend model deserializes the plan itself and binds
-torch CUDA buffers; same tensors and dynamic batching as ragstack.contracts.EMBED.
+torch CUDA buffers; same tensors and dynamic batching as ragstack.contracts.tensors.EMBED.
 """
 import triton_python_backend_utils as pb
 
-from ragstack import contracts
-from ragstack import triton_adapter as ta
-from ragstack.trt_plan import TritonPlanModel
+from ragstack.contracts import tensors as contracts
+from ragstack.triton import adapter as ta
+from ragstack.engines.trt_plan import TritonPlanModel
 
 
 class TritonPythonModel:
