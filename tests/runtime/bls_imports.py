@@ -51,7 +51,7 @@ if len(sys.argv) > 3:
         detok.push(ids[:3])
         detok.flush()
     elif ran == "convert":
-        from ragstack.documents import Converter
+        from ragstack.pipeline.documents import Converter
         from tests import docgen
 
         converter = Converter()

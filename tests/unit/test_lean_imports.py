@@ -52,6 +52,6 @@ def test_stub_tokenization_loads_no_torch_or_transformers(model, what, model_set
 
 def test_docling_conversion_loads_no_torch_or_transformers():
     """The docling stub converts every format it serves without Docling's DocumentConverter (which imports torch
-    through its ASR pipeline): ragstack.documents.Converter runs the backends and pipelines itself."""
+    through its ASR pipeline): ragstack.pipeline.documents.Converter runs the backends and pipelines itself."""
     out = _run("docling", MODELS, "convert")
     assert out["ran"] == "convert" and "docling" in out["loaded"] and not FORBIDDEN & set(out["loaded"]), out
