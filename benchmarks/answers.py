@@ -41,7 +41,9 @@ best score when they separate, else the score that classifies most questions rig
 the same small set: the figure is optimistic for unseen questions.
 
   .venv/bin/python benchmarks/answers.py [--max-tokens 192] [--concurrency 4] [--limit N] [--calibrate]
-Writes results/answers.json.
+Writes results/answers.json. ``--eval-set data/answer_eval_heldout.json`` runs the held-out set instead: questions
+written after every threshold, weight and mode here was chosen on data/answer_eval.json, so its figures are not
+fitted (results/answers-heldout.json).
 """
 from __future__ import annotations
 
@@ -336,13 +338,16 @@ def main() -> None:
     ap.add_argument("--use-calibrated", action="store_true",
                     help="run the grounded modes at this run's calibrated threshold instead of the policy's")
     ap.add_argument("--no-calibration", action="store_true", help="do not record the calibration after the modes")
+    ap.add_argument("--eval-set", type=Path, default=EVAL,
+                    help="labelled questions (data/answer_eval_heldout.json: the held-out set, never used to tune)")
     ap.add_argument("--out", type=Path, default=RESULTS / "answers.json")
     args = ap.parse_args()
 
     unknown = [m for m in args.modes.split(",") if m not in MODES]
     if unknown:
         ap.error(f"unknown modes {unknown}; known: {', '.join(MODES)}")
-    items = json.loads(EVAL.read_text())["questions"]
+    eval_set = args.eval_set.resolve()
+    items = json.loads(eval_set.read_text())["questions"]
     if args.limit:
         items = [i for i in items if i["answerable"]][:args.limit] + [i for i in items if not i["answerable"]]
     t_start = time.perf_counter()
@@ -356,7 +361,8 @@ def main() -> None:
             "benchmark": "answers", "when": now_iso(), "complete": complete, "machine": machine_info(TORCH_THREADS),
             "path": "in-process pipeline (ragstack.pipeline.rag.run with in-process engines), not the served Triton path",
             "models": str(args.models.relative_to(ROOT)) if args.models.is_relative_to(ROOT) else str(args.models),
-            "eval_set": str(EVAL.relative_to(ROOT)), "max_tokens": args.max_tokens, "top_k": args.top_k,
+            "eval_set": str(eval_set.relative_to(ROOT)) if eval_set.is_relative_to(ROOT) else str(eval_set),
+            "max_tokens": args.max_tokens, "top_k": args.top_k,
             "top_n": args.top_n, "concurrency": args.concurrency, "modes_asked": args.modes.split(","),
             "calibration": cal, "threshold_used": threshold if threshold is not None else {
                 m: None if m == "answer_today" else pipe.policy.task(MODES[m][0]).abstain_below_rerank for m in modes},
