@@ -128,55 +128,48 @@ class Converter:
             from docling.backend.msexcel_backend import MsExcelDocumentBackend
             from docling.backend.mspowerpoint_backend import MsPowerpointDocumentBackend
             from docling.backend.msword_backend import MsWordDocumentBackend
-            from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions  # noqa: F401
-            from docling.datamodel.base_models import InputFormat
-            from docling.datamodel.document import InputDocument  # noqa: F401
+            from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions
+            from docling.datamodel.base_models import ConversionStatus, InputFormat
+            from docling.datamodel.document import InputDocument
             from docling.datamodel.pipeline_options import ConvertPipelineOptions, NativePdfPipelineOptions
             from docling.pipeline.native_pdf_pipeline import NativePdfPipeline
             from docling.pipeline.simple_pipeline import SimplePipeline
+            from docling_core.types.doc.page import TextCellUnit
 
-        self._pdf_options = NativePdfPipelineOptions(parser_threads=parser_threads, generate_page_images=False)
+        self._input_document = InputDocument
+        self._converted = (ConversionStatus.SUCCESS, ConversionStatus.PARTIAL_SUCCESS)
+        pdf_options = NativePdfPipelineOptions(parser_threads=parser_threads, generate_page_images=False)
+        # What NativePdfFormatOption derives once from the pipeline options for its docling-parse backend.
+        pdf_backend_options = ThreadedDoclingParseBackendOptions(
+            parser_threads=pdf_options.parser_threads, include_bitmap_images=pdf_options.generate_picture_images,
+            render_pages=pdf_options.generate_page_images, render_scale=pdf_options.images_scale)
+        pdf_backend_options._materialize_char_cells = pdf_options.text_cell_unit == TextCellUnit.CHAR
         declarative = SimplePipeline(pipeline_options=ConvertPipelineOptions())
-        pdf = NativePdfPipeline(pipeline_options=self._pdf_options)
-        # format -> (Docling's InputFormat, backend class, pipeline)
+        # format -> (Docling's InputFormat, backend class, its options, pipeline)
         self._formats = {
-            "pdf": (InputFormat.PDF, ThreadedDoclingParseDocumentBackend, pdf),
-            "docx": (InputFormat.DOCX, MsWordDocumentBackend, declarative),
-            "pptx": (InputFormat.PPTX, MsPowerpointDocumentBackend, declarative),
-            "xlsx": (InputFormat.XLSX, MsExcelDocumentBackend, declarative),
-            "html": (InputFormat.HTML, HTMLDocumentBackend, declarative),
-            "md": (InputFormat.MD, MarkdownDocumentBackend, declarative),
+            "pdf": (InputFormat.PDF, ThreadedDoclingParseDocumentBackend, pdf_backend_options,
+                    NativePdfPipeline(pipeline_options=pdf_options)),
+            "docx": (InputFormat.DOCX, MsWordDocumentBackend, None, declarative),
+            "pptx": (InputFormat.PPTX, MsPowerpointDocumentBackend, None, declarative),
+            "xlsx": (InputFormat.XLSX, MsExcelDocumentBackend, None, declarative),
+            "html": (InputFormat.HTML, HTMLDocumentBackend, None, declarative),
+            "md": (InputFormat.MD, MarkdownDocumentBackend, None, declarative),
         }
         self._lock = threading.Lock()
 
-    def _pdf_backend_options(self):
-        """What ``NativePdfFormatOption`` derives from the pipeline options for its docling-parse backend."""
-        from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions
-        from docling_core.types.doc.page import TextCellUnit
-
-        o = self._pdf_options
-        options = ThreadedDoclingParseBackendOptions(parser_threads=o.parser_threads,
-                                                     include_bitmap_images=o.generate_picture_images,
-                                                     render_pages=o.generate_page_images, render_scale=o.images_scale)
-        options._materialize_char_cells = o.text_cell_unit == TextCellUnit.CHAR
-        return options
-
     def convert(self, data: bytes, fmt: str, file_name: str = "document"):
         """bytes → DoclingDocument; InvalidInput when the file is refused or does not convert."""
-        from docling.datamodel.base_models import ConversionStatus
-        from docling.datamodel.document import InputDocument
-
         if fmt not in self._formats:
             raise InvalidInput(f"format {fmt!r} is not converted by Docling here")
         check_file(data, fmt, repr(file_name))
         stem = PurePath(file_name).stem or "document"
         suffix = FORMATS[fmt][0][0]
-        input_format, backend, pipeline = self._formats[fmt]
+        input_format, backend, backend_options, pipeline = self._formats[fmt]
         try:
             with self._lock:
-                source = InputDocument(path_or_stream=io.BytesIO(bytes(data)), format=input_format, backend=backend,
-                                       backend_options=self._pdf_backend_options() if fmt == "pdf" else None,
-                                       filename=f"{stem}{suffix}")
+                source = self._input_document(path_or_stream=io.BytesIO(bytes(data)), format=input_format,
+                                              backend=backend, backend_options=backend_options,
+                                              filename=f"{stem}{suffix}")
                 if not source.valid:
                     raise InvalidInput(f"{file_name!r} could not be converted as {fmt.upper()}: "
                                        f"Docling's {backend.__name__} does not accept it")
@@ -186,7 +179,7 @@ class Converter:
         except Exception as e:  # noqa: BLE001 - every backend raises its own kind for a broken file
             raise InvalidInput(f"{file_name!r} could not be converted as {fmt.upper()}: "
                                f"{type(e).__name__}: {str(e)[:300]}") from None
-        if result.status not in (ConversionStatus.SUCCESS, ConversionStatus.PARTIAL_SUCCESS):
+        if result.status not in self._converted:
             errors = "; ".join(e.error_message for e in result.errors)[:300] or result.status.value
             raise InvalidInput(f"{file_name!r} could not be converted as {fmt.upper()}: {errors}")
         doc = result.document
