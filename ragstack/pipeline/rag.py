@@ -524,9 +524,10 @@ def check_engines(engines: Engines) -> None:
     same, and run() does not pay for it per request."""
     import inspect
 
+    optional = {f.name for f in dataclasses.fields(Engines) if f.default is None}
     for name, protocol in ENGINE_PROTOCOLS.items():
         fn = getattr(engines, name)
-        if fn is None and name in ("prompt_limit", "count_texts"):
+        if fn is None and name in optional:
             continue
         if not callable(fn):
             raise TypeError(f"engine {name} is not callable: {fn!r}")
