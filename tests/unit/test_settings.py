@@ -73,6 +73,25 @@ def test_current_follows_the_environment(monkeypatch):
     assert first.lease_timeout_s == 7.0 and rs.current() is first        # built once while nothing changes
     monkeypatch.setenv("RAG_LEASE_TIMEOUT_S", "8")
     assert rs.current().lease_timeout_s == 8.0
+    monkeypatch.delenv("RAG_LEASE_TIMEOUT_S")
+    assert rs.current().lease_timeout_s == rs.Settings().lease_timeout_s
+
+
+def test_the_fast_snapshot_sees_every_variable(monkeypatch):
+    """current() reads os.environ's encoded dict directly: it must see what os.environ.get sees, for every
+    variable, set, changed and removed."""
+    def slow():
+        return tuple(os.environ.get(name) for name in rs.ENV_NAMES)
+
+    def fast():
+        return tuple(v if v is None or isinstance(v, str) else os.fsdecode(v) for v in rs._snapshot())
+    assert fast() == slow()
+    for i, name in enumerate(rs.ENV_NAMES):
+        monkeypatch.setenv(name, f"v{i}-\u00e9")
+        assert fast() == slow()
+    for name in rs.ENV_NAMES[::2]:
+        monkeypatch.delenv(name)
+    assert fast() == slow()
 
 
 def test_every_variable_is_documented_once():
