@@ -6,14 +6,17 @@ ingest's embed batches, the query's decode steps) and share the cores. So backgr
 each engine batch it waits, up to a bound, until no urgent request is in flight (:meth:`ActivityBoard.wait_quiet`).
 The bound keeps background work from starving: it always makes progress, at least one batch per bound.
 
-The board is one tiny file per process (the count of urgent requests that process has in flight) in a folder
-named after the server's PID (the stubs' parent), on tmpfs when there is one. Writing is an atomic rename; a
-reader sums the files of live processes (a stub that died leaves a file that is ignored and removed). Nothing
-here imports Triton.
+The board is one tiny file per process (the count of urgent requests that process has in flight, as fixed-width
+decimal text) in a folder named after the server's PID (the stubs' parent), on tmpfs when there is one. The
+process maps its file into memory once, so marking a request is a 12-byte store (no system call on the request's
+path: a write and a rename per begin and end cost ~0.2 ms each, measured in the orchestrator stub); a reader sums
+the files of live processes (a stub that died leaves a file that is ignored and removed). Nothing here imports
+Triton.
 """
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import threading
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 DIR_ENV = "RAG_ACTIVITY_DIR"
+WIDTH = 12          # digits of a count: a reader parses the file as text
 
 
 def default_root() -> Path:
@@ -52,12 +56,17 @@ class ActivityBoard:
         self._path = self.root / str(self.pid)
         self._lock = threading.Lock()
         self._count = 0
+        self._map: Optional[mmap.mmap] = None
 
     # ------------------------------------------------------------------------------------- urgent side
     def _write(self) -> None:
-        tmp = self.root / f".{self.pid}.{threading.get_ident()}"
-        tmp.write_text(str(self._count))
-        os.replace(tmp, self._path)
+        if self._map is None:       # first use: the file is created whole (a reader never sees it half-written)
+            tmp = self.root / f".{self.pid}.{threading.get_ident()}"
+            tmp.write_bytes(b"%0*d" % (WIDTH, 0))
+            os.replace(tmp, self._path)
+            with open(self._path, "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), WIDTH)
+        self._map[:WIDTH] = b"%0*d" % (WIDTH, self._count)
 
     def begin(self) -> None:
         with self._lock:
@@ -80,6 +89,10 @@ class ActivityBoard:
 
     def close(self) -> None:
         """This process is done: its entry goes (the folder stays; others may still use it)."""
+        with self._lock:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
         with contextlib.suppress(OSError):
             os.unlink(self._path)
 

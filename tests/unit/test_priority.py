@@ -214,6 +214,13 @@ def test_activity_board_counts_urgent_requests_of_live_processes(tmp_path):
         b.end()
         assert b.in_flight() == 1
     assert a.in_flight() == 0
+    path = tmp_path / str(os.getpid())
+    inode = path.stat().st_ino
+    a.begin()
+    assert path.read_text() == "000000000001" and path.stat().st_ino == inode   # a store into the mapped file
+    a.end()
+    a.close()
+    assert not path.exists() and a.in_flight() == 0
     (tmp_path / "999999999").write_text("3")                        # a stub that died with requests in flight
     assert a.in_flight() == 0 and not (tmp_path / "999999999").exists()
 
