@@ -9,14 +9,19 @@ is imported (tests/unit/test_lean_imports.py).
 """
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ragstack.governance.engine_spec import EngineSpec
 from ragstack.contracts.errors import InvalidInput
 from ragstack.tokenization.fast_tokenizer import shared_tokenizer
+
+log = logging.getLogger(__name__)
 
 INPUT_TYPES = ("query", "document")
 
@@ -28,7 +33,20 @@ QWEN3_RERANK_PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
     'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
 )
-QWEN3_RERANK_BODY = "<Instruct>: {task}\n<Query>: {query}\n<Document>: {doc}"
+# The body is the request's head (instruction and query) and the document, joined by the space before it: the head
+# ends in a punctuation run ("<Document>:") that a byte-level BPE pre-tokenizer closes before any space, so
+# tokenizing the two parts apart gives the ids of the whole (RerankTokenizer checks this when it loads).
+QWEN3_RERANK_HEAD = "<Instruct>: {task}\n<Query>: {query}\n<Document>:"
+QWEN3_RERANK_DOC = " {doc}"
+QWEN3_RERANK_BODY = QWEN3_RERANK_HEAD + QWEN3_RERANK_DOC
+# Documents whose token ids RerankTokenizer keeps (least recently used out first), counted in tokens: 4 bytes each.
+DOC_CACHE_TOKENS = 1 << 18
+# Starts of a document that a split could tokenize differently if the tokenizer's pre-tokenizer were not the
+# byte-level kind the split relies on: a tokenizer that gives any of them other ids apart than whole is
+# tokenized whole.
+SPLIT_PROBES = ("plain words", "Capital start", "  two spaces", " one space", "\nnewline first", "\ttab", "123 digits",
+                "'s contraction", "(parenthesis", ":colon", "-dash", "\u00e9t\u00e9 accents", "\u0301 combining",
+                "\U0001f642 emoji", "\u4e2d\u6587 CJK", "<|im_end|> special", "x", "\r\nCRLF", "...dots")
 QWEN3_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -148,11 +166,65 @@ class EmbedTokenizer:
         return len(ids) + (self.eos_id is not None)
 
 
-class RerankTokenizer:
-    """(query, document) pairs to token ids for a rerank engine folder, per its ``scoring``."""
+class TokenCache:
+    """Token ids of texts (int32 arrays), least recently used out first once more than ``max_tokens`` are held.
+    Thread-safe; ``encode(texts) -> [ids]`` runs outside the lock."""
 
-    def __init__(self, engine_dir: Path):
+    def __init__(self, encode: Callable[[list], list], max_tokens: int):
+        self.encode = encode
+        self.max_tokens = max_tokens
+        self.tokens = 0
+        self.hits = 0
+        self.misses = 0
+        self._ids: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def get(self, texts: Sequence[str]) -> list:
+        out: list = [None] * len(texts)
+        missing: dict = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                ids = self._ids.get(text)
+                if ids is None:
+                    missing.setdefault(text, []).append(i)
+                else:
+                    self._ids.move_to_end(text)
+                    out[i] = ids
+            self.hits += len(texts) - sum(map(len, missing.values()))
+            self.misses += len(missing)
+        if not missing:
+            return out
+        new = list(missing)
+        encoded = [np.asarray(ids, dtype=np.int32) for ids in self.encode(new)]
+        for text, ids in zip(new, encoded):
+            for i in missing[text]:
+                out[i] = ids
+        if self.max_tokens > 0:
+            with self._lock:
+                for text, ids in zip(new, encoded):
+                    if len(ids) > self.max_tokens or text in self._ids:
+                        continue
+                    self._ids[text] = ids
+                    self.tokens += len(ids)
+                while self.tokens > self.max_tokens:
+                    self.tokens -= len(self._ids.popitem(last=False)[1])
+        return out
+
+
+class RerankTokenizer:
+    """(query, document) pairs to token ids for a rerank engine folder, per its ``scoring``.
+
+    Qwen3 scoring tokenizes a request's head (instruction and query) once and each document on its own, keeping
+    the documents' ids (:class:`TokenCache`, up to ``doc_cache_tokens``): a document retrieved again costs no
+    tokenization. The ids are those of the whole prompt tokenized in one piece; the tokenizer is checked for
+    that when it loads (:data:`SPLIT_PROBES`), and tokenizes whole if it fails."""
+
+    def __init__(self, engine_dir: Path, doc_cache_tokens: int = DOC_CACHE_TOKENS):
         self.spec, self.tokenizer = load_tokenizer(engine_dir, "rerank")
+        self.split = False
         if self.spec.scoring == "qwen3_yes_no":
             self.prefix_ids = self._ids(QWEN3_RERANK_PREFIX)
             self.suffix_ids = self._ids(QWEN3_RERANK_SUFFIX)
@@ -160,28 +232,59 @@ class RerankTokenizer:
             if self.body_budget < 1:
                 raise ValueError(f"{engine_dir}: max_length {self.spec.max_length} leaves no room for the "
                                  "reranker prompt's body")
+            self.documents = TokenCache(self._document_ids, doc_cache_tokens)
+            self.split = self._split_is_exact()
+            if not self.split:
+                log.warning("%s: this tokenizer gives a document other ids on its own than inside the reranker "
+                            "prompt; prompts are tokenized whole (no document cache)", engine_dir)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _document_ids(self, documents: list[str]) -> list:
+        return self.tokenizer([QWEN3_RERANK_DOC.format(doc=d) for d in documents],
+                              add_special_tokens=False)["input_ids"]
+
+    def _split_is_exact(self) -> bool:
+        task = self.spec.default_task or "Judge the passage."
+        for query in ("what is it?", "Query ending in a colon:", "  spaced  "):
+            whole = self._whole_rows(query, list(SPLIT_PROBES), task)
+            apart = self._split_rows(query, list(SPLIT_PROBES), task, self._document_ids(list(SPLIT_PROBES)))
+            if any(list(a) != list(w) for a, w in zip(apart, whole)):
+                return False
+        return True
 
     def encode_pairs(self, query: str, documents: list[str], task: Optional[str] = None):
         """``(input_ids, attention_mask)``, int32 ``[len(documents), L]``: one row per (query, document)."""
         check_text(query, "query")
         documents = check_text_list(documents, "documents")
         if self.spec.scoring == "qwen3_yes_no":
-            rows = self._qwen3_rows(query, documents, task)
+            task = resolve_task(task, self.spec)
+            if self.split:
+                rows = self._split_rows(query, documents, task, self.documents.get(documents))
+            else:
+                rows = self._whole_rows(query, documents, task)
         else:
             rows = self._bert_pair_rows(query, documents)
         return pad_batch(rows, self.tokenizer.pad_token_id, self.spec.padding_side, self.spec.max_length)
 
-    def _qwen3_rows(self, query: str, documents: list[str], task: Optional[str]) -> list[list[int]]:
-        """Qwen3-Reranker's prompt. The three parts are tokenized separately so that truncation can cut the
-        body alone: the prefix (the judging instruction) and the suffix (the assistant turn whose next token is
-        scored as yes/no) always survive, however long the document."""
-        task = resolve_task(task, self.spec)
+    def _whole_rows(self, query: str, documents: list[str], task: str) -> list[list[int]]:
+        """Qwen3-Reranker's prompt. The prefix (the judging instruction), the body and the suffix (the assistant
+        turn whose next token is scored as yes/no) are tokenized separately so that truncation can cut the body
+        alone: prefix and suffix always survive, however long the document."""
         bodies = [QWEN3_RERANK_BODY.format(task=task, query=query, doc=doc) for doc in documents]
         return [self.prefix_ids + body[:self.body_budget] + self.suffix_ids
                 for body in self.tokenizer(bodies, add_special_tokens=False)["input_ids"]]
+
+    def _split_rows(self, query: str, documents: list[str], task: str, doc_ids: list) -> list:
+        """The rows of :meth:`_whole_rows` from the head's ids and each document's (``doc_ids``)."""
+        head = np.asarray(self._ids(QWEN3_RERANK_HEAD.format(task=task, query=query)), dtype=np.int32)
+        prefix = np.asarray(self.prefix_ids, dtype=np.int32)
+        suffix = np.asarray(self.suffix_ids, dtype=np.int32)
+        room = self.body_budget - len(head)
+        if room <= 0:
+            return [np.concatenate([prefix, head[:self.body_budget], suffix]) for _ in documents]
+        return [np.concatenate([prefix, head, ids[:room], suffix]) for ids in doc_ids]
 
     def _bert_pair_rows(self, query: str, documents: list[str]) -> list[list[int]]:
         """``[CLS] query [SEP] document [SEP]``, cutting only the document: the engine splits at the first

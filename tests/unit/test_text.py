@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ragstack.contracts.errors import InvalidInput
-from ragstack.tokenization.retrieval import (PAD_MULTIPLE, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX, EmbedTokenizer,
-                           RerankTokenizer, pad_batch)
+from ragstack.tokenization.retrieval import (PAD_MULTIPLE, QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX, SPLIT_PROBES,
+                                             EmbedTokenizer, RerankTokenizer, TokenCache, pad_batch)
 
 MODELS = Path(__file__).resolve().parents[2] / "build" / "models"
 TINY, DEMO = MODELS / "tiny", MODELS / "demo"
@@ -95,6 +95,113 @@ def test_rerank_truncation_cuts_only_the_body(rerank_tok):
     assert body.startswith("<Instruct>: Find it\n<Query>: what is triton\n<Document>: the reranker scores")
     assert len(body) < len(LONG)
     assert short_row[-len(suffix):] == suffix
+
+
+def _documents(seed: int = 0) -> list:
+    """The corpus cut into overlapping passages, the split probes, and random strings over the characters that
+    pre-tokenizers treat specially (spaces, newlines, punctuation, digits, accents, combining marks, emoji, CJK,
+    special tokens, contractions)."""
+    import random
+
+    docs = []
+    for path in sorted((Path(__file__).resolve().parents[2] / "data" / "corpus").glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        docs += [text[i:i + 900] for i in range(0, len(text), 700)]
+    rng = random.Random(seed)
+    alphabet = list("abc XYZ:;.,!?\n\t\r  '\"()-_<>|/\\0123456789") + [
+        "\u00e9", "\u0301", "\U0001f642", "\u4e2d", "<|im_end|>", "<|endoftext|>", "'s", "'ll", "\u00a0"]
+    docs += list(SPLIT_PROBES)
+    docs += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(1500)]
+    return [d for d in docs if d.strip()]
+
+
+def _rerank_folder_with(tmp_path, tokenizer_folder: Path) -> Path:
+    """The tiny reranker's engine folder with another model's tokenizer files."""
+    import shutil
+
+    folder = tmp_path / f"rerank-{tokenizer_folder.parent.name}-{tokenizer_folder.name}"
+    shutil.copytree(TINY / "rerank", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).is_file():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny/rerank", "demo/generate"])
+def test_rerank_rows_from_cached_documents_equal_the_whole_prompt(tokenizer, tmp_path):
+    """The head tokenized once and each document on its own give the ids of the whole prompt, on the tiny
+    reranker's tokenizer and on SmolLM2's (the demo generator: another byte-level BPE)."""
+    folder = MODELS / tokenizer
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"{folder} not built")
+    tok = RerankTokenizer(folder if tokenizer == "tiny/rerank" else _rerank_folder_with(tmp_path, folder))
+    assert tok.split
+    docs = _documents()
+    queries = ["what is the rate limit?", "ends in a colon:", "  spaced\nquery  ", "'s", "\U0001f642?"]
+    for i in range(0, len(docs), 8):
+        batch, query = docs[i:i + 8], queries[(i // 8) % len(queries)]
+        whole = tok._whole_rows(query, batch, TASK)
+        split = tok._split_rows(query, batch, TASK, tok._document_ids(batch))
+        for w, s, doc in zip(whole, split, batch):
+            assert list(s) == list(w), f"document {doc!r}"
+    # and through encode_pairs, cache cold then warm, long documents cut where the whole prompt is cut
+    batch = docs[:6] + [LONG]
+    for _ in range(2):
+        got = tok.encode_pairs("what is the rate limit?", batch)
+        tok.split = False
+        expected = tok.encode_pairs("what is the rate limit?", batch)
+        tok.split = True
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    assert tok.documents.hits >= len(batch)
+
+
+def test_a_tokenizer_that_merges_across_the_space_tokenizes_whole(tmp_path):
+    """A byte-level BPE without the pre-tokenizer's regex merges ':' with the space after it: a document's ids
+    on their own differ, so the reranker tokenizes every prompt whole (the check at load finds it)."""
+    import json as json_mod
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = _rerank_folder_with(tmp_path, TINY / "rerank")
+    merged = Tokenizer(models.BPE())
+    merged.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    merged.decoder = decoders.ByteLevel()
+    corpus = ["<Document>: a passage about the cache", "<Query>: the cache: answer"] * 50
+    special = json_mod.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    merged.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[t["content"] for t in special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merged.save(str(folder / "tokenizer.json"))
+    tok = RerankTokenizer(folder)
+    assert not tok.split
+    docs = ["a passage about the cache", "the cache"]
+    split = tok._split_rows("q", docs, TASK, tok._document_ids(docs))
+    assert [list(r) for r in split] != tok._whole_rows("q", docs, TASK)
+    ids, mask = tok.encode_pairs("the cache", docs)
+    assert real_rows(ids, mask) == tok._whole_rows("the cache", docs, TASK) and len(tok.documents) == 0
+
+
+def test_token_cache_keeps_the_most_recent_within_its_token_bound():
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return [[len(t)] * len(t) for t in texts]          # a text of n characters: n tokens
+    cache = TokenCache(encode, max_tokens=10)
+    first = cache.get(["aaaa", "bbb", "aaaa"])
+    assert calls == [["aaaa", "bbb"]] and first[0] is first[2] and first[0].dtype == np.int32
+    assert cache.get(["bbb"])[0] is first[1] and calls == [["aaaa", "bbb"]] and cache.hits == 1
+    cache.get(["cccccc"])                                  # 4 + 3 + 6 > 10: the least recent (aaaa) goes
+    assert cache.tokens == 9 and len(cache) == 2
+    cache.get(["aaaa"])
+    assert calls[-1] == ["aaaa"]
+    cache.get(["x" * 11])                                  # longer than the bound: served, not kept
+    assert cache.tokens <= 10 and "x" * 11 not in cache._ids
+    off = TokenCache(encode, max_tokens=0)
+    off.get(["a"])
+    off.get(["a"])
+    assert len(off) == 0 and off.misses == 2
 
 
 @pytest.mark.parametrize("call, message", [
