@@ -186,13 +186,26 @@ def direct_models(env: Optional[Mapping] = None) -> frozenset:
     return (rs.current() if env is None else rs.from_env(env)).direct_models
 
 
+def _secret_digest(secret: str) -> bytes:
+    digest = _secret_digests.get(secret)
+    if digest is None:
+        digest = _secret_digests[secret] = _digest(secret)
+    return digest
+
+
+_secret_digests: dict = {}
+
+
 def is_internal(params) -> bool:
-    """Whether the request carries this server's internal proof (a BLS parent of this server sent it)."""
+    """Whether the request carries this server's internal proof (a BLS parent of this server sent it). A request
+    without the parameter is a client's: no digest to compare (its absence is no secret)."""
     secret = internal_secret()
     if secret is None:
         return False
-    got = _params(params).get(INTERNAL_HEADER) or ""
-    return hmac.compare_digest(_digest(got), _digest(secret))
+    got = _params(params).get(INTERNAL_HEADER)
+    if not got:
+        return False
+    return hmac.compare_digest(_digest(got), _secret_digest(secret))
 
 
 def require_role(params, role: str, what: str) -> None:
