@@ -593,12 +593,19 @@ def fit_contexts(task: str, query: str, contexts: list, engines: Engines, policy
     system, bare = build_prompt(task, query, [])
     fixed = engines.count_tokens(system, bare)
     blocks = [f"[{c.id}] {c.text}\n\n" for c in contexts]
-    if engines.count_texts is not None:
-        sizes = engines.count_texts(blocks)
-    else:
-        sizes = [engines.count_tokens("", b) for b in blocks]
     engine_limit = engines.prompt_limit(max_tokens) if engines.prompt_limit else None
-    keep = policy.trim_contexts(sizes, fixed, max_tokens, engine_limit)
+    # No text has more tokens than UTF-8 bytes plus one (a token covers at least one byte; a SentencePiece
+    # tokenizer may add one word-start marker of its own): contexts that fit even at that count are kept without
+    # counting them one by one, which trimming by their exact counts would keep too.
+    if policy.trim_contexts([len(b.encode("utf-8")) + 1 for b in blocks], fixed, max_tokens,
+                            engine_limit) == len(blocks):
+        keep = len(blocks)
+    else:
+        if engines.count_texts is not None:
+            sizes = engines.count_texts(blocks)
+        else:
+            sizes = [engines.count_tokens("", b) for b in blocks]
+        keep = policy.trim_contexts(sizes, fixed, max_tokens, engine_limit)
     prompt_tokens = engines.count_tokens(*build_prompt(task, query, contexts[:keep]))
     # A block's tokens alone can differ by a token or so from what it adds to the whole prompt (merges at
     # its edges): the exact count decides, dropping the lowest-ranked context while the prompt is over.

@@ -198,6 +198,26 @@ def test_the_engine_prompt_limit_trims_further():
     assert [c.doc_id for c in result.contexts] == ["d0", "d1"]
 
 
+@pytest.mark.parametrize("words, counted", [(50, False), (1500, True)])
+def test_contexts_are_counted_one_by_one_only_when_they_might_not_fit(words, counted):
+    """Contexts short enough to fit at one token per byte are kept without counting each; longer ones are
+    counted and trimmed; either way the kept prefix is the one exact counts give."""
+    hits = [("word " * words, 0.9), ("word " * words, 0.8), ("word " * words, 0.7)]
+    engines, _ = fake_engines(hits, [0.9, 0.8, 0.7], json.dumps({"answer": "a", "citations": ["ctx-1"]}))
+    seen = []
+
+    def count_texts(texts):
+        seen.append(list(texts))
+        return [engines.count_tokens("", t) for t in texts]
+    engines.count_texts = count_texts
+    result = rag.run(rag.RagRequest(query="q", top_k=3, top_n=3), engines, POLICY)
+    assert bool(seen) == counted
+    exact = POLICY.trim_contexts([engines.count_tokens("", f"[ctx-{i}] {t}\n\n") for i, (t, _) in enumerate(hits)],
+                                 engines.count_tokens(*rag.build_prompt("answer", "q", [])),
+                                 POLICY.task("answer").max_tokens)
+    assert len(result.contexts) == exact == (3 if words == 50 else 2)
+
+
 PRICES = {"price_per_1k_input_usd": 0.01, "price_per_1k_output_usd": 0.03}
 
 
