@@ -87,6 +87,7 @@ class OrchestratorModel:
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()
         self.events.close()
         if self.activity is not None:
             self.activity.close()
@@ -123,11 +124,9 @@ class OrchestratorModel:
             sender.send(ta.error_response(pb, e), flags=final)
             return
         sender.send(response, flags=final)
-        # Metrics are IPC round trips to the server (about 1 ms for a request's ten): off the response's path.
-        try:
-            self._observe(task, result.usage)
-        except Exception:  # noqa: BLE001 - the answer is out; a metrics failure must not hide it
-            log.exception("recording the metrics of a served request failed")
+        # Metrics are IPC round trips to the server (about 1 ms for a request's ten): recorded on the registry's
+        # own thread, after the response (a failure there is logged, the answer is out).
+        self.metrics.later(self._observe, task, result.usage)
 
     def _run(self, request, on_delta=None) -> tuple:
         """Policies first (identity, then the request's own checks), then the pipeline: ``(task, result)``.

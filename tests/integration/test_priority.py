@@ -63,6 +63,20 @@ def engine_requests(server) -> dict:
     return {(lab["model"], lab["priority"]): v for n, lab, v in samples if n == "llm_engine_requests"}
 
 
+def engine_requests_once(server, at_least: dict, timeout: float = 10.0) -> dict:
+    """The counts once each of ``at_least`` ({(model, level): count}) is reached: the engines record them on a
+    thread of their own a few ms after each batch (ragstack.triton.metrics.Recorder). Read again 0.2 s later, so
+    that a count that should not have moved has had the time to."""
+    deadline = time.time() + timeout
+    while True:
+        counts = engine_requests(server)
+        if all(counts.get(k, 0) >= v for k, v in at_least.items()) or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return engine_requests(server)
+
+
 def rag(phttp, identity, query, task="generate_json", headers=None):
     arrays = {"query": strings([query]).reshape(1, 1), "task": strings([task]).reshape(1, 1),
               "collection": strings(["corpus"]).reshape(1, 1)}
@@ -184,7 +198,7 @@ def test_ingest_and_its_embed_calls_run_at_the_background_level(prio_server, pht
                              {"doc_ids": strings(["extra-doc-2"]), "texts": strings([CORPUS[1].read_text()]),
                               "collection": strings(["extra"])}, ["report"],
                              headers={"X-Priority": "urgent"})["report"].reshape(-1)[0])
-    after = engine_requests(prio_server)
+    after = engine_requests_once(prio_server, {("embed", "background"): before.get(("embed", "background"), 0) + 2})
     assert report["priority"] == asked["priority"] == "background"
     assert report["embed_calls"] > 0
     assert after.get(("embed", "background"), 0) - before.get(("embed", "background"), 0) >= 2   # both ingests
@@ -194,12 +208,15 @@ def test_ingest_and_its_embed_calls_run_at_the_background_level(prio_server, pht
 def test_queries_are_urgent_and_a_caller_may_lower_them(prio_server, phttp, identity, pcorpus):
     before = engine_requests(prio_server)
     assert rag(phttp, identity, "What is the expense policy?")["priority"] == "urgent"
-    mid = engine_requests(prio_server)
+    mid = engine_requests_once(prio_server, {("generate", "urgent"): before.get(("generate", "urgent"), 0) + 1,
+                                             ("embed", "urgent"): before.get(("embed", "urgent"), 0) + 1})
     assert mid.get(("generate", "urgent"), 0) == before.get(("generate", "urgent"), 0) + 1
     assert mid.get(("embed", "urgent"), 0) > before.get(("embed", "urgent"), 0)
     lowered = rag(phttp, identity, "What is the expense policy?", headers={"X-Priority": "background"})
     assert lowered["priority"] == "background"
-    after = engine_requests(prio_server)
+    after = engine_requests_once(prio_server, {
+        ("generate", "background"): mid.get(("generate", "background"), 0) + 1,
+        ("embed", "background"): mid.get(("embed", "background"), 0) + 1})
     assert after.get(("generate", "background"), 0) == mid.get(("generate", "background"), 0) + 1
     assert after.get(("embed", "background"), 0) > mid.get(("embed", "background"), 0)
     assert after.get(("generate", "urgent"), 0) == mid.get(("generate", "urgent"), 0)
@@ -209,7 +226,8 @@ def test_the_per_task_level_of_the_policy_file_takes_effect(prio_server, phttp, 
     before = engine_requests(prio_server)
     usage = rag(phttp, identity, "Rate the travel policy", task="judge")
     assert usage["priority"] == "background"                        # judge is background in this policy
-    after = engine_requests(prio_server)
+    after = engine_requests_once(prio_server,
+                                 {("generate", "background"): before.get(("generate", "background"), 0) + 1})
     assert after.get(("generate", "background"), 0) == before.get(("generate", "background"), 0) + 1
     # and a caller cannot raise it
     assert rag(phttp, identity, "Rate the travel policy", task="judge",

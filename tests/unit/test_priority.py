@@ -280,8 +280,28 @@ def test_engine_requests_are_counted_by_level():
     m = PriorityMetrics(Pb, "embed")
     m.count([Request('{"x-priority": "background"}'), Request("{}"), Request('{"x-priority": "background"}'),
              Request('{"x-priority": "nonsense"}')])
+    m.close()                                    # recorded on the registry's thread; close records what is pending
     totals = {dict(k)["priority"]: v.total for k, v in m._families["llm_engine_requests"].metrics.items()}
     assert totals == {"background": 2, "urgent": 1}
+
+
+def test_the_recorder_records_in_order_off_the_callers_thread_after_a_delay():
+    import threading
+    import time
+
+    from ragstack.triton.metrics import Recorder
+
+    done = []
+    recorder = Recorder(delay_s=0.05)
+    t0 = time.monotonic()
+    recorder.submit(lambda: done.append(("first", threading.current_thread().name, time.monotonic() - t0)))
+    recorder.submit(lambda: 1 / 0)                                          # logged; the next call still runs
+    recorder.submit(lambda: done.append(("third", threading.current_thread().name, time.monotonic() - t0)))
+    assert done == []                                                       # submit does not wait
+    recorder.close()
+    assert [d[0] for d in done] == ["first", "third"]
+    assert {d[1] for d in done} == {"ragstack-metrics"} and done[0][2] >= 0.05
+    assert not recorder._thread.is_alive()
 
 
 def test_for_request_reads_the_parameters_json():

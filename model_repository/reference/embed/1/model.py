@@ -15,6 +15,9 @@ class TritonPythonModel:
         self.engine = EmbeddingEngine(ta.resolve_engine_dir(params["engine_dir"]))
         self.levels = PriorityMetrics(pb, "embed")
 
+    def finalize(self):
+        self.levels.close()
+
     def execute(self, requests):
         self.levels.count(requests)
         return ta.execute_token_batch(pb, requests, contracts.EMBED, self.engine,

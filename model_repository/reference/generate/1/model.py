@@ -64,6 +64,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        self.levels.close()
 
 
 class _Responder:
