@@ -70,6 +70,14 @@ def parse_result(result) -> dict:
 
 
 # ------------------------------------------------------------------------------------ sequential overhead
+def orchestrator_instances() -> int:
+    """rag_orchestrator's instance count (its generated config)."""
+    import re
+
+    text = (ROOT / "bls_models" / "rag_orchestrator" / "config.pbtxt").read_text()
+    return sum(int(n) for n in re.findall(r"instance_group\s*{[^}]*count:\s*(\d+)", text)) or 1
+
+
 def floor_repository(tmp: Path) -> Path:
     """A model repository with `floor`: `rag`'s ensemble and orchestrator configs (same contract, batching and
     instances) over benchmarks/floor_model/model.py, a Python-backend model that does no work."""
@@ -414,9 +422,12 @@ def run_profile(name: str, models: Path, args, questions: list, do_throughput: b
         out["ingest"] = ingest_corpus(server.http_url)
         progress(f"[{name}] ingested {out['ingest']['documents']} documents, {out['ingest']['chunks']} chunks "
                  f"in {out['ingest']['seconds']} s")
-        progress(f"[{name}] warm-up query")
-        warm = sequential_overhead(server, headers, questions[:1], args.top_k, args.top_n, args.max_tokens,
-                                   floor=floor)
+        # One warm-up query per orchestrator instance (a stub's first request opens its loopback gRPC channel
+        # and fills its caches: one-time costs, not the per-request overhead measured here).
+        instances = orchestrator_instances()
+        progress(f"[{name}] warm-up: {instances} queries (one per rag_orchestrator instance)")
+        warm = sequential_overhead(server, headers, questions[:1] * instances, args.top_k, args.top_n,
+                                   args.max_tokens, floor=floor)
         if warm.get("error"):
             raise RuntimeError(f"the warm-up query failed: {warm['failures'][0]['error']}")
         wait_idle(**IDLE)

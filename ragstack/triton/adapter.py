@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
 import json
 import logging
 import os
@@ -83,6 +84,16 @@ def exit_with_server() -> "subprocess.Popen":
         if _watcher is None or _watcher.poll() is not None:
             _watcher = watch_server(os.getppid(), os.getpid())
         return _watcher
+
+
+def freeze_startup_heap() -> None:
+    """Every Python model calls this last in ``initialize``: what loading built (modules, tokenizers, engines,
+    policies) is collected once and then left out of the cyclic garbage collector's scans (``gc.freeze``, as
+    vLLM's server does after start-up). Without it a full collection scans all of it: 13-14 ms in the
+    orchestrator's stub, measured with gc callbacks, two of them inside the response time of each long answer;
+    after it a collection scans only what requests made."""
+    gc.collect()
+    gc.freeze()
 
 
 def _under(value: str, base: Optional[Path], env: str, what: str) -> Path:

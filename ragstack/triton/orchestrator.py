@@ -75,6 +75,7 @@ class OrchestratorModel:
             log.warning("no activity board: background work will not yield to this model's requests", exc_info=True)
             self.activity = None
         self._warm_up()
+        ta.freeze_startup_heap()
 
     def _warm_up(self):
         """The CPU side's first-use costs (jsonschema's import and a validator, the tokenizers' first calls:

@@ -19,6 +19,7 @@ class TritonPythonModel:
         ta.exit_with_server()
         params = ta.model_parameters(args)
         self.converter = documents.Converter(parser_threads=int(params.get("parser_threads", "1")))
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         responses = []

@@ -16,6 +16,7 @@ class TritonPythonModel:
         ta.exit_with_server()
         params = ta.model_parameters(args)
         self.tokenizer = EmbedTokenizer(ta.resolve_engine_dir(params["engine_dir"]))
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         levels = []

@@ -31,6 +31,7 @@ class TritonPythonModel:
                                             settings.current().tokenizer_dir)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "32")),
                                        thread_name_prefix="generate_text")
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         served = [self.pool.submit(self._serve, request, request.get_response_sender(), ta.requested_outputs(request))

@@ -30,6 +30,7 @@ class TritonPythonModel:
         self.default_chunk_tokens = min(256, self.tokenizer.spec.max_length)
         self.policy = RuntimePolicy.load(settings.current().policy_file)
         self.activity = ActivityBoard()
+        ta.freeze_startup_heap()
 
     def finalize(self):
         self.activity.close()

@@ -21,6 +21,7 @@ class TritonPythonModel:
     def initialize(self, args):
         ta.exit_with_server()
         self.manager, self.service, self.events = build_manager(pb, args)
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         responses = []

@@ -18,6 +18,7 @@ class TritonPythonModel:
         ta.exit_with_server()
         params = ta.model_parameters(args)
         self.store = open_store(ta.resolve_data_dir(params["index_dir"]), params)
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         responses = []

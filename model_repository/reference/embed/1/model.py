@@ -14,6 +14,7 @@ class TritonPythonModel:
         ta.set_threads(params)
         self.engine = EmbeddingEngine(ta.resolve_engine_dir(params["engine_dir"]))
         self.levels = PriorityMetrics(pb, "embed")
+        ta.freeze_startup_heap()
 
     def finalize(self):
         self.levels.close()

@@ -35,6 +35,7 @@ class TritonPythonModel:
             m = read_manifest(manifest_path)
             self.identity = ({"engine_hash": m.engine_hash, "quantisation": m.quantisation}, str(manifest_path))
         self.levels = PriorityMetrics(pb, "generate")
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         self.levels.count(requests)

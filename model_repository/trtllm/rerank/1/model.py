@@ -14,6 +14,7 @@ class TritonPythonModel:
     def initialize(self, args):
         ta.exit_with_server()
         self.model = TritonPlanModel(args, contracts.RERANK, "score")
+        ta.freeze_startup_heap()
 
     def execute(self, requests):
         return self.model.execute(pb, requests)
