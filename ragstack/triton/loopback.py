@@ -43,6 +43,37 @@ _CHANNEL_ARGS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_rece
                  ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 _client = None
 _lock = threading.Lock()
+# Stream clients whose last stream ended with its final response: the next stream reuses one and its open channel
+# (a new client is a new channel: a TCP connection and an HTTP/2 handshake with the server, per call).
+_idle_streams: list = []
+IDLE_STREAMS_MAX = 8
+
+
+def prepare() -> None:
+    """Import the gRPC client and make one stream client (its channel connects on first use) now, in a model's
+    initialize before ``ta.freeze_startup_heap``, rather than in the first call."""
+    import tritonclient.utils  # noqa: F401
+
+    if available():
+        _release_stream_client(_stream_client(), True)
+
+
+def _stream_client():
+    with _lock:
+        if _idle_streams:
+            return _idle_streams.pop()
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(_address(), channel_args=_CHANNEL_ARGS)
+
+
+def _release_stream_client(client, reusable: bool) -> None:
+    if reusable:
+        with _lock:
+            if len(_idle_streams) < IDLE_STREAMS_MAX:
+                _idle_streams.append(client)
+                return
+    client.close()
 
 
 def available() -> bool:
@@ -117,11 +148,9 @@ def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[
 
     The decoupled children of the pipeline (``generate``) go this way rather than ``exec(decoupled=True)``: the 24.10
     stub can deadlock on that path (see README "When a Python stub dies")."""
-    import tritonclient.grpc as grpcclient
-
     tensors, requested, params = _request(model, inputs, outputs, parameters)
     responses: "queue.SimpleQueue" = queue.SimpleQueue()
-    client = grpcclient.InferenceServerClient(_address(), channel_args=_CHANNEL_ARGS)
+    client = _stream_client()
     finished = False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -143,7 +172,9 @@ def stream(model: str, inputs: dict, outputs, parameters: dict, level: Optional[
                 finished = True
                 return
     finally:
+        reusable = False
         try:
             client.stop_stream(cancel_requests=not finished)
+            reusable = finished      # a cancelled or failed stream's client is not reused
         finally:
-            client.close()
+            _release_stream_client(client, reusable)

@@ -20,7 +20,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from ragstack.governance import access
-from ragstack.triton import bls
+from ragstack.triton import bls, loopback
 from ragstack.contracts import tensors as contracts
 from ragstack.pipeline import rag
 from ragstack import settings as rs
@@ -79,10 +79,16 @@ class OrchestratorModel:
 
     def _warm_up(self):
         """The CPU side's first-use costs (jsonschema's import and a validator, the tokenizers' first calls:
-        ~190 ms measured on a fresh instance) are paid here, not by the first request an instance serves."""
+        ~190 ms measured on a fresh instance; the chat template's first rendering; the gRPC client and the lease
+        client's imports, whose objects a full collection would otherwise scan: 10-25 ms on an instance's first
+        long answer) are paid here, before the startup heap is frozen, not by the first request an instance
+        serves."""
         self.embed_tok.encode(["warm-up"], "query")
         self.rerank_tok.encode_pairs("warm-up", ["warm-up"])
         self.gen_tok.count_texts(["warm-up"])
+        self.gen_tok.prompt_ids("warm-up", "warm-up")
+        loopback.prepare()
+        import ragstack.lifecycle.bls_client  # noqa: F401 - the engine leases' client, imported by the first call
         schema = rag.answer_schema("answer", ["ctx-1"], None, 64)
         rag.check_answer(json.dumps({"answer": "ok", "citations": ["ctx-1"]}), schema, "stop", ["ctx-1"])
 

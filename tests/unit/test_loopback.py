@@ -69,6 +69,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setenv(access.SECRET_FILE_ENV, str(secret))
     monkeypatch.setenv(loopback.PORT_ENV, "18001")
     monkeypatch.setattr(grpcclient, "InferenceServerClient", FakeClient)
+    monkeypatch.setattr(loopback, "_idle_streams", [])
     FakeClient.made.clear()
 
     def with_script(script):
@@ -92,7 +93,20 @@ def test_a_stream_yields_each_response_with_outputs_and_ends_at_the_final_one(fa
     # what a BLS child carries: forwarded headers and the internal proof, never the client's key
     assert kw["parameters"]["x-engine-hash"] == "abc" and access.is_internal(kw["parameters"])
     assert "x-api-key" not in kw["parameters"]
-    assert stop == ("stop", False) and client.closed
+    assert stop == ("stop", False) and not client.closed and loopback._idle_streams == [client]   # kept for reuse
+
+
+def test_a_finished_streams_client_and_channel_serve_the_next_stream(fake):
+    fake([({"output_ids": np.array([[1]])}, True)])
+    for _ in range(3):
+        assert len(list(loopback.stream("generate", INPUTS, ["output_ids"], {}, timeout_s=5))) == 1
+    assert len(FakeClient.made) == 1 and len(FakeClient.made[0].calls) == 6
+    # at most IDLE_STREAMS_MAX idle clients are kept; more are closed
+    extra = [loopback._stream_client() for _ in range(loopback.IDLE_STREAMS_MAX + 2)]
+    for client in extra:
+        loopback._release_stream_client(client, True)
+    assert len(loopback._idle_streams) == loopback.IDLE_STREAMS_MAX
+    assert sum(c.closed for c in extra) == 2
 
 
 def test_no_level_is_the_models_default_and_no_version_is_whichever_is_served(fake):
@@ -108,14 +122,15 @@ def test_closing_the_stream_early_cancels_the_request(fake):
     next(gen)
     gen.close()
     client = FakeClient.made[0]
-    assert client.calls[-1] == ("stop", True) and client.closed
+    assert client.calls[-1] == ("stop", True) and client.closed and not loopback._idle_streams
 
 
 def test_an_error_keeps_its_class(fake):
     fake([InferenceServerException("invalid input: the regex does not compile")])
     with pytest.raises(InvalidInput, match="regex"):
         list(loopback.stream("generate", INPUTS, ["output_ids"], {}, timeout_s=5))
-    assert FakeClient.made[0].calls[-1] == ("stop", True)
+    assert FakeClient.made[0].calls[-1] == ("stop", True) and FakeClient.made[0].closed
+    assert not loopback._idle_streams
 
 
 def test_silence_past_the_timeout_is_unavailable(fake):

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb
 
 from ragstack import settings
 from ragstack.governance import access
-from ragstack.triton import bls
+from ragstack.triton import bls, loopback
 from ragstack.contracts import tensors as contracts
 from ragstack.governance import priority as prio
 from ragstack.triton import adapter as ta
@@ -31,6 +31,7 @@ class TritonPythonModel:
                                             settings.current().tokenizer_dir)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "32")),
                                        thread_name_prefix="generate_text")
+        loopback.prepare()
         ta.freeze_startup_heap()
 
     def execute(self, requests):
