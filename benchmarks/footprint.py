@@ -12,6 +12,9 @@ every model loaded, a fresh data folder), then:
   (/proc/<pid>/smaps_rollup: shared pages split between the processes that map them), and whether libtorch is
   mapped; the server total is tritonserver plus every stub (VmRSS sum, which counts shared libraries once per
   process, and PSS sum, which does not);
+* with ``--traffic N`` (default 6): ingests data/corpus through `ingest`, asks N questions of `rag` and N of
+  `rag_stream`, and reads every stub again (``memory_in_use``: what a serving stub holds, e.g. the gRPC client its
+  first streamed answer needs, and what its caches keep);
 * times ``--repeats`` loads of each BLS/orchestration model: unload through the repository API, wait until it
   is gone, then ``POST /v2/repository/models/<m>/load``, which returns when the model is ready (a new stub has
   started, imported model.py and run initialize). One model at a time, so loads do not compete with each other;
@@ -251,6 +254,15 @@ def measure(variant: str, root: Path, models: Path, set_name: str, args) -> dict
         for model, m in sorted(snapshot["per_model"].items()):
             progress(f"    {model:26s} {m['stubs']} stub(s), max {m['max_stub_rss_kib'] / 1024:7.1f} MiB RSS"
                      f"{'  torch' if m['torch_mapped'] else ''}")
+        in_use = None
+        if args.traffic:
+            served = traffic(server, models, args.traffic)
+            time.sleep(2)
+            in_use = memory_snapshot(pid)
+            progress(f"[{set_name}/{variant}] in use ({served}): total RSS {in_use['total']['rss_mib']:.0f} MiB")
+            for model, m in sorted(in_use["per_model"].items()):
+                if model in BLS_MODELS:
+                    progress(f"    {model:26s} max {m['max_stub_rss_kib'] / 1024:7.1f} MiB RSS in use")
         loads = {}
         for model in BLS_MODELS if args.repeats else ():
             if model not in snapshot["per_model"]:
@@ -266,11 +278,47 @@ def measure(variant: str, root: Path, models: Path, set_name: str, args) -> dict
         return {"root": str(root), "commit": git("rev-parse", "HEAD", cwd=root), "dirty": bool(
                     git("status", "--porcelain", "--untracked-files=no", cwd=root)),
                 "ready_s": round(ready_s, 1), "settle_s": args.settle, "memory": snapshot,
+                "memory_in_use": in_use,
                 "loads": loads, "memory_after_reloads": after_loads,
                 "stub_cwds": sorted({s["cwd"] for s in snapshot["stubs"]}), "log": display_path(log)}
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def traffic(server: TritonProcess, models: Path, queries: int) -> str:
+    """What a serving stub has done: data/corpus ingested through `ingest`, then ``queries`` `rag` questions over
+    gRPC (each orchestrator instance, the engines, the index) and as many over `rag_stream`."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from common import eval_questions, identity_headers, ingest_corpus
+    from ragstack.contracts import client as client_io
+
+    ingest_corpus(server.http_url)
+    headers = identity_headers(models)
+    questions = eval_questions()[:queries]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    for q in questions:
+        client.infer("rag", client_io.infer_inputs(grpcclient, "rag", {"query": q}), headers=dict(headers),
+                     client_timeout=600)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: done.put((result, error)), headers=dict(headers))
+    try:
+        for q in questions:
+            client.async_stream_infer("rag_stream", client_io.infer_inputs(grpcclient, "rag_stream", {"query": q}),
+                                      enable_empty_final_response=True)
+            while True:
+                result, error = done.get(timeout=600)
+                if error is not None:
+                    raise RuntimeError(f"rag_stream: {error}")
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+    finally:
+        client.stop_stream()
+        client.close()
+    return f"corpus ingested, {len(questions)} rag + {len(questions)} rag_stream questions"
 
 
 # ----------------------------------------------------------------------------------------------- verdicts
@@ -294,6 +342,16 @@ def verdicts(runs: dict) -> dict:
                                            if m in BLS_MODELS and v["torch_mapped"]),
         }
         entry["all_stubs_within_80mb"] = all(v["pass"] for v in entry["stub_rss_mb_after"].values())
+        if after.get("memory_in_use"):
+            used = {m: round(v["max_stub_rss_kib"] * 1024 / MB, 1)
+                    for m, v in after["memory_in_use"]["per_model"].items() if m in BLS_MODELS}
+            entry["stub_rss_mb_in_use_after"] = {m: {"value": v, "target": f"<= {TARGET_STUB_MB}",
+                                                     "pass": v <= TARGET_STUB_MB} for m, v in sorted(used.items())}
+            entry["all_stubs_within_80mb_in_use"] = all(v["pass"] for v in entry["stub_rss_mb_in_use_after"].values())
+            if before and before.get("memory_in_use"):
+                entry["stub_rss_mib_in_use"] = {m: {"before": round(before["memory_in_use"]["per_model"].get(m, {}).get(
+                    "max_stub_rss_kib", 0) / 1024, 1), "after": round(v["max_stub_rss_kib"] / 1024, 1)}
+                    for m, v in sorted(after["memory_in_use"]["per_model"].items()) if m in BLS_MODELS}
         entry["all_loads_within_1s"] = bool(loads) and all(v["pass"] for v in entry["load_s_after"].values())
         if before:
             b, a = before["memory"]["total"], after["memory"]["total"]
@@ -329,6 +387,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=15.0, help="seconds after ready before reading memory")
     ap.add_argument("--repeats", type=int, default=2, help="timed loads per BLS model (0: none)")
     ap.add_argument("--start-timeout", type=float, default=900.0)
+    ap.add_argument("--traffic", type=int, default=6,
+                    help="after the idle reading: ingest the corpus, ask this many rag and rag_stream questions, read "
+                         "again (0: no traffic)")
     ap.add_argument("--out", type=Path, default=RESULTS / "footprint.json")
     args = ap.parse_args()
 
@@ -343,7 +404,9 @@ def main() -> int:
                         "folder, every model loaded, fresh data folder); after ready + settle, VmRSS and PSS of "
                         "tritonserver and every triton_python_backend_stub child (/proc), libtorch mapped or not; "
                         "then each BLS model unloaded and reloaded through the repository API, one at a time, the "
-                        "load call timed (it returns when the model is ready). No requests are served.",
+                        "load call timed (it returns when the model is ready). With --traffic N, between the two: "
+                        "the corpus ingested and N rag + N rag_stream questions asked, then every stub read again "
+                        "(memory_in_use).",
               "runs": {}}
     try:
         for set_name in args.models:
