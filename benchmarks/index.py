@@ -54,6 +54,7 @@ TEXT = ("Retrieval-augmented generation keeps answers grounded in the documents 
 
 # The parent of the commit that gave the flat store its log (6327af3): the store as it was before.
 FLAT_BEFORE_REV = "6327af3^"
+MOVED_MODULES = {"ragstack.errors": "ragstack.contracts.errors"}
 
 
 def realistic_vectors(n: int, dim: int, seed: int, rank: int = 64, noise: float = 0.35) -> np.ndarray:
@@ -80,6 +81,9 @@ def old_flat_store_class():
     source = subprocess.run(["git", "show", f"{FLAT_BEFORE_REV}:ragstack/index/flatfile.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp(prefix="flat-before-")) / "flatfile_before.py"
+    # modules that moved since that revision (the package layout of issue 17)
+    for before, after in MOVED_MODULES.items():
+        source = source.replace(f"from {before} import", f"from {after} import")
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("flatfile_before", path)
     module = importlib.util.module_from_spec(spec)
