@@ -14,14 +14,14 @@ also keeps each collection's HNSW graph to its own rows, so a filter on one coll
 Columns are ``vector(dim)`` up to 2,000 dims (pgvector's HNSW limit), ``halfvec(dim)`` up to 4,000 (stored and
 compared in half precision), and above that ``vector(dim)`` without an index (exact scans).
 
-Search is approximate: rows are L2-normalised, so the HNSW index uses the inner product (``vector_ip_ops``,
-the cosine on unit vectors) and ``ORDER BY embedding <#> q`` may miss a true neighbour (recall@10 on realistic
-100k x 384 vectors ~0.97 at ``ef_search`` 100; see benchmarks/index.py). The index returns ``top_k + 32``
-candidates, which are then sorted exactly by (score, ``chunk_id``) in the "C" collation (Python's string
-order), so ties among them are broken by chunk id as the contract asks. ``exact=True`` turns the index off for
-this store's searches (a full scan: exact, O(rows)); otherwise sequential scans are off for the search, since the
-planner underprices them for wide (TOASTed) vectors. Searches filtered by ``doc_ids`` use the ``doc_id`` index
-when the filter is selective (exact), otherwise pgvector's iterative index scan.
+Search is approximate: rows are L2-normalised, so the HNSW index uses the inner product (``vector_ip_ops``, the
+cosine on unit vectors) and ``ORDER BY embedding <#> q`` may miss a true neighbour (recall@10 on realistic 100k x
+384 vectors ~0.97 at ``ef_search`` 100; 1M x 384 ~0.95 at 300, p50 13.5 ms; see benchmarks/index.py). The index
+returns ``top_k + 32`` candidates, which are then sorted exactly by (score, ``chunk_id``) in the "C" collation
+(Python's string order), so ties among them are broken by chunk id as the contract asks. ``exact=True`` turns the
+index off for this store's searches (a full scan: exact, O(rows)); otherwise sequential scans are off for the
+search, since the planner underprices them for wide (TOASTed) vectors. Searches filtered by ``doc_ids`` use the
+``doc_id`` index when the filter is selective (exact), otherwise pgvector's iterative index scan.
 
 Lexical and hybrid search (:mod:`ragstack.index.lexical`): ``tsv`` (``to_tsvector('english', text)``, a GIN
 index) is matched by the query's terms OR-ed and ranked by ``ts_rank_cd``; a hybrid search fuses that list with
