@@ -186,14 +186,14 @@ def direct_models(env: Optional[Mapping] = None) -> frozenset:
     return (rs.current() if env is None else rs.from_env(env)).direct_models
 
 
+_secret_digests: dict = {}
+
+
 def _secret_digest(secret: str) -> bytes:
     digest = _secret_digests.get(secret)
     if digest is None:
         digest = _secret_digests[secret] = _digest(secret)
     return digest
-
-
-_secret_digests: dict = {}
 
 
 def is_internal(params) -> bool:

@@ -228,6 +228,8 @@ class RerankTokenizer:
         if self.spec.scoring == "qwen3_yes_no":
             self.prefix_ids = self._ids(QWEN3_RERANK_PREFIX)
             self.suffix_ids = self._ids(QWEN3_RERANK_SUFFIX)
+            self._prefix = np.asarray(self.prefix_ids, dtype=np.int32)
+            self._suffix = np.asarray(self.suffix_ids, dtype=np.int32)
             self.body_budget = self.spec.max_length - len(self.prefix_ids) - len(self.suffix_ids)
             if self.body_budget < 1:
                 raise ValueError(f"{engine_dir}: max_length {self.spec.max_length} leaves no room for the "
@@ -279,12 +281,10 @@ class RerankTokenizer:
     def _split_rows(self, query: str, documents: list[str], task: str, doc_ids: list) -> list:
         """The rows of :meth:`_whole_rows` from the head's ids and each document's (``doc_ids``)."""
         head = np.asarray(self._ids(QWEN3_RERANK_HEAD.format(task=task, query=query)), dtype=np.int32)
-        prefix = np.asarray(self.prefix_ids, dtype=np.int32)
-        suffix = np.asarray(self.suffix_ids, dtype=np.int32)
         room = self.body_budget - len(head)
         if room <= 0:
-            return [np.concatenate([prefix, head[:self.body_budget], suffix]) for _ in documents]
-        return [np.concatenate([prefix, head, ids[:room], suffix]) for ids in doc_ids]
+            return [np.concatenate([self._prefix, head[:self.body_budget], self._suffix]) for _ in documents]
+        return [np.concatenate([self._prefix, head, ids[:room], self._suffix]) for ids in doc_ids]
 
     def _bert_pair_rows(self, query: str, documents: list[str]) -> list[list[int]]:
         """``[CLS] query [SEP] document [SEP]``, cutting only the document: the engine splits at the first
