@@ -289,35 +289,25 @@ def measure(variant: str, root: Path, models: Path, set_name: str, args) -> dict
 def traffic(server: TritonProcess, models: Path, queries: int) -> str:
     """What a serving stub has done: data/corpus ingested through `ingest`, then ``queries`` `rag` questions over
     gRPC (each orchestrator instance, the engines, the index) and as many over `rag_stream`."""
-    import queue
-
     import tritonclient.grpc as grpcclient
 
     from common import eval_questions, identity_headers, ingest_corpus
     from ragstack.contracts import client as client_io
+    from tests.integration.helpers import stream, strings
 
     ingest_corpus(server.http_url)
     headers = identity_headers(models)
     questions = eval_questions()[:queries]
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    for q in questions:
-        client.infer("rag", client_io.infer_inputs(grpcclient, "rag", {"query": q}), headers=dict(headers),
-                     client_timeout=600)
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    client.start_stream(callback=lambda result, error: done.put((result, error)), headers=dict(headers))
     try:
         for q in questions:
-            client.async_stream_infer("rag_stream", client_io.infer_inputs(grpcclient, "rag_stream", {"query": q}),
-                                      enable_empty_final_response=True)
-            while True:
-                result, error = done.get(timeout=600)
-                if error is not None:
-                    raise RuntimeError(f"rag_stream: {error}")
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    break
+            client.infer("rag", client_io.infer_inputs(grpcclient, "rag", {"query": q}), headers=dict(headers),
+                         client_timeout=600)
     finally:
-        client.stop_stream()
         client.close()
+    for q in questions:
+        stream(server.grpc_url, "rag_stream", {"query": strings([q]).reshape(1, 1)}, timeout=600, headers=headers,
+               auth=False)
     return f"corpus ingested, {len(questions)} rag + {len(questions)} rag_stream questions"
 
 

@@ -71,11 +71,11 @@ def parse_result(result) -> dict:
 
 # ------------------------------------------------------------------------------------ sequential overhead
 def orchestrator_instances() -> int:
-    """rag_orchestrator's instance count (its generated config)."""
-    import re
+    """rag_orchestrator's instance count (its deployment, which generates its config)."""
+    from ragstack.contracts import model_config
+    from ragstack.contracts import tensors as contracts
 
-    text = (ROOT / "bls_models" / "rag_orchestrator" / "config.pbtxt").read_text()
-    return sum(int(n) for n in re.findall(r"instance_group\s*{[^}]*count:\s*(\d+)", text)) or 1
+    return next(d.instances for d in model_config.BLS if d.contract is contracts.RAG_ORCHESTRATOR)
 
 
 def floor_repository(tmp: Path) -> Path:
