@@ -61,9 +61,9 @@ export RAG_DATA_PATH="$(abs "$RAG_DATA_PATH")"
 export RAG_POLICY_FILE="$(abs "${RAG_POLICY_FILE:-$ROOT/config/runtime_policy.json}")"
 [ -n "${TOKENIZER_DIR:-}" ] && export TOKENIZER_DIR="$(abs "$TOKENIZER_DIR")"
 export RAG_VECTOR_STORE="${RAG_VECTOR_STORE:-flat}"
-# The stubs reach their own server here: background BLS children at their priority (ragstack/triton/loopback.py),
-# the lifecycle manager's loads.
-export TRITON_GRPC_PORT="$GRPC_PORT"
+# The stubs reach their own server here: generate streams and background BLS children at their priority over HTTP
+# (ragstack/triton/loopback.py), the lifecycle manager's loads over gRPC.
+export TRITON_HTTP_PORT="$HTTP_PORT" TRITON_GRPC_PORT="$GRPC_PORT"
 [ -n "${TOKENIZER_INFO:-}" ] && export TOKENIZER_INFO="$(abs "$TOKENIZER_INFO")"
 
 # ---- access control. The Python side re-reads key files when they change; Triton's own restricted-API key is

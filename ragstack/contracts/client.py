@@ -1,8 +1,9 @@
 """The client side of the tensor contracts: tritonclient inputs built from a model's contract, outputs read back.
 
-Scripts, benchmarks, tests and the loopback path (``ragstack/triton/loopback.py``) talk to the server with
-``tritonclient.http`` or ``tritonclient.grpc``; both modules have the same ``InferInput`` and result API, so every
-function here takes the module (or its protocol name, ``"http"`` / ``"grpc"``). The names, dtypes and shapes
+Scripts, benchmarks and tests talk to the server with ``tritonclient.http`` or ``tritonclient.grpc`` (the stubs'
+own loopback calls, ``ragstack/triton/loopback.py``, use neither: it writes the few HTTP exchanges it needs
+itself); both modules have the same ``InferInput`` and result API, so every function here takes the module (or its
+protocol name, ``"http"`` / ``"grpc"``). The names, dtypes and shapes
 come from ``ragstack/contracts/tensors.py`` (``Contract.input_arrays``, ``Tensor.client_dtype``), as the server's do.
 """
 from __future__ import annotations

@@ -22,7 +22,6 @@ import os
 import queue
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
@@ -128,6 +127,10 @@ class EventLog:
                 log.warning("event webhook queue full (%d pending): dropped one notification", self._pending)
 
     def _post_loop(self) -> None:
+        # imported here, by the webhook's thread: urllib.request brings http.client and ssl (~2 MiB of RSS in every
+        # stub that keeps an event log, most of which never post)
+        import urllib.request
+
         while True:
             body = self._queue.get()
             if body is None:

@@ -14,9 +14,10 @@ How a level travels along a request (Triton 2.51 / python_backend r24.10):
   defaults are *urgent* everywhere a query goes, so a query's children need nothing, and
 * the level the stack decided is carried as the request parameter :data:`PARAMETER` (``x-priority``, the same
   name as the header a client may send, forwarded with the other ``x-*`` headers to every child). A background
-  child that is not decoupled is sent through the server's own gRPC endpoint with Triton's ``priority`` set
+  child that is not decoupled is sent through the server's own HTTP endpoint with Triton's ``priority`` set
   (:mod:`ragstack.triton.loopback`), the one way in 24.10 to give a child a level other than its model's default; a
-  decoupled child (``generate``) gets the parameter, which the reference engine's in-flight batcher honours.
+  decoupled child (``generate``, streamed through the same endpoint's generate extension, which has no Triton
+  priority) gets the parameter, which the reference engine's in-flight batcher honours.
 
 Deciding a level (:func:`resolve`): the task's level from the runtime policy, lowered (a larger number) if the
 caller asks for that, and never more urgent than the caller's ceiling. The ceiling comes from a hook

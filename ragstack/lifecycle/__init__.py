@@ -7,14 +7,6 @@
 * :mod:`~ragstack.lifecycle.bls_client`: ``engine_lease(pb, model)`` for BLS models;
   :mod:`~ragstack.lifecycle.client`: the same over HTTP.
 * :mod:`~ragstack.lifecycle.triton_io` (Triton side, ``pb`` passed in), :mod:`~ragstack.lifecycle.procmem`.
-"""
-from ragstack.lifecycle.budget import MemoryBudget
-from ragstack.lifecycle.canary import CanaryRouter, Decision
-from ragstack.lifecycle.history import VersionHistory
-from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable
-from ragstack.lifecycle.manager import (CO_RESIDENT, SEQUENTIAL, AcquireResult, LifecycleError, LifecycleSink,
-                                        ModelManager, ModelSpec)
 
-__all__ = ["MemoryBudget", "CanaryRouter", "Decision", "VersionHistory", "EngineLease", "EngineUnavailable",
-           "CO_RESIDENT", "SEQUENTIAL", "AcquireResult", "LifecycleError", "LifecycleSink", "ModelManager",
-           "ModelSpec"]
+The package imports none of them: a BLS model that only takes leases (``bls_client``) does not load the manager.
+"""

@@ -20,7 +20,7 @@ from ragstack.triton import adapter as ta
 from ragstack.contracts.tensors import MODEL_MANAGER
 from ragstack.contracts.errors import InvalidInput
 from ragstack.lifecycle.leasing import EngineLease, EngineUnavailable, acquire_lease, holding, release_lease
-from ragstack.lifecycle.manager import DEAD_STUB_MARKERS
+from ragstack.lifecycle.state import DEAD_STUB_MARKERS
 
 log = logging.getLogger("ragstack.lifecycle")
 

@@ -279,7 +279,7 @@ class HttpLoader(_LoaderBase):
                  admin_key: Optional[str] = None, load_timeout_s: float = 600.0):
         super().__init__(pb, repos, probe, unload_timeout_s)
         settings = rs.current()
-        self.url = (url or f"http://{local_host()}:{settings.http_port}").rstrip("/")
+        self.url = (url or f"http://{local_host()}:{settings.loader_http_port}").rstrip("/")
         self.admin_key = admin_key if admin_key is not None else settings.triton_admin_key
         self.load_timeout_s = load_timeout_s
 

@@ -394,7 +394,7 @@ def _response_arrays(pb, response, outputs, model: str = "?") -> dict:
 def _loopback_level(model: str, hop: Optional[Hop]) -> Optional[int]:
     """The level of a child that must leave the BLS path to get it (None: plain BLS). A BLS child cannot carry a
     priority in 24.10 and lands on its model's default level; a child of work at another level (the ``x-priority``
-    its parent set) goes through the server's gRPC endpoint instead (ragstack/triton/loopback.py)."""
+    its parent set) goes through the server's HTTP endpoint instead (ragstack/triton/loopback.py)."""
     if hop is None or not hop.parameters:
         return None
     from ragstack.triton import loopback
@@ -561,7 +561,7 @@ class _Stream:
 
     def __init__(self, start: Callable, model: str, bls: bool = True):
         self.iterator = None
-        self.bls = bls               # False: a loopback gRPC stream (ragstack.triton.loopback.stream), no BLS iterator
+        self.bls = bls               # False: a loopback HTTP stream (ragstack.triton.loopback.stream), no BLS iterator
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._done = self._abandoned = False
@@ -576,7 +576,7 @@ class _Stream:
                 self.queue.put(response)
                 del response
                 if not self.bls and self._abandoned:
-                    self.iterator.close()        # a gRPC stream can be cancelled: no need to read it to the end
+                    self.iterator.close()        # an HTTP stream can be cancelled: no need to read it to the end
                     break
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             if not isinstance(e, (InvalidInput, Unavailable)):
@@ -635,7 +635,8 @@ def bls_stream(pb, model: str, inputs: dict, outputs, hop: Optional[Hop] = None,
     from ragstack.triton import loopback
     from ragstack.governance import priority
 
-    if loopback.available() and not _traced(hop):   # the server's own gRPC stream: see ragstack/triton/loopback.py
+    # the server's own HTTP stream (see ragstack/triton/loopback.py) for what the generate extension can carry
+    if loopback.available() and not _traced(hop) and loopback.streamable(model, inputs):
         parameters = (hop or Hop()).parameters or {}
         stream = _Stream(functools.partial(loopback.stream, model, inputs, outputs, parameters,
                                            priority.of_parameters(parameters, default=0), version), model, bls=False)

@@ -79,9 +79,9 @@ class OrchestratorModel:
 
     def _warm_up(self):
         """The CPU side's first-use costs (jsonschema's import and a validator, the tokenizers' first calls:
-        ~190 ms measured on a fresh instance; the chat template's first rendering; the gRPC client and the lease
-        client's imports, whose objects a full collection would otherwise scan: 10-25 ms on an instance's first
-        long answer) are paid here, before the startup heap is frozen, not by the first request an instance
+        ~190 ms measured on a fresh instance; the chat template's first rendering; the loopback connection and the
+        lease client's import, whose objects a full collection would otherwise scan: 10-25 ms on an instance's
+        first long answer) are paid here, before the startup heap is frozen, not by the first request an instance
         serves."""
         self.embed_tok.encode(["warm-up"], "query")
         self.rerank_tok.encode_pairs("warm-up", ["warm-up"])

@@ -234,6 +234,34 @@ def test_the_per_task_level_of_the_policy_file_takes_effect(prio_server, phttp, 
                headers={"X-Priority": "urgent"})["priority"] == "background"
 
 
+def test_children_leave_the_bls_path_over_http_and_no_pipeline_stub_loads_grpc(prio_server, phttp, identity,
+                                                                              pcorpus):
+    # ragstack/triton/loopback.py: every orchestrator's generate child and ingest's background embed calls go
+    # through the server's own HTTP endpoint (each stub that sent one keeps its connection for the next), and no
+    # pipeline stub loads the gRPC library. (The session server traces requests, which keeps children on BLS.)
+    import psutil
+
+    for _ in range(4):
+        assert rag(phttp, identity, "What is the expense policy?")["priority"] == "urgent"
+    http_port = int(prio_server.http_url.rsplit(":", 1)[1])
+    grpc_port = int(prio_server.grpc_url.rsplit(":", 1)[1])
+    keeping, checked = set(), 0
+    for p in psutil.Process(prio_server.proc.pid).children(recursive=True):
+        cmdline = " ".join(p.cmdline())
+        if "triton_python_backend_stub" not in cmdline:
+            continue
+        model = cmdline.split("/1/model.py")[0].rsplit("/", 1)[-1]
+        if model not in ("rag_orchestrator", "rag_stream_orchestrator", "generate_text", "ingest"):
+            continue
+        checked += 1
+        assert "cygrpc" not in open(f"/proc/{p.pid}/maps").read(), f"the {model} stub {p.pid} loaded gRPC"
+        remote = {c.raddr.port for c in p.net_connections(kind="tcp") if c.raddr and c.status == "ESTABLISHED"}
+        assert grpc_port not in remote, f"the {model} stub {p.pid} talks to the gRPC port"
+        if http_port in remote:
+            keeping.add(model)
+    assert checked >= 4 and keeping >= {"rag_orchestrator", "ingest"}, keeping
+
+
 def test_generate_extension_takes_the_level_as_a_field(prio_server, identity, pcorpus):
     body = {"query": "What is the expense policy?", "collection": "corpus", "x-priority": "background",
             "task": "generate_json", "schema": SCHEMA,

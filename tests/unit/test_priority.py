@@ -146,14 +146,14 @@ def test_requested_reads_x_priority_then_a_priority_parameter():
 def test_background_children_leave_the_bls_path_only_when_needed(monkeypatch):
     from ragstack.triton import adapter as ta
 
-    monkeypatch.setenv("TRITON_GRPC_PORT", "1")
+    monkeypatch.setenv("TRITON_HTTP_PORT", "1")
     hop = ta.Hop({"x-priority": "background"})
     assert ta._loopback_level("embed", hop) == P.BACKGROUND       # embed's default is urgent
     assert ta._loopback_level("docling", hop) is None             # docling's default is background already
     assert ta._loopback_level("embed", ta.Hop({"x-priority": "urgent"})) is None
     assert ta._loopback_level("embed", ta.Hop({})) is None
     assert ta._loopback_level("embed", None) is None
-    monkeypatch.delenv("TRITON_GRPC_PORT")
+    monkeypatch.delenv("TRITON_HTTP_PORT")
     assert ta._loopback_level("embed", hop) is None               # no endpoint known: plain BLS
 
 
@@ -161,15 +161,16 @@ def test_queue_rejections_of_children_are_unavailable():
     from ragstack.triton import loopback
     from ragstack.triton import adapter as ta
     from ragstack.contracts.errors import Unavailable
-    from tritonclient.utils import InferenceServerException
 
     e = ta.child_error("embed", "[request id: <id_unknown>] Exceeds maximum queue size")
     assert isinstance(e, Unavailable) and "full queue" in str(e)
-    e = loopback.error("embed", InferenceServerException("Exceeds maximum queue size", "StatusCode.UNAVAILABLE"),
-                       P.BACKGROUND)
+    # Triton's HTTP status for UNAVAILABLE is 503 and for INVALID_ARG 400
+    e = loopback.error("embed", loopback.LoopbackError(503, "Exceeds maximum queue size"), P.BACKGROUND)
     assert isinstance(e, Unavailable) and "at the background level (max_queue_size 8)" in str(e)
-    e = loopback.error("embed", InferenceServerException("bad shape", "StatusCode.INVALID_ARGUMENT"), P.BACKGROUND)
+    e = loopback.error("embed", loopback.LoopbackError(400, "bad shape"), P.BACKGROUND)
     assert isinstance(e, InvalidInput)
+    e = loopback.error("embed", loopback.LoopbackError(503, "model is not ready"), P.BACKGROUND)
+    assert isinstance(e, Unavailable) and "retry shortly" in str(e)
 
 
 def test_background_work_retries_while_queues_are_full():

@@ -19,7 +19,8 @@ def test_an_empty_environment_gives_the_defaults():
     s = rs.from_env({})
     assert s == rs.Settings()
     assert s.policy_file == ROOT / "config" / "runtime_policy.json"
-    assert s.http_port == 8000 and s.grpc_port is None and s.loader_grpc_port == rs.DEFAULT_GRPC_PORT
+    assert s.http_port is None and s.loader_http_port == rs.DEFAULT_HTTP_PORT == 8000
+    assert s.grpc_port is None and s.loader_grpc_port == rs.DEFAULT_GRPC_PORT
     assert s.lease_timeout_s == 120.0 and s.data_base == Path(".")
     assert s.engine_repositories()[0] == Path("/models/engines")
 
