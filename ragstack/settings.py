@@ -222,6 +222,15 @@ class Settings:
         return self.data_path if self.data_path is not None else Path(".")
 
     @property
+    def local_host(self) -> str:
+        """Where this server's own ports answer from inside it: loopback, unless the launcher bound one address
+        (an IPv6 address in brackets, as a URL needs it)."""
+        bind = (self.bind_address or "").strip()
+        if not bind or bind in ("0.0.0.0", "::", "127.0.0.1"):
+            return "127.0.0.1"
+        return f"[{bind}]" if ":" in bind else bind
+
+    @property
     def loader_http_port(self) -> int:
         return self.http_port if self.http_port is not None else DEFAULT_HTTP_PORT
 

@@ -44,11 +44,8 @@ LOADER_SOURCE = Path(__file__).resolve().parents[2] / "bls_models" / "model_mana
 
 
 def local_host() -> str:
-    """Where this server's own ports answer from inside it: loopback, unless the launcher bound one address."""
-    bind = (rs.current().bind_address or "").strip()
-    if not bind or bind in ("0.0.0.0", "::", "127.0.0.1"):
-        return "127.0.0.1"
-    return f"[{bind}]" if ":" in bind else bind
+    """Where this server's own ports answer from inside it (``Settings.local_host``)."""
+    return rs.current().local_host
 
 
 ROOT = Path(__file__).resolve().parents[2]

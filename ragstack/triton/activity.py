@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,11 @@ def default_root() -> Path:
     if base is not None:
         return base
     shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"ragstack-activity-{os.getppid()}"
+    if not shm.is_dir():
+        import tempfile                  # only here: it imports shutil, random and the compression modules
+
+        shm = Path(tempfile.gettempdir())
+    return shm / f"ragstack-activity-{os.getppid()}"
 
 
 def _alive(pid: int) -> bool:

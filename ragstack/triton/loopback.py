@@ -32,7 +32,7 @@ multi-row input (``stop_words_list``) keeps the BLS path. Outputs are rebuilt wi
 batch of one, the last dimension taking the length (``output_ids`` ``[1, 1, n]``).
 
 The server's HTTP port is ``$TRITON_HTTP_PORT`` (set by tools/serve_triton.sh, ragstack_dev/server.py and the
-image), reached on the address the server binds (``ragstack.lifecycle.triton_io.local_host``); without it
+image), reached on the address the server binds (``Settings.local_host``); without it
 :func:`available` is False and children keep the plain BLS path (the model's default level). A loopback child
 carries what a BLS child carries (``ragstack.governance.access.child_parameters``): the parent's forwarded headers
 and the server's internal proof.
@@ -110,9 +110,10 @@ class _Connection:
         self.file = None
 
     def open(self, timeout_s: float) -> None:
-        from ragstack.lifecycle.triton_io import local_host
-
-        self.sock = socket.create_connection((local_host().strip("[]"), current().http_port), timeout=timeout_s)
+        settings = current()
+        # the host as bytes: getaddrinfo would otherwise run a str through the idna codec (and import it)
+        host = settings.local_host.strip("[]").encode("ascii")
+        self.sock = socket.create_connection((host, settings.http_port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
 
