@@ -119,15 +119,21 @@ class Converter:
     tests/unit/test_documents.py checks that the result equals ``DocumentConverter``'s, format by format.
     """
 
+    # Each format's backend, imported at that format's first conversion: the five modules (and openpyxl,
+    # python-pptx, python-docx, marko, docling-parse behind them) cost ~0.25 s and ~30 MiB that a stub converting
+    # only some formats never needs, and the model loads in less than a second.
+    BACKENDS = {
+        "pdf": ("docling.backend.docling_parse_backend", "ThreadedDoclingParseDocumentBackend"),
+        "docx": ("docling.backend.msword_backend", "MsWordDocumentBackend"),
+        "pptx": ("docling.backend.mspowerpoint_backend", "MsPowerpointDocumentBackend"),
+        "xlsx": ("docling.backend.msexcel_backend", "MsExcelDocumentBackend"),
+        "html": ("docling.backend.html_backend", "HTMLDocumentBackend"),
+        "md": ("docling.backend.md_backend", "MarkdownDocumentBackend"),
+    }
+
     def __init__(self, parser_threads: int = 1):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")     # a hub lookup must fail at once, not hang
         with _without("torch", "transformers"):
-            from docling.backend.docling_parse_backend import ThreadedDoclingParseDocumentBackend
-            from docling.backend.html_backend import HTMLDocumentBackend
-            from docling.backend.md_backend import MarkdownDocumentBackend
-            from docling.backend.msexcel_backend import MsExcelDocumentBackend
-            from docling.backend.mspowerpoint_backend import MsPowerpointDocumentBackend
-            from docling.backend.msword_backend import MsWordDocumentBackend
             from docling.datamodel.backend_options import ThreadedDoclingParseBackendOptions
             from docling.datamodel.base_models import ConversionStatus, InputFormat
             from docling.datamodel.document import InputDocument
@@ -145,17 +151,28 @@ class Converter:
             render_pages=pdf_options.generate_page_images, render_scale=pdf_options.images_scale)
         pdf_backend_options._materialize_char_cells = pdf_options.text_cell_unit == TextCellUnit.CHAR
         declarative = SimplePipeline(pipeline_options=ConvertPipelineOptions())
-        # format -> (Docling's InputFormat, backend class, its options, pipeline)
+        # format -> (Docling's InputFormat, its backend's options, pipeline); the backend class: _backend(fmt)
         self._formats = {
-            "pdf": (InputFormat.PDF, ThreadedDoclingParseDocumentBackend, pdf_backend_options,
-                    NativePdfPipeline(pipeline_options=pdf_options)),
-            "docx": (InputFormat.DOCX, MsWordDocumentBackend, None, declarative),
-            "pptx": (InputFormat.PPTX, MsPowerpointDocumentBackend, None, declarative),
-            "xlsx": (InputFormat.XLSX, MsExcelDocumentBackend, None, declarative),
-            "html": (InputFormat.HTML, HTMLDocumentBackend, None, declarative),
-            "md": (InputFormat.MD, MarkdownDocumentBackend, None, declarative),
+            "pdf": (InputFormat.PDF, pdf_backend_options, NativePdfPipeline(pipeline_options=pdf_options)),
+            "docx": (InputFormat.DOCX, None, declarative),
+            "pptx": (InputFormat.PPTX, None, declarative),
+            "xlsx": (InputFormat.XLSX, None, declarative),
+            "html": (InputFormat.HTML, None, declarative),
+            "md": (InputFormat.MD, None, declarative),
         }
+        self._backends: dict = {}
         self._lock = threading.Lock()
+
+    def _backend(self, fmt: str):
+        """The format's backend class (imported the first time; the caller holds the lock)."""
+        backend = self._backends.get(fmt)
+        if backend is None:
+            import importlib
+
+            module, name = self.BACKENDS[fmt]
+            with _without("torch", "transformers"):
+                backend = self._backends[fmt] = getattr(importlib.import_module(module), name)
+        return backend
 
     def convert(self, data: bytes, fmt: str, file_name: str = "document"):
         """bytes → DoclingDocument; InvalidInput when the file is refused or does not convert."""
@@ -164,7 +181,9 @@ class Converter:
         check_file(data, fmt, repr(file_name))
         stem = PurePath(file_name).stem or "document"
         suffix = FORMATS[fmt][0][0]
-        input_format, backend, backend_options, pipeline = self._formats[fmt]
+        input_format, backend_options, pipeline = self._formats[fmt]
+        with self._lock:
+            backend = self._backend(fmt)       # outside the try: a backend that cannot be imported is no bad input
         try:
             with self._lock:
                 source = self._input_document(path_or_stream=io.BytesIO(bytes(data)), format=input_format,
