@@ -13,8 +13,8 @@ every model loaded, a fresh data folder), then:
   mapped; the server total is tritonserver plus every stub (VmRSS sum, which counts shared libraries once per
   process, and PSS sum, which does not);
 * with ``--traffic N`` (default 6): ingests data/corpus through `ingest`, asks N questions of `rag` and N of
-  `rag_stream`, and reads every stub again (``memory_in_use``: what a serving stub holds, e.g. the gRPC client its
-  first streamed answer needs, and what its caches keep);
+  `rag_stream`, and reads every stub again (``memory_in_use``: what a serving stub holds, e.g. asyncio, which the
+  Python backend imports at a stub's first execute(), and what its caches keep);
 * times ``--repeats`` loads of each BLS/orchestration model: unload through the repository API, wait until it
   is gone, then ``POST /v2/repository/models/<m>/load``, which returns when the model is ready (a new stub has
   started, imported model.py and run initialize). One model at a time, so loads do not compete with each other;

@@ -422,7 +422,7 @@ def run_profile(name: str, models: Path, args, questions: list, do_throughput: b
         out["ingest"] = ingest_corpus(server.http_url)
         progress(f"[{name}] ingested {out['ingest']['documents']} documents, {out['ingest']['chunks']} chunks "
                  f"in {out['ingest']['seconds']} s")
-        # One warm-up query per orchestrator instance (a stub's first request opens its loopback gRPC channel
+        # One warm-up query per orchestrator instance (a stub's first request opens its loopback connection
         # and fills its caches: one-time costs, not the per-request overhead measured here).
         instances = orchestrator_instances()
         progress(f"[{name}] warm-up: {instances} queries (one per rag_orchestrator instance)")
