@@ -64,11 +64,9 @@ IDLE_CONNECTIONS_MAX = 8
 
 _lock = threading.Lock()
 _idle: list = []
-_DATATYPES = {np.dtype(v).str: k for k, v in (("BOOL", np.bool_), ("UINT8", np.uint8), ("INT32", np.int32),
-                                              ("INT64", np.int64), ("UINT64", np.uint64), ("FP32", np.float32))}
-_NP = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "UINT16": np.uint16,
-       "INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64, "UINT64": np.uint64, "FP16": np.float16,
-       "FP32": np.float32, "FP64": np.float64}
+# The contracts' numeric types by Triton's wire name, and back (BYTES is written and read apart).
+_NP = {contracts.CLIENT_DTYPES[t]: np_type for t, np_type in contracts.NP_DTYPES.items() if np_type is not np.object_}
+_DATATYPES = {np.dtype(np_type).str: name for name, np_type in _NP.items()}
 
 
 class LoopbackError(Exception):
@@ -325,17 +323,19 @@ def _bytes_array(raw: bytes, shape) -> np.ndarray:
     return arr.reshape(shape)
 
 
+def _input_arrays(model: str, inputs: dict) -> dict:
+    """{name: array} of a request to ``model``, converted by its contract (``Contract.input_arrays``: dtype, BYTES
+    encoding, a plain value's batch dimension; None left out); a model without a contract: the arrays as given."""
+    contract = contracts.ALL.get(model)
+    if contract is None:
+        return {name: np.asarray(value) for name, value in inputs.items() if value is not None}
+    return contract.input_arrays(inputs)
+
+
 def _infer_body(model: str, inputs: dict, outputs, parameters: dict, level: int) -> tuple:
     """The request of the binary tensor extension: a JSON header, then each input's bytes."""
-    contract = contracts.ALL.get(model)
     header_inputs, blobs = [], []
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        tensor = contract.input(name) if contract is not None else None
-        arr = tensor.array(value) if tensor is not None else np.asarray(value)
-        if tensor is not None and not isinstance(value, np.ndarray) and contract.max_batch_size:
-            arr = arr.reshape(1, -1)
+    for name, arr in _input_arrays(model, inputs).items():
         if arr.dtype == np.object_:
             datatype, blob = "BYTES", _bytes_payload(arr)
         else:
@@ -392,16 +392,25 @@ def infer(model: str, inputs: dict, outputs, parameters: dict, level: int, versi
 
 
 # ------------------------------------------------------------------------------------------ stream
-def _json_value(model: str, name: str, arr: np.ndarray):
-    """One input as a generate-extension field: a scalar for one element, a list for one row (else None)."""
+def _fits(arr: np.ndarray) -> bool:
+    """Whether the generate extension can carry this input: one value or one row, BYTES as UTF-8 text."""
     if arr.ndim and int(np.prod(arr.shape[:-1])) != 1:
-        return None
-    flat = arr.reshape(-1)
+        return False
     if arr.dtype == np.object_:
         try:
-            values = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
+            for v in arr.reshape(-1):
+                if isinstance(v, bytes):
+                    v.decode("utf-8")
         except UnicodeDecodeError:
-            return None
+            return False
+    return True
+
+
+def _field(arr: np.ndarray):
+    """An input that :func:`_fits` as a generate-extension field: a scalar for one element, else a list."""
+    flat = arr.reshape(-1)
+    if arr.dtype == np.object_:
+        values = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
     else:
         values = flat.tolist()
     return values[0] if len(values) == 1 else values
@@ -409,23 +418,16 @@ def _json_value(model: str, name: str, arr: np.ndarray):
 
 def streamable(model: str, inputs: dict) -> bool:
     """Whether :func:`stream` can carry these inputs (one value or one row each; BYTES as UTF-8 text)."""
-    return all(value is None or _json_value(model, name, np.asarray(value)) is not None
-               for name, value in inputs.items())
+    return all(value is None or _fits(np.asarray(value)) for value in inputs.values())
 
 
 def _stream_body(model: str, inputs: dict, parameters: dict) -> bytes:
-    contract = contracts.ALL.get(model)
     fields = dict(_parameters(parameters))
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        tensor = contract.input(name) if contract is not None else None
-        arr = tensor.array(value) if tensor is not None else np.asarray(value)
-        field = _json_value(model, name, arr)
-        if field is None:
+    for name, arr in _input_arrays(model, inputs).items():
+        if not _fits(arr):
             raise InvalidInput(f"{model}: input '{name}' of shape {list(arr.shape)} cannot go through the "
                                "generate extension (one value or one row per request)")
-        fields[name] = field
+        fields[name] = _field(arr)
     return json.dumps(fields).encode()
 
 
